@@ -35,6 +35,11 @@ def _did_you_mean(suggestions: Sequence[str]) -> str:
 class BamZooError(Exception):
     """Base class of every bam-zoo error: ``except BamZooError`` catches them all."""
 
+    def __str__(self) -> str:
+        # OSError subclasses would otherwise format as "[Errno None] None: <filename>"
+        # as soon as a ``filename`` attribute is set; the message is what users need.
+        return str(self.args[0]) if len(self.args) == 1 else super().__str__()
+
 
 class UnknownModelError(BamZooError, ValueError):
     """A model name that no registered architecture matches.
