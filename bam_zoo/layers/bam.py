@@ -1,0 +1,228 @@
+"""BAM: Bottleneck Attention Module.
+
+Park, Woo, Lee, Kweon, "BAM: Bottleneck Attention Module", BMVC 2018, arXiv:1807.06514.
+
+BAM refines a feature map ``F`` (N x C x H x W) with a 3-D attention map built from two cheap branches:
+
+    F' = F + F * sigmoid(Mc(F) + Ms(F)) = F * (1 + sigmoid(Mc(F) + Ms(F)))
+
+* ``Mc`` (:class:`ChannelAttn`): global average pool over the whole H x W -> MLP with a C/r bottleneck and
+  BatchNorm -> C values, broadcast over H x W.
+* ``Ms`` (:class:`SpatialAttn`): 1x1 conv to C/r -> ``num_dilated_convs`` x 3x3 dilated conv -> 1x1 conv to
+  one map, broadcast over C.
+
+The paper *sums* the two branches (``fusion="sum"``, the default here); the official code multiplies them
+(``fusion="product"``), which is offered so weights trained with the official code can be used.
+
+Design decisions where the official code falls short:
+
+* Non-square maps are pooled over the full H x W (the official code pools a square window of size H).
+* One value per channel in training (batch size 1 through the channel branch, or a 1x1 map with batch
+  size 1 in the spatial branch) makes batch statistics undefined. Instead of crashing, those BatchNorms
+  normalise with their running statistics and leave them untouched for that step
+  (:class:`SingleSampleSafeBatchNorm1d` / ``2d``). With two or more values they behave exactly like
+  ``nn.BatchNorm``.
+* The reduced width is never 0: ``rd_channels >= 1`` for any ``channels``.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable, Optional, Type, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import get_act_layer, make_divisible
+
+from .gate import bam_gate
+
+LayerType = Union[str, Callable, Type[nn.Module]]
+
+__all__ = ["BAM", "ChannelAttn", "SpatialAttn", "SingleSampleSafeBatchNorm1d", "SingleSampleSafeBatchNorm2d"]
+
+FUSIONS = ("sum", "product")
+
+
+def _single_sample_safe_forward(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """BatchNorm forward that falls back to running statistics when there is one value per channel."""
+    use_batch_stats = bn.training and x.numel() > x.shape[1]
+    if use_batch_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+    return F.batch_norm(
+        x,
+        bn.running_mean,
+        bn.running_var,
+        bn.weight,
+        bn.bias,
+        use_batch_stats,
+        bn.momentum if bn.momentum is not None else 0.1,
+        bn.eps,
+    )
+
+
+class SingleSampleSafeBatchNorm1d(nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` that trains with batch size 1 by using running statistics for that step.
+
+    ``SyncBatchNorm.convert_sync_batchnorm`` converts it like any BatchNorm (statistics then come from all
+    ranks, so one sample per GPU is fine there).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _single_sample_safe_forward(self, x)
+
+
+class SingleSampleSafeBatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` that trains on a single 1x1 sample by using running statistics for that step."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _single_sample_safe_forward(self, x)
+
+
+class ChannelAttn(nn.Module):
+    """BAM channel branch ``Mc``: global average pool -> Linear(C, C/r) -> BN -> act -> Linear(C/r, C).
+
+    Returns an ``N x C x 1 x 1`` map (pre-gate logits) that broadcasts over H x W.
+    """
+
+    def __init__(
+            self,
+            channels: int,
+            rd_channels: int,
+            act_layer: LayerType = nn.ReLU,
+            device=None,
+            dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.fc1 = nn.Linear(channels, rd_channels, **dd)
+        self.bn = SingleSampleSafeBatchNorm1d(rd_channels, **dd)
+        self.act = get_act_layer(act_layer)(inplace=True)
+        self.fc2 = nn.Linear(rd_channels, channels, **dd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.mean((2, 3))  # full H x W, whatever its aspect ratio
+        x = self.fc2(self.act(self.bn(self.fc1(x))))
+        return x.unsqueeze(-1).unsqueeze(-1)
+
+
+class SpatialAttn(nn.Module):
+    """BAM spatial branch ``Ms``: 1x1 conv to C/r -> ``num_dilated_convs`` x 3x3 dilated conv -> 1x1 conv to 1.
+
+    Every convolution but the last is followed by BatchNorm and the activation. Returns ``N x 1 x H x W``
+    (pre-gate logits) that broadcasts over C.
+    """
+
+    def __init__(
+            self,
+            channels: int,
+            rd_channels: int,
+            dilation: int = 4,
+            num_dilated_convs: int = 2,
+            act_layer: LayerType = nn.ReLU,
+            device=None,
+            dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        act_layer = get_act_layer(act_layer)
+        layers: OrderedDict[str, nn.Module] = OrderedDict({
+            "conv_reduce": nn.Conv2d(channels, rd_channels, 1, bias=False, **dd),
+            "bn_reduce": SingleSampleSafeBatchNorm2d(rd_channels, **dd),
+            "act_reduce": act_layer(inplace=True),
+        })
+        for i in range(num_dilated_convs):
+            layers[f"conv{i}"] = nn.Conv2d(
+                rd_channels, rd_channels, 3, padding=dilation, dilation=dilation, bias=False, **dd)
+            layers[f"bn{i}"] = SingleSampleSafeBatchNorm2d(rd_channels, **dd)
+            layers[f"act{i}"] = act_layer(inplace=True)
+        layers["conv_final"] = nn.Conv2d(rd_channels, 1, 1, **dd)
+        self.body = nn.Sequential(layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class BAM(nn.Module):
+    """Bottleneck Attention Module: ``y = x * (1 + gate(Mc(x) + Ms(x)))``.
+
+    Plugs in wherever timm takes an ``attn_layer`` (same signature as ``timm.layers.CbamModule``).
+
+    Args:
+        channels: Number of input (and output) channels C.
+        rd_ratio: Reduction ratio 1/r of both branches (paper: r = 16).
+        rd_channels: Explicit reduced width; overrides ``rd_ratio``.
+        rd_divisor: Round the reduced width to a multiple of this.
+        dilation: Dilation d of the spatial branch's 3x3 convolutions (paper: 4).
+        num_dilated_convs: Number of dilated 3x3 convolutions in the spatial branch (paper: 2).
+        fusion: ``"sum"`` (paper) or ``"product"`` (official code) to merge the two branches.
+        act_layer: Activation inside both branches.
+        gate_layer: Gate applied to the merged logits (paper: sigmoid).
+        device: Device of the parameters.
+        dtype: Dtype of the parameters.
+
+    Set ``store_attention = True`` (or use :func:`bam_zoo.capture_attention`) to keep the last attention map
+    ``gate(Mc + Ms)`` (N x C x H x W, detached) in ``attention_map``; it costs nothing when unset.
+    """
+
+    def __init__(
+            self,
+            channels: int,
+            rd_ratio: float = 1. / 16,
+            rd_channels: Optional[int] = None,
+            rd_divisor: int = 1,
+            dilation: int = 4,
+            num_dilated_convs: int = 2,
+            fusion: str = "sum",
+            act_layer: LayerType = nn.ReLU,
+            gate_layer: LayerType = "sigmoid",
+            device=None,
+            dtype=None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(channels, int) or channels < 1:
+            raise ValueError(f"BAM: channels must be a positive int, got {channels!r}.")
+        if fusion not in FUSIONS:
+            raise ValueError(f"BAM: fusion must be one of {FUSIONS}, got {fusion!r}.")
+        if num_dilated_convs < 0:
+            raise ValueError(f"BAM: num_dilated_convs must be >= 0, got {num_dilated_convs}.")
+        if rd_channels is None:
+            rd_channels = make_divisible(channels * rd_ratio, rd_divisor, round_limit=0.)
+        rd_channels = max(1, int(rd_channels))
+        self.channels = channels
+        self.rd_channels = rd_channels
+        self.fusion = fusion
+        self.channel_attn = ChannelAttn(channels, rd_channels, act_layer=act_layer, device=device, dtype=dtype)
+        self.spatial_attn = SpatialAttn(
+            channels, rd_channels, dilation=dilation, num_dilated_convs=num_dilated_convs,
+            act_layer=act_layer, device=device, dtype=dtype)
+        gate = get_act_layer(gate_layer)
+        self.gate = gate() if isinstance(gate, type) else gate
+        # The fused kernel hard-codes the sigmoid; any other gate takes the plain path.
+        self.fused_sigmoid = isinstance(self.gate, nn.Sigmoid)
+        self.store_attention = False
+        self.attention_map: Optional[torch.Tensor] = None
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, rd_channels={self.rd_channels}, fusion={self.fusion!r}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError(
+                f"BAM expects a 4-D input (N, C, H, W) with C={self.channels}, got shape {tuple(x.shape)}.")
+        if x.shape[1] != self.channels:
+            raise ValueError(
+                f"BAM was built for {self.channels} channels but got an input with {x.shape[1]} channels "
+                f"(shape {tuple(x.shape)}); build it with BAM({x.shape[1]}) or fix the input.")
+        channel_logits = self.channel_attn(x)
+        spatial_logits = self.spatial_attn(x)
+        if self.store_attention:
+            self.attention_map = self.attention(channel_logits, spatial_logits).detach()
+        if self.fused_sigmoid:
+            return bam_gate(x, channel_logits, spatial_logits, self.fusion == "product")
+        return x * (1 + self.attention(channel_logits, spatial_logits))
+
+    def attention(self, channel_logits: torch.Tensor, spatial_logits: torch.Tensor) -> torch.Tensor:
+        """The full attention map ``gate(Mc (+ or *) Ms)``, materialised (N x C x H x W)."""
+        if self.fusion == "product":
+            return self.gate(channel_logits * spatial_logits)
+        return self.gate(channel_logits + spatial_logits)

@@ -1,0 +1,11 @@
+"""Registered architectures: CIFAR-style ResNets and the BAM networks, plus the placement table."""
+from . import cifar_resnet, bam_models  # noqa: F401  (registers the models in timm)
+from .bam_models import BAM_ARCHS
+from .cifar_resnet import CifarResNet
+from .placement import BAM_PLACEMENT, BamPlacement, bam_modules, insert_bam
+from .pretrained import FASHION_MNIST_TAGS, WEIGHT_METADATA
+
+__all__ = [
+    "BAM_ARCHS", "BAM_PLACEMENT", "BamPlacement", "CifarResNet", "FASHION_MNIST_TAGS", "WEIGHT_METADATA",
+    "bam_modules", "insert_bam",
+]

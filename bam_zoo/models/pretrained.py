@@ -1,0 +1,56 @@
+"""Shipped pretrained weights: one timm tag per weight, its metadata beside it.
+
+Each entry is a timm pretrained cfg (``arch.tag``) carrying where the weights live (``hf_hub_id`` on the
+Hub, mirrored in the repository's ``checkpoints/<arch>.<tag>/``), what they were trained on and what they
+measured. ``list_pretrained()``, MODEL_CARD.md and the Hub model cards are generated from this table.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+from timm.models import resolve_pretrained_cfg
+
+__all__ = ["FASHION_MNIST_TAGS", "WEIGHT_METADATA", "HF_HUB_ORG", "pretrained_overlay"]
+
+HF_HUB_ORG = "bam-zoo"
+FASHION_MNIST_MEAN = (0.2860,)
+FASHION_MNIST_STD = (0.3530,)
+
+
+def _fmnist_cfg(arch: str, tag: str) -> Dict[str, Any]:
+    """A Fashion-MNIST weight entry (timm cfg fields only): 1 x 28 x 28 inputs, 10 classes, its Hub repo."""
+    return {
+        "hf_hub_id": f"{HF_HUB_ORG}/{arch}.{tag}",
+        "num_classes": 10, "input_size": (1, 28, 28), "pool_size": (7, 7), "crop_pct": 1.0,
+        "interpolation": "bilinear", "mean": FASHION_MNIST_MEAN, "std": FASHION_MNIST_STD,
+        "first_conv": "conv1", "classifier": "fc", "license": "mit",
+        "label_names": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                        "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+    }
+
+
+# arch.tag -> timm cfg. Only weights that exist in checkpoints/ are listed.
+FASHION_MNIST_TAGS: Dict[str, Dict[str, Any]] = {}
+
+# arch.tag -> what the weights measured and how they were made (timm's cfg has no fields for these).
+# Keys: dataset, top1, top5 (percent, official test split), num_params, macs (per image at input_size),
+# recipe (config path), train_time_s, command.
+WEIGHT_METADATA: Dict[str, Dict[str, Any]] = {}
+
+
+def pretrained_overlay(
+        variant: str,
+        pretrained_cfg: Optional[Any] = None,
+        pretrained_cfg_overlay: Optional[Dict[str, Any]] = None,
+) -> Dict[str, Any]:
+    """Resolve where the weights of ``variant`` come from, as a timm ``pretrained_cfg_overlay``.
+
+    The weights file is fetched by :func:`bam_zoo.hub.resolve_pretrained_file` (the Hub, else the
+    repository's offline mirror; safetensors only), then handed to timm as a local ``file`` so timm's own
+    loader still adapts the classifier and ``in_chans``.
+    """
+    from ..hub import resolve_pretrained_file  # the Hub boundary; imported only when weights are asked for
+
+    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=pretrained_cfg_overlay)
+    path = resolve_pretrained_file(cfg.to_dict(), variant=variant)
+    return {**(pretrained_cfg_overlay or {}), "file": str(path), "source": ""}
