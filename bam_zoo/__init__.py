@@ -65,7 +65,7 @@ def create_model(model_name: str, pretrained: bool = False, **kwargs: Any) -> nn
         if not is_model(arch):
             candidates = sorted(set(_OWN_MODELS) | set(timm.list_models()))
             raise UnknownModelError(model_name, difflib.get_close_matches(arch, candidates, n=5, cutoff=0.6))
-        tags = list(get_arch_pretrained_cfgs(arch))
+        tags = [split_model_name_tag(name)[1] for name in get_arch_pretrained_cfgs(arch)]
         if tag and tag not in tags:
             raise UnknownPretrainedTagError(arch, tag, [t for t in tags if t])
     return timm.create_model(model_name, pretrained=pretrained, **kwargs)
