@@ -24,7 +24,6 @@ Design decisions where the official code falls short:
   ``nn.BatchNorm``.
 * The reduced width is never 0: ``rd_channels >= 1`` for any ``channels``.
 """
-from __future__ import annotations
 
 from collections import OrderedDict
 from typing import Callable, Optional, Type, Union
@@ -43,39 +42,28 @@ __all__ = ["BAM", "ChannelAttn", "SpatialAttn", "SingleSampleSafeBatchNorm1d", "
 FUSIONS = ("sum", "product")
 
 
-def _single_sample_safe_forward(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
-    """BatchNorm forward that falls back to running statistics when there is one value per channel."""
-    use_batch_stats = bn.training and x.numel() > x.shape[1]
-    if use_batch_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-    return F.batch_norm(
-        x,
-        bn.running_mean,
-        bn.running_var,
-        bn.weight,
-        bn.bias,
-        use_batch_stats,
-        bn.momentum if bn.momentum is not None else 0.1,
-        bn.eps,
-    )
+class _SingleSampleSafeBatchNorm:
+    """BatchNorm forward that uses (and keeps) running statistics when there is one value per channel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        use_batch_stats = self.training and x.numel() > x.shape[1]
+        if use_batch_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+        momentum = self.momentum if self.momentum is not None else 0.1
+        return F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, use_batch_stats, momentum, self.eps)
 
 
-class SingleSampleSafeBatchNorm1d(nn.BatchNorm1d):
+class SingleSampleSafeBatchNorm1d(_SingleSampleSafeBatchNorm, nn.BatchNorm1d):
     """``nn.BatchNorm1d`` that trains with batch size 1 by using running statistics for that step.
 
     ``SyncBatchNorm.convert_sync_batchnorm`` converts it like any BatchNorm (statistics then come from all
     ranks, so one sample per GPU is fine there).
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _single_sample_safe_forward(self, x)
 
-
-class SingleSampleSafeBatchNorm2d(nn.BatchNorm2d):
+class SingleSampleSafeBatchNorm2d(_SingleSampleSafeBatchNorm, nn.BatchNorm2d):
     """``nn.BatchNorm2d`` that trains on a single 1x1 sample by using running statistics for that step."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _single_sample_safe_forward(self, x)
 
 
 class ChannelAttn(nn.Module):
@@ -208,18 +196,23 @@ class BAM(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:
             raise ValueError(
-                f"BAM expects a 4-D input (N, C, H, W) with C={self.channels}, got shape {tuple(x.shape)}.")
+                f"BAM expects a 4-D input (N, C, H, W) with C={self.channels}, got shape {list(x.shape)}.")
         if x.shape[1] != self.channels:
             raise ValueError(
                 f"BAM was built for {self.channels} channels but got an input with {x.shape[1]} channels "
-                f"(shape {tuple(x.shape)}); build it with BAM({x.shape[1]}) or fix the input.")
+                f"(shape {list(x.shape)}); build it with BAM({x.shape[1]}) or fix the input.")
         channel_logits = self.channel_attn(x)
         spatial_logits = self.spatial_attn(x)
         if self.store_attention:
-            self.attention_map = self.attention(channel_logits, spatial_logits).detach()
+            self._store_attention(channel_logits, spatial_logits)
         if self.fused_sigmoid:
             return bam_gate(x, channel_logits, spatial_logits, self.fusion == "product")
         return x * (1 + self.attention(channel_logits, spatial_logits))
+
+    @torch.jit.unused
+    def _store_attention(self, channel_logits: torch.Tensor, spatial_logits: torch.Tensor) -> None:
+        """Keep the attention map for visualisation (eager mode only; TorchScript compiles it out)."""
+        self.attention_map = self.attention(channel_logits, spatial_logits).detach()
 
     def attention(self, channel_logits: torch.Tensor, spatial_logits: torch.Tensor) -> torch.Tensor:
         """The full attention map ``gate(Mc (+ or *) Ms)``, materialised (N x C x H x W)."""

@@ -5,8 +5,6 @@ For 28-32 px inputs: a 3x3 stride-1 stem with 16 channels and no max-pool, three
 so ``resnet20`` has the paper's 0.27M parameters. Blocks are timm's ``BasicBlock``, so ``attn_layer``,
 ``drop_path_rate`` and the rest of timm's model API work as for timm's own ResNets.
 """
-from __future__ import annotations
-
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -66,8 +64,10 @@ class CifarResNet(nn.Module):
             dtype=None,
     ) -> None:
         super().__init__()
-        if len(layers) != len(channels):
-            raise ValueError(f"layers {layers} and channels {channels} must have the same length.")
+        if len(layers) != 3 or len(channels) != 3:
+            raise ValueError(
+                f"A CIFAR-style ResNet has three stages: got layers={layers}, channels={channels}; "
+                f"pass three values for each.")
         dd = dict(device=device, dtype=dtype)
         act_layer = get_act_layer(act_layer)
         self.num_classes = num_classes
@@ -102,7 +102,6 @@ class CifarResNet(nn.Module):
             name = f"layer{stage_idx + 1}"
             self.add_module(name, nn.Sequential(*blocks))
             self.feature_info.append(dict(num_chs=out_chs, reduction=reduction, module=name))
-        self.stage_names = [f"layer{i + 1}" for i in range(len(layers))]
 
         self.num_features = self.head_hidden_size = in_chs
         self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
@@ -139,13 +138,9 @@ class CifarResNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act1(self.bn1(self.conv1(x)))
-        for name in self.stage_names:
-            stage = getattr(self, name)
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint_seq(stage, x)
-            else:
-                x = stage(x)
-        return x
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq([self.layer1, self.layer2, self.layer3], x, flatten=True)
+        return self.layer3(self.layer2(self.layer1(x)))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.global_pool(x)
