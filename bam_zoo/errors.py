@@ -157,6 +157,7 @@ class PretrainedNotFoundError(BamZooError, FileNotFoundError):
         revision: The revision that was asked, if any.
         mirror: The mirror folder that was looked in, if any.
         reason: Extra detail (e.g. the underlying Hub error), if any.
+        hint: How to fix it, replacing the default advice.
     """
 
     def __init__(
@@ -168,6 +169,7 @@ class PretrainedNotFoundError(BamZooError, FileNotFoundError):
         revision: str | None = None,
         mirror: str | None = None,
         reason: str | None = None,
+        hint: str | None = None,
     ) -> None:
         self.name = name
         self.filename = filename
@@ -183,10 +185,11 @@ class PretrainedNotFoundError(BamZooError, FileNotFoundError):
             where.append(f"not in the mirror folder {mirror}")
         where_s = (": " + " and ".join(where)) if where else ""
         reason_s = f" ({reason})" if reason else ""
-        super().__init__(
-            f"No {filename!r} for {name!r}{where_s}{reason_s}. Push it with `python cli.py push`, "
-            f"or set BAM_ZOO_CHECKPOINTS to a folder holding <arch>.<tag>/{filename}."
+        hint = hint or (
+            f"Push it with `python cli.py push`, or set BAM_ZOO_CHECKPOINTS to a folder holding "
+            f"<arch>.<tag>/{filename}."
         )
+        super().__init__(f"No {filename!r} for {name!r}{where_s}{reason_s}. {hint}")
 
 
 class HubAuthError(BamZooError, PermissionError):
@@ -248,7 +251,7 @@ class HubOfflineError(BamZooError, ConnectionError):
 
 
 class CorruptCheckpointError(BamZooError, ValueError):
-    """A weight file exists but cannot be parsed (truncated download, wrong format, pickle).
+    """A weight file exists but cannot be parsed (truncated download, wrong format, missing entries).
 
     Message::
 
@@ -258,15 +261,15 @@ class CorruptCheckpointError(BamZooError, ValueError):
     Attributes:
         path: The file.
         detail: The parser's complaint.
+        fmt: The format it was read as (``safetensors``, ``Lightning checkpoint`` ...).
     """
 
-    def __init__(self, path: str, detail: str) -> None:
+    def __init__(self, path: str, detail: str, fmt: str = "safetensors", hint: str | None = None) -> None:
         self.path = str(path)
         self.detail = detail
-        super().__init__(
-            f"Cannot read {self.path} as safetensors: {detail}. Delete the file (or the cache "
-            f"entry) and download it again."
-        )
+        self.fmt = fmt
+        hint = hint or "Delete the file (or the cache entry) and download it again."
+        super().__init__(f"Cannot read {self.path} as {fmt}: {detail}. {hint}")
 
 
 class ChecksumMismatchError(CorruptCheckpointError):

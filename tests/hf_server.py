@@ -1,0 +1,405 @@
+"""A Hugging Face Hub-compatible HTTP server on 127.0.0.1, for tests.
+
+Why: the Hub is unreachable from CI and nothing on PyPI implements the upload side of its API, yet
+the push / fetch code must be exercised with the real ``huggingface_hub`` client (no mocks in the
+product). This server speaks the subset of the Hub's REST protocol that client uses, with the same
+status codes and ``X-Error-Code`` headers, so the client raises its real exceptions
+(``RepositoryNotFoundError``, ``RevisionNotFoundError``, ``RemoteEntryNotFoundError``, 401/403
+``HfHubHTTPError``) exactly as against huggingface.co.
+
+Implemented (``{repo}`` is ``org/name``, revisions are URL-quoted branch names or 40-hex commit ids):
+
+* ``GET  /api/whoami-v2``: the token's user (401 for an unknown token).
+* ``POST /api/repos/create`` / ``DELETE /api/repos/delete``: 409 if it exists, 403 without write
+  access to the namespace. A new repo gets an initial commit with ``.gitattributes``, as on the Hub.
+* ``GET  /api/models/{repo}[/revision/{rev}]``: ``model_info`` / ``repo_info`` with ``sha`` and ``siblings``.
+* ``GET  /api/models/{repo}/refs``, ``POST|DELETE /api/models/{repo}/branch/{branch}``.
+* ``POST /api/validate-yaml``: accepts any YAML (the client calls it before committing a README).
+* ``POST /api/models/{repo}/preupload/{rev}``: answers ``uploadMode: regular`` for every file, so the
+  client sends contents inline (base64) in the commit and neither LFS nor Xet is needed.
+* ``POST /api/models/{repo}/commit/{rev}``: NDJSON ``header`` / ``file`` / ``deletedFile`` /
+  ``deletedFolder`` lines applied atomically (all or nothing), ``parentCommit`` checked (412).
+* ``HEAD|GET /{repo}/resolve/{rev}/{path}``: file bytes with ``ETag``, ``X-Repo-Commit``,
+  ``Content-Length`` (and ``Range`` support), 404 with ``RepoNotFound`` / ``RevisionNotFound`` /
+  ``EntryNotFound``.
+
+Auth: ``Authorization: Bearer <token>``; ``tokens`` maps each valid token to the namespaces it may
+write. An unknown token gets 401 ``Invalid credentials in Authorization header`` on every route (as
+the Hub does); private repos are invisible (404 ``RepoNotFound``) without a token that can read them.
+
+Test hooks: :meth:`HubServer.fail_next` makes the next request to a route fail with a given status
+(e.g. to check that a failed push leaves the repo unchanged), :attr:`HubServer.requests` records
+``(method, path)`` of every request, and :meth:`HubServer.files` reads a revision's files directly.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+__all__ = ["HubServer"]
+
+_COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+_GITATTRIBUTES = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.bin filter=lfs diff=lfs merge=lfs -text\n"
+
+
+def _git_blob_sha1(data: bytes) -> str:
+    """The id git gives a blob, which the Hub uses as a regular file's ETag and oid."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+@dataclass
+class _Commit:
+    oid: str
+    parent: str | None
+    message: str
+    files: dict[str, bytes]
+    date: float
+
+
+@dataclass
+class _Repo:
+    repo_id: str
+    private: bool
+    branches: dict[str, str] = field(default_factory=dict)
+    commits: dict[str, _Commit] = field(default_factory=dict)
+
+    def resolve(self, revision: str) -> _Commit | None:
+        if revision in self.branches:
+            return self.commits[self.branches[revision]]
+        if _COMMIT_RE.match(revision):
+            return self.commits.get(revision)
+        return None
+
+
+class _HubError(Exception):
+    """An HTTP error response, shaped like the Hub's (status, X-Error-Code, X-Error-Message)."""
+
+    def __init__(self, status: int, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
+
+
+class HubServer:
+    """A threaded in-memory Hub on ``http://127.0.0.1:<port>``; use as a context manager.
+
+    Args:
+        tokens: Valid tokens mapped to the namespaces (users / orgs) they may write to.
+    """
+
+    def __init__(self, tokens: dict[str, list[str]] | None = None) -> None:
+        self.tokens = dict(tokens or {})
+        self.repos: dict[str, _Repo] = {}
+        self.requests: list[tuple[str, str]] = []
+        self._failures: dict[str, tuple[int, str]] = {}
+        self._lock = threading.RLock()
+        self._counter = 0
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def url(self) -> str:
+        assert self._httpd is not None, "server not started"
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> "HubServer":
+        handler = type("_BoundHandler", (_Handler,), {"hub": self})
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="hf-test-hub", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+
+    def __enter__(self) -> "HubServer":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ test hooks
+    def fail_next(self, route: str, status: int = 500, message: str = "Internal Server Error (injected)") -> None:
+        """Make the next request to ``route`` (``commit``, ``preupload``, ``resolve``, ``create``...) fail."""
+        with self._lock:
+            self._failures[route] = (status, message)
+
+    def head(self, repo_id: str, branch: str = "main") -> str:
+        """The commit id a branch points to."""
+        with self._lock:
+            return self.repos[repo_id].branches[branch]
+
+    def files(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:
+        """A revision's files, read directly from the server's state."""
+        with self._lock:
+            commit = self.repos[repo_id].resolve(revision)
+            assert commit is not None, revision
+            return dict(commit.files)
+
+    # ------------------------------------------------------------------ state changes (under lock)
+    def _new_commit(self, repo: _Repo, parent: str | None, message: str, files: dict[str, bytes]) -> _Commit:
+        self._counter += 1
+        h = hashlib.sha1(f"{repo.repo_id}\0{parent}\0{message}\0{self._counter}".encode())
+        for path in sorted(files):
+            h.update(path.encode() + b"\0" + _git_blob_sha1(files[path]).encode())
+        commit = _Commit(h.hexdigest(), parent, message, files, time.time())
+        repo.commits[commit.oid] = commit
+        return commit
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    hub: HubServer  # bound by HubServer.start
+
+    def log_message(self, format: str, *args: Any) -> None:  # keep test output clean
+        pass
+
+    # ------------------------------------------------------------------ plumbing
+    def _body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            chunks = []
+            while True:
+                size = int(self.rfile.readline().strip(), 16)
+                if size == 0:
+                    self.rfile.readline()
+                    return b"".join(chunks)
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length else b""
+
+    def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None,
+              content_type: str = "application/json") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, obj: Any, status: int = 200) -> None:
+        self._send(status, json.dumps(obj).encode())
+
+    def _error(self, err: _HubError) -> None:
+        headers = {"X-Error-Message": err.message}
+        if err.code:
+            headers["X-Error-Code"] = err.code
+        self._send(err.status, json.dumps({"error": err.message}).encode(), headers)
+
+    def _user_namespaces(self) -> list[str] | None:
+        """Namespaces the caller may write; ``None`` when anonymous. 401 for an unknown token."""
+        auth = self.headers.get("Authorization", "")
+        if not auth:
+            return None
+        token = auth.removeprefix("Bearer ").strip()
+        if token not in self.hub.tokens:
+            raise _HubError(401, "Invalid credentials in Authorization header")
+        return self.hub.tokens[token]
+
+    def _require_write(self, namespaces: list[str] | None, repo_id: str) -> None:
+        if namespaces is None:
+            raise _HubError(401, "You must be authenticated to write to this repository")
+        if repo_id.split("/")[0] not in namespaces:
+            raise _HubError(403, f"You don't have the rights to write to {repo_id}")
+
+    def _repo(self, repo_id: str, namespaces: list[str] | None) -> _Repo:
+        repo = self.hub.repos.get(repo_id)
+        if repo is None or (repo.private and repo_id.split("/")[0] not in (namespaces or [])):
+            raise _HubError(404, "Repository not found", "RepoNotFound")
+        return repo
+
+    def _commit(self, repo: _Repo, revision: str) -> _Commit:
+        commit = repo.resolve(revision)
+        if commit is None:
+            raise _HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+        return commit
+
+    def _injected(self, route: str) -> None:
+        failure = self.hub._failures.pop(route, None)
+        if failure:
+            raise _HubError(*failure)
+
+    # ------------------------------------------------------------------ dispatch
+    def do_GET(self) -> None:
+        self._dispatch()
+
+    def do_HEAD(self) -> None:
+        self._dispatch()
+
+    def do_POST(self) -> None:
+        self._dispatch()
+
+    def do_DELETE(self) -> None:
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        url = urlsplit(self.path)
+        path = url.path
+        query = parse_qs(url.query)
+        body = self._body() if self.command in ("POST", "DELETE") else b""
+        with self.hub._lock:
+            self.hub.requests.append((self.command, path))
+            try:
+                self._route(path, query, body)
+            except _HubError as err:
+                self._error(err)
+
+    def _route(self, path: str, query: dict[str, list[str]], body: bytes) -> None:
+        namespaces = self._user_namespaces()
+        m = self.command
+        if path == "/api/whoami-v2" and m == "GET":
+            if namespaces is None:
+                raise _HubError(401, "You must be authenticated")
+            user = namespaces[0] if namespaces else "anonymous"
+            return self._json({"type": "user", "name": user, "orgs": [{"name": n} for n in namespaces[1:]],
+                               "auth": {"type": "access_token", "accessToken": {"role": "write"}}})
+        if path == "/api/validate-yaml" and m == "POST":
+            return self._json({"errors": [], "warnings": []})
+        if path == "/api/repos/create" and m == "POST":
+            return self._create_repo(json.loads(body), namespaces)
+        if path == "/api/repos/delete" and m == "DELETE":
+            payload = json.loads(body)
+            repo_id = f"{payload['organization']}/{payload['name']}"
+            self._require_write(namespaces, repo_id)
+            self._repo(repo_id, namespaces)
+            del self.hub.repos[repo_id]
+            return self._json({})
+
+        api = re.match(r"^/api/models/([^/]+/[^/]+)(?:/(revision|preupload|commit|branch|refs|tree)(?:/(.*))?)?$", path)
+        if api:
+            repo_id, action, rest = api.group(1), api.group(2), unquote(api.group(3) or "")
+            repo = self._repo(repo_id, namespaces)
+            if action in (None, "revision") and m == "GET":
+                return self._model_info(repo, rest or "main")
+            if action == "refs" and m == "GET":
+                return self._json({"branches": [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": c}
+                                                for b, c in repo.branches.items()], "tags": [], "converts": []})
+            if action == "tree" and m == "GET":
+                commit = self._commit(repo, rest.split("/")[0] or "main")
+                return self._json([{"type": "file", "path": p, "size": len(d), "oid": _git_blob_sha1(d)}
+                                   for p, d in sorted(commit.files.items())])
+            if action == "preupload" and m == "POST":
+                self._require_write(namespaces, repo_id)
+                self._injected("preupload")
+                commit = self._commit(repo, rest)
+                files = json.loads(body)["files"]
+                return self._json({"files": [{
+                    "path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
+                    "oid": _git_blob_sha1(commit.files[f["path"]]) if f["path"] in commit.files else None,
+                } for f in files]})
+            if action == "commit" and m == "POST":
+                self._require_write(namespaces, repo_id)
+                return self._apply_commit(repo, rest, body)
+            if action == "branch":
+                self._require_write(namespaces, repo_id)
+                return self._branch(repo, rest, body)
+        res = re.match(r"^/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$", path)
+        if res and m in ("GET", "HEAD"):
+            return self._resolve(res.group(1), unquote(res.group(2)), unquote(res.group(3)), namespaces)
+        raise _HubError(404, f"No route for {m} {path}")
+
+    # ------------------------------------------------------------------ routes
+    def _create_repo(self, payload: dict[str, Any], namespaces: list[str] | None) -> None:
+        repo_id = f"{payload.get('organization') or (namespaces or ['anonymous'])[0]}/{payload['name']}"
+        self._require_write(namespaces, repo_id)
+        self._injected("create")
+        if repo_id in self.hub.repos:
+            raise _HubError(409, "You already created this model repo")
+        repo = _Repo(repo_id, private=payload.get("visibility") == "private" or bool(payload.get("private")))
+        commit = self.hub._new_commit(repo, None, "initial commit", {".gitattributes": _GITATTRIBUTES})
+        repo.branches["main"] = commit.oid
+        self.hub.repos[repo_id] = repo
+        base = f"http://{self.headers.get('Host')}"
+        self._json({"url": f"{base}/{repo_id}", "name": repo_id, "id": repo_id})
+
+    def _model_info(self, repo: _Repo, revision: str) -> None:
+        commit = self._commit(repo, revision)
+        iso = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(commit.date))
+        self._json({
+            "_id": hashlib.md5(repo.repo_id.encode()).hexdigest()[:24], "id": repo.repo_id,
+            "modelId": repo.repo_id, "author": repo.repo_id.split("/")[0], "sha": commit.oid,
+            "private": repo.private, "gated": False, "disabled": False, "downloads": 0, "likes": 0,
+            "tags": [], "library_name": "timm", "lastModified": iso, "createdAt": iso,
+            "siblings": [{"rfilename": p, "size": len(d), "blobId": _git_blob_sha1(d)}
+                         for p, d in sorted(commit.files.items())],
+        })
+
+    def _branch(self, repo: _Repo, branch: str, body: bytes) -> None:
+        if self.command == "DELETE":
+            if branch not in repo.branches or branch == "main":
+                raise _HubError(404, f"Invalid rev id: {branch}", "RevisionNotFound")
+            del repo.branches[branch]
+            return self._json({})
+        if branch in repo.branches:
+            raise _HubError(409, f"Reference already exists: refs/heads/{branch}")
+        start = json.loads(body or b"{}").get("startingPoint") or "main"
+        repo.branches[branch] = self._commit(repo, start).oid
+        self._json({})
+
+    def _apply_commit(self, repo: _Repo, revision: str, body: bytes) -> None:
+        if revision not in repo.branches:
+            raise _HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+        head = repo.commits[repo.branches[revision]]
+        lines = [json.loads(line) for line in body.splitlines() if line.strip()]
+        if not lines or lines[0].get("key") != "header":
+            raise _HubError(400, "The first line of a commit must be its header")
+        header = lines[0]["value"]
+        parent = header.get("parentCommit")
+        if parent is not None and parent != head.oid:
+            raise _HubError(412, "A commit has happened since. Please refresh and try again.")
+        files = dict(head.files)  # work on a copy: nothing changes unless every operation applies
+        for line in lines[1:]:
+            key, value = line["key"], line["value"]
+            if key == "file":
+                if value.get("encoding", "base64") != "base64":
+                    raise _HubError(400, f"Unsupported encoding {value.get('encoding')}")
+                files[value["path"]] = base64.b64decode(value["content"])
+            elif key == "deletedFile":
+                if value["path"] not in files:
+                    raise _HubError(404, "A file with this name doesn't exist", "EntryNotFound")
+                del files[value["path"]]
+            elif key == "deletedFolder":
+                prefix = value["path"].rstrip("/") + "/"
+                files = {p: d for p, d in files.items() if not p.startswith(prefix)}
+            elif key == "lfsFile":
+                raise _HubError(422, "LFS uploads are not supported by this test server (preupload says regular)")
+            else:
+                raise _HubError(400, f"Unknown commit operation {key!r}")
+        self._injected("commit")  # after validation, before anything is stored: the repo stays as it was
+        commit = self.hub._new_commit(repo, head.oid, header.get("summary", ""), files)
+        repo.branches[revision] = commit.oid
+        base = f"http://{self.headers.get('Host')}"
+        self._json({"success": True, "commitOid": commit.oid, "commitUrl": f"{base}/{repo.repo_id}/commit/{commit.oid}"})
+
+    def _resolve(self, repo_id: str, revision: str, filename: str, namespaces: list[str] | None) -> None:
+        repo = self._repo(repo_id, namespaces)
+        commit = self._commit(repo, revision)
+        self._injected("resolve")
+        if filename not in commit.files:
+            raise _HubError(404, "Entry not found", "EntryNotFound")
+        data = commit.files[filename]
+        headers = {"ETag": f'"{_git_blob_sha1(data)}"', "X-Repo-Commit": commit.oid, "Accept-Ranges": "bytes"}
+        status = 200
+        rng = re.match(r"bytes=(\d+)-(\d*)$", self.headers.get("Range", ""))
+        if rng and self.command == "GET":
+            start = int(rng.group(1))
+            end = int(rng.group(2)) if rng.group(2) else len(data) - 1
+            headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+            data, status = data[start:end + 1], 206
+        self._send(status, data, headers, content_type="application/octet-stream")
