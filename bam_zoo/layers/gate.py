@@ -1,12 +1,28 @@
 """BAM's element-wise gate ``y = x * (1 + sigmoid(Mc (+ or *) Ms))``, the part of BAM that runs at full size.
 
 Kept apart from the module so an optimised kernel can replace it without touching the block's structure.
+
+Why a hand-written gate: written out (:func:`bam_gate_reference`), autograd materialises four full-size
+N x C x H x W tensors in the forward (``Mc + Ms``, the sigmoid, ``1 + sigmoid``, the product) and keeps two of
+them alive until the backward. :func:`bam_gate` instead
+
+* writes every full-size intermediate into the one fresh output buffer (broadcast add or multiply with
+  ``out=``, in-place sigmoid, then ``torch.addcmul(x, x, gate, out=gate)`` = ``x + x * gate``): three passes
+  and one allocation instead of four and four;
+* saves only ``x`` (which the caller keeps alive anyway) and the two small logit maps for the backward, and
+  recomputes the sigmoid there, so BAM's gate adds one full-size tensor (its output) to the training
+  memory instead of three;
+* skips autograd entirely when no gradient is needed (inference).
+
+Traced, scripted, compiled and exported graphs get the reference definition instead (a custom
+``autograd.Function`` with ``out=`` writes is opaque to them, and compilers fuse the reference on their own).
+Both paths compute the same function; the tests hold them to ``allclose`` and ``gradcheck``.
 """
-from __future__ import annotations
+from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["bam_gate", "bam_gate_reference"]
+__all__ = ["bam_gate", "bam_gate_reference", "BamGateFunction", "use_reference_gate"]
 
 
 def bam_gate_reference(
@@ -27,11 +43,125 @@ def bam_gate_reference(
     return x * (1 + torch.sigmoid(logits))
 
 
+def _gate_buffer(x: torch.Tensor, channel_logits: torch.Tensor, spatial_logits: torch.Tensor) -> torch.Tensor:
+    """A fresh, uninitialised tensor of the broadcast output shape and promoted dtype, in ``x``'s layout."""
+    shape = torch.broadcast_shapes(x.shape, channel_logits.shape, spatial_logits.shape)
+    dtype = torch.promote_types(x.dtype, torch.promote_types(channel_logits.dtype, spatial_logits.dtype))
+    if shape == x.shape:
+        return torch.empty_like(x, dtype=dtype)  # keeps channels_last (or any dense layout) of x
+    return torch.empty(shape, dtype=dtype, device=x.device)
+
+
+def _sigmoid_into(
+        out: torch.Tensor, channel_logits: torch.Tensor, spatial_logits: torch.Tensor, product: bool) -> torch.Tensor:
+    """``out = sigmoid(Mc (+ or *) Ms)`` in two passes over ``out`` and no other full-size allocation.
+
+    The logits are combined in their own promoted dtype (as the reference does) before being written to ``out``.
+    """
+    logit_dtype = torch.promote_types(channel_logits.dtype, spatial_logits.dtype)
+    logit_shape = torch.broadcast_shapes(channel_logits.shape, spatial_logits.shape)
+    if logit_dtype == out.dtype and logit_shape == out.shape:
+        if product:
+            torch.mul(channel_logits, spatial_logits, out=out)
+        else:
+            torch.add(channel_logits, spatial_logits, out=out)
+    else:  # bf16 logits on an fp32 map, or logits smaller than x: combine as the reference does, then broadcast
+        out.copy_(channel_logits * spatial_logits if product else channel_logits + spatial_logits)
+    return out.sigmoid_()
+
+
+def _gate_forward(
+        x: torch.Tensor, channel_logits: torch.Tensor, spatial_logits: torch.Tensor, product: bool) -> torch.Tensor:
+    """``x * (1 + sigmoid(logits))`` written into one fresh buffer: three full-size passes, one allocation."""
+    out = _sigmoid_into(_gate_buffer(x, channel_logits, spatial_logits), channel_logits, spatial_logits, product)
+    # out = x + x * sigmoid; element-wise ops may write over an input they read at the same index.
+    return torch.addcmul(x, x, out, out=out)
+
+
+class BamGateFunction(torch.autograd.Function):
+    """Autograd for the fused gate, saving only ``x`` and the small logit maps.
+
+    Backward, with ``g = sigmoid(z)`` recomputed from the logits and ``dz = dy * x * g * (1 - g)``:
+
+    * ``dx = dy * (1 + g)``
+    * sum fusion (``z = Mc + Ms``): ``dMc = sum_HW dz``, ``dMs = sum_C dz``
+    * product fusion (``z = Mc * Ms``): ``dMc = sum_HW dz * Ms``, ``dMs = sum_C dz * Mc``
+
+    Two full-size buffers are allocated in the backward (the recomputed gate, later overwritten by ``dz``,
+    and ``dx``); the reference allocates four.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, channel_logits: torch.Tensor, spatial_logits: torch.Tensor,
+                product: bool) -> torch.Tensor:
+        ctx.save_for_backward(x, channel_logits, spatial_logits)
+        ctx.product = product
+        return _gate_forward(x, channel_logits, spatial_logits, product)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+        x, channel_logits, spatial_logits = ctx.saved_tensors
+        product = ctx.product
+        need_x, need_c, need_s = ctx.needs_input_grad[:3]
+        gate = _sigmoid_into(_gate_buffer(x, channel_logits, spatial_logits), channel_logits, spatial_logits, product)
+        grad_x = grad_c = grad_s = None
+        if need_x:
+            grad_x = torch.addcmul(grad_out, grad_out, gate)  # dy * (1 + g)
+            if grad_x.shape != x.shape:
+                grad_x = grad_x.sum_to_size(x.shape)
+            grad_x = grad_x.to(x.dtype)
+        if need_c or need_s:
+            dz = torch.addcmul(gate, gate, gate, value=-1, out=gate)  # g * (1 - g), in place
+            dz.mul_(grad_out).mul_(x)
+            if need_c:
+                grad_c = (dz * spatial_logits if product else dz).sum_to_size(channel_logits.shape)
+                grad_c = grad_c.to(channel_logits.dtype)
+            if need_s:
+                grad_s = (dz * channel_logits if product else dz).sum_to_size(spatial_logits.shape)
+                grad_s = grad_s.to(spatial_logits.dtype)
+        return grad_x, grad_c, grad_s, None
+
+
+def use_reference_gate() -> bool:
+    """Whether the caller is being traced, scripted, compiled or exported, where the plain definition is needed.
+
+    TorchScript, ``torch.jit.trace``, FX, dynamo (``torch.compile`` / strict ``torch.export``), non-strict
+    export and ONNX export cannot see inside a custom ``autograd.Function`` that writes with ``out=``, or
+    record it as one opaque node; the reference is a handful of standard ops they all know (and compilers
+    fuse it into one kernel anyway).
+    """
+    if torch.jit.is_scripting() or torch.jit.is_tracing():
+        return True
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return True
+    if torch.onnx.is_in_onnx_export():
+        return True
+    from torch.fx._symbolic_trace import is_fx_symbolic_tracing
+    return is_fx_symbolic_tracing()
+
+
+@torch.jit.unused
+def _bam_gate_fused(
+        x: torch.Tensor, channel_logits: torch.Tensor, spatial_logits: torch.Tensor, product: bool) -> torch.Tensor:
+    """Eager fast path: no autograd bookkeeping when nothing needs a gradient, else :class:`BamGateFunction`."""
+    if torch.is_grad_enabled() and (
+            x.requires_grad or channel_logits.requires_grad or spatial_logits.requires_grad):
+        return BamGateFunction.apply(x, channel_logits, spatial_logits, product)
+    return _gate_forward(x, channel_logits, spatial_logits, product)
+
+
 def bam_gate(
         x: torch.Tensor,
         channel_logits: torch.Tensor,
         spatial_logits: torch.Tensor,
         product: bool = False,
 ) -> torch.Tensor:
-    """BAM gate used by :class:`bam_zoo.layers.BAM` (same arguments as :func:`bam_gate_reference`)."""
-    return bam_gate_reference(x, channel_logits, spatial_logits, product)
+    """BAM gate used by :class:`bam_zoo.layers.BAM`: the fused path in eager mode, the reference elsewhere.
+
+    Same arguments and result as :func:`bam_gate_reference` (any broadcastable shapes and dtypes).
+    """
+    if torch.jit.is_scripting():
+        return bam_gate_reference(x, channel_logits, spatial_logits, product)
+    if use_reference_gate():
+        return bam_gate_reference(x, channel_logits, spatial_logits, product)
+    return _bam_gate_fused(x, channel_logits, spatial_logits, product)

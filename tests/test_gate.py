@@ -1,0 +1,153 @@
+"""The fused BAM gate computes exactly the reference gate: outputs and gradients, every layout and dtype."""
+import pytest
+import torch
+
+import bam_zoo.layers.bam as bam_module
+from bam_zoo.layers import BAM
+from bam_zoo.layers.gate import BamGateFunction, bam_gate, bam_gate_reference, use_reference_gate
+
+# (x, channel logits, spatial logits): BAM's shapes, batch 1, 1x1 maps, non-square maps, and logits that
+# broadcast beyond BAM's own (shared across the batch, or a full-size map).
+SHAPES = [
+    ((2, 6, 5, 7), (2, 6, 1, 1), (2, 1, 5, 7)),
+    ((1, 4, 3, 3), (1, 4, 1, 1), (1, 1, 3, 3)),
+    ((3, 5, 1, 1), (3, 5, 1, 1), (3, 1, 1, 1)),
+    ((2, 3, 4, 4), (1, 3, 1, 1), (2, 1, 4, 4)),
+    ((2, 3, 4, 4), (2, 3, 4, 4), (1, 1, 4, 4)),
+    ((2, 3, 4, 4), (3, 1, 1), (4, 4)),
+]
+
+
+def _inputs(shapes, dtype=torch.float64, channels_last=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tensors = [torch.randn(s, generator=g, dtype=dtype) * 2 for s in shapes]
+    if channels_last:
+        tensors[0] = tensors[0].contiguous(memory_format=torch.channels_last)
+    return [t.requires_grad_() for t in tensors]
+
+
+def _fused(x, c, s, product):
+    return BamGateFunction.apply(x, c, s, product)
+
+
+@pytest.mark.parametrize("product", [False, True])
+@pytest.mark.parametrize("shapes", SHAPES)
+def test_gradcheck_float64(shapes, product):
+    x, c, s = _inputs(shapes)
+    assert torch.autograd.gradcheck(_fused, (x, c, s, product))
+    assert torch.autograd.gradgradcheck(bam_gate_reference, (x, c, s, product))  # reference itself is sane
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("product", [False, True])
+@pytest.mark.parametrize("shapes", SHAPES[:3])
+def test_fp32_outputs_and_gradients_match_reference(shapes, product, channels_last):
+    if channels_last and len(shapes[0]) != 4:
+        pytest.skip("channels_last needs 4-D")
+    x, c, s = _inputs(shapes, torch.float32, channels_last)
+    x2, c2, s2 = (t.detach().clone().requires_grad_() for t in (x, c, s))
+    y = bam_gate(x, c, s, product)
+    y_ref = bam_gate_reference(x2, c2, s2, product)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))  # same upstream gradient for both
+    grads = torch.autograd.grad(y, (x, c, s), dy)
+    grads_ref = torch.autograd.grad(y_ref, (x2, c2, s2), dy)
+    torch.testing.assert_close(y, y_ref)
+    for got, want in zip(grads, grads_ref):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if channels_last:
+        assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("product", [False, True])
+def test_inference_path_needs_no_autograd(product):
+    x, c, s = (t.detach() for t in _inputs(SHAPES[0], torch.float32))
+    with torch.no_grad():
+        y = bam_gate(x, c, s, product)
+    assert y.grad_fn is None
+    torch.testing.assert_close(y, bam_gate_reference(x, c, s, product))
+    x_before = x.clone()
+    bam_gate(x, c, s, product)
+    assert torch.equal(x, x_before), "the gate must never write into its input"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mixed", [False, True])
+def test_low_precision_dtypes(dtype, mixed):
+    """bf16/fp16 maps, and fp32 logits on a bf16 map (what autocast hands BAM): dtype and values as the reference."""
+    x, c, s = _inputs(SHAPES[0], torch.float32)
+    x = x.detach().to(dtype).requires_grad_()
+    if not mixed:
+        c, s = (t.detach().to(dtype).requires_grad_() for t in (c, s))
+    y = bam_gate(x, c, s)
+    y_ref = bam_gate_reference(x, c, s)
+    assert y.dtype == y_ref.dtype
+    torch.testing.assert_close(y, y_ref, rtol=1e-2, atol=1e-2)
+    dy = torch.randn(y.shape).to(y.dtype)
+    for got, want in zip(torch.autograd.grad(y, (x, c, s), dy), torch.autograd.grad(y_ref, (x, c, s), dy)):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+def _bam_with_gate(monkeypatch, gate_fn, fusion, channels_last, autocast, seed=0):
+    """Output and every gradient (input and parameters) of one BAM training step with a given gate."""
+    monkeypatch.setattr(bam_module, "bam_gate", gate_fn)
+    torch.manual_seed(seed)
+    bam = BAM(32, fusion=fusion).train()
+    x = torch.randn(4, 32, 9, 11)
+    if channels_last:
+        bam = bam.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = bam(x)
+    y.float().pow(2).mean().backward()
+    return y.detach().float(), [x.grad] + [p.grad for p in bam.parameters()]
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("fusion", ["sum", "product"])
+def test_bam_block_gradients_match_reference(monkeypatch, fusion, channels_last, autocast):
+    """Whole block: the fused gate changes no output and no parameter gradient (fp32 and bf16 autocast)."""
+    y, grads = _bam_with_gate(monkeypatch, bam_gate, fusion, channels_last, autocast)
+    y_ref, grads_ref = _bam_with_gate(monkeypatch, bam_gate_reference, fusion, channels_last, autocast)
+    tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(y, y_ref, **tol)
+    assert len(grads) == len(grads_ref)
+    for got, want in zip(grads, grads_ref):
+        assert got is not None
+        torch.testing.assert_close(got.float(), want.float(), **tol)
+
+
+def test_saves_only_input_and_logits():
+    """Training memory: the fused gate keeps x (alive anyway) and the small logit maps, nothing full-size new."""
+    x, c, s = _inputs(((2, 16, 8, 8), (2, 16, 1, 1), (2, 1, 8, 8)), torch.float32)
+
+    def saved(fn):
+        packed = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+            fn(x, c, s)
+        return packed
+
+    fused = saved(lambda *a: bam_gate(*a))
+    assert {id(t) for t in fused} <= {id(x), id(c), id(s)}
+    full_size_ref = [t for t in saved(bam_gate_reference) if t.numel() == x.numel() and t is not x]
+    assert len(full_size_ref) >= 2  # what the fused gate avoids keeping
+
+
+def test_export_and_tracing_use_the_reference():
+    x, c, s = (t.detach() for t in _inputs(SHAPES[0], torch.float32))
+    assert not use_reference_gate()
+    seen = []
+
+    def probe(x, c, s):
+        seen.append(use_reference_gate())
+        return bam_gate(x, c, s)
+
+    traced = torch.jit.trace(probe, (x, c, s))
+    torch.testing.assert_close(traced(x, c, s), bam_gate_reference(x, c, s))
+    compiled = torch.compile(probe, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x, c, s), bam_gate_reference(x, c, s))
+    assert seen[:2] == [True, True]
+    scripted = torch.jit.script(bam_gate)
+    torch.testing.assert_close(scripted(x, c, s, True), bam_gate_reference(x, c, s, True))
