@@ -1,0 +1,37 @@
+"""The ``bam-zoo`` console script (and ``python cli.py``): training subcommands plus ``push``.
+
+``fit`` / ``validate`` / ``test`` / ``predict`` go to the LightningCLI in
+:mod:`bam_zoo.training.cli`; ``push`` goes to :func:`bam_zoo.hub.push_main`. bam-zoo's own errors
+(missing data, NaN loss, refused checkpoint ...) are printed as their message, which says how to fix
+them, instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(args: list[str] | None = None) -> None:
+    """Run the command line; ``args`` replaces ``sys.argv[1:]``.
+
+    Raises:
+        SystemExit: with ``push``'s return code, or 1 after printing a bam-zoo error.
+    """
+    from bam_zoo.errors import BamZooError
+
+    argv = list(sys.argv[1:] if args is None else args)
+    try:
+        if argv and argv[0] == "push":
+            from bam_zoo.hub import push_main
+
+            raise SystemExit(push_main(argv[1:]))
+        from bam_zoo.training.cli import cli_main
+
+        cli_main(argv)
+    except BamZooError as error:
+        print(f"bam-zoo: error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

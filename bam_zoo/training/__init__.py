@@ -1,0 +1,20 @@
+"""Training and fine-tuning with PyTorch Lightning: ``ImageClassifier``, DataModules, callbacks, the CLI."""
+
+from bam_zoo.training.callbacks import HubExport
+from bam_zoo.training.data import (
+    BatchAugment,
+    CIFAR10DataModule,
+    CIFAR100DataModule,
+    FashionMNISTDataModule,
+    ImageFolderDataModule,
+    InMemoryDataModule,
+    MNISTDataModule,
+)
+from bam_zoo.training.errors import DatasetNotFoundError, NonFiniteLossError, UnsafeCheckpointError
+from bam_zoo.training.module import ImageClassifier, create_model
+
+__all__ = [
+    "BatchAugment", "CIFAR10DataModule", "CIFAR100DataModule", "DatasetNotFoundError", "FashionMNISTDataModule",
+    "HubExport", "ImageClassifier", "ImageFolderDataModule", "InMemoryDataModule", "MNISTDataModule",
+    "NonFiniteLossError", "UnsafeCheckpointError", "create_model",
+]

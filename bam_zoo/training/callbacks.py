@@ -1,0 +1,122 @@
+"""Callbacks: export of the tested weights into a Hub-layout folder, with a machine-readable record.
+
+``HubExport`` times ``fit`` and, when a test run ends (the CLI tests the best checkpoint right after
+``fit``), writes ``config.json`` + ``model.safetensors`` + ``README.md`` through
+:func:`bam_zoo.hub.save_pretrained` and a ``metrics.json`` with test top-1/top-5, per-class accuracy,
+the confusion matrix and the training wall time. Only global rank zero writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import yaml
+from pytorch_lightning.cli import SaveConfigCallback
+
+__all__ = ["HubExport"]
+
+
+class HubExport(pl.Callback):
+    """Export the evaluated weights and their test results after ``trainer.test``.
+
+    Args:
+        dirpath: output folder; ``None`` lets the CLI put it in ``<trainer.default_root_dir>/export``
+            (plain Python use falls back to ``<trainer.default_root_dir>/export`` too).
+        weights_name: name of the weights on the model card, e.g. ``bam_resnet20.fmnist``;
+            ``None`` uses ``<model_name>.<dataset>``.
+        enabled: set to false to skip the export (metrics are still logged).
+    """
+
+    def __init__(self, dirpath: str | None = None, weights_name: str | None = None, enabled: bool = True) -> None:
+        self.dirpath = dirpath
+        self.weights_name = weights_name
+        self.enabled = enabled
+        self.fit_seconds = 0.0
+        self._fit_start: float | None = None
+
+    # wall time of fit, summed over resumed runs through the callback state in checkpoints
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fit_start = time.perf_counter()
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.fit_seconds = self._elapsed()
+        self._fit_start = None
+
+    def _elapsed(self) -> float:
+        running = time.perf_counter() - self._fit_start if self._fit_start is not None else 0.0
+        return self.fit_seconds + running
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"fit_seconds": self._elapsed()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # resuming adds earlier runs' time; testing "best" after fit must not roll the total back
+        self.fit_seconds = max(self.fit_seconds, float(state_dict.get("fit_seconds", 0.0)))
+
+    def export_dir(self, trainer: pl.Trainer) -> Path:
+        return Path(self.dirpath) if self.dirpath else Path(trainer.default_root_dir) / "export"
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.enabled or not trainer.is_global_zero or trainer.sanity_checking:
+            return
+        from bam_zoo.hub import save_pretrained
+
+        datamodule = trainer.datamodule
+        dataset = getattr(datamodule, "name", None) or None
+        hp = pl_module.hparams
+        record = self.record(trainer, pl_module)
+        model = pl_module.eval_model
+        # inference settings travel with the weights: this data set's normalisation and input size
+        cfg = dict(model.pretrained_cfg)
+        for key in ("mean", "std", "input_size"):
+            if hasattr(datamodule, key):
+                cfg[key] = tuple(getattr(datamodule, key))
+        cfg["num_classes"] = hp.num_classes
+        model.pretrained_cfg = model.default_cfg = cfg
+        out = self.export_dir(trainer)
+        weights_name = self.weights_name or (f"{hp.model_name}.{dataset}" if dataset else hp.model_name)
+        card_metrics = {k: 100.0 * record["test"][f"acc{k[-1]}"] for k in ("top1", "top5")
+                        if math.isfinite(record["test"].get(f"acc{k[-1]}", math.nan))}
+        save_pretrained(
+            model, out, model_name=weights_name, label_names=hp.label_names, metrics=card_metrics,
+            dataset=dataset, recipe=record["recipe"], model_args=dict(hp.model_kwargs or {}) or None,
+        )
+        (out / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
+
+    def record(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """Everything measured about this run, as plain JSON-able values."""
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if isinstance(v, (torch.Tensor, float))}
+        checkpoint = trainer.checkpoint_callback
+        best_score = getattr(checkpoint, "best_model_score", None)
+        return {
+            "model_name": pl_module.hparams.model_name,
+            "model_args": pl_module.model_args,
+            "dataset": getattr(trainer.datamodule, "name", None),
+            "test": {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("test/") and "acc_class" not in k},
+            "per_class_acc1": pl_module.test_report.get("per_class_acc1", {}),
+            "confusion_matrix": pl_module.test_report.get("confusion_matrix", []),
+            "best_val_acc1": float(best_score) if best_score is not None else None,
+            "best_checkpoint": getattr(checkpoint, "best_model_path", None) or None,
+            "train_wall_time_s": round(self._elapsed(), 2),
+            "epochs": trainer.current_epoch,
+            "global_step": trainer.global_step,
+            "world_size": trainer.world_size,
+            "precision": str(trainer.precision),
+            "num_params": sum(p.numel() for p in pl_module.eval_model.parameters()),
+            "ema": pl_module.model_ema is not None,
+            "recipe": _recipe(trainer),
+        }
+
+
+def _recipe(trainer: pl.Trainer) -> dict[str, Any] | None:
+    """The resolved CLI config of this run (from LightningCLI's SaveConfigCallback), if any."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, SaveConfigCallback):
+            return yaml.safe_load(callback.parser.dump(callback.config, skip_none=False))
+    return None

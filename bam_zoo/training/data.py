@@ -1,0 +1,557 @@
+"""DataModules: Fashion-MNIST (the default), MNIST, CIFAR-10/100 held in memory, and ImageFolder.
+
+The small data sets live as ``uint8`` tensors in memory and are augmented a whole batch at a time on
+the training device (:class:`BatchAugment` in ``on_after_batch_transfer``): per-image PIL transforms
+in worker processes would be the bottleneck on a 2-core machine, and ``uint8`` batches cost a quarter
+of the host-to-device bandwidth of ``float32`` ones. ImageFolder (ImageNet layout) uses timm's
+``create_transform`` in worker processes, as images have to be decoded anyway.
+
+Every DataModule exposes ``num_classes``, ``in_chans``, ``classes`` (label names), ``mean``, ``std``
+and ``input_size`` before ``setup``, so the CLI can link them into the model and the export.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from bam_zoo.training.errors import DatasetNotFoundError
+
+__all__ = [
+    "BatchAugment",
+    "InMemoryDataModule",
+    "FashionMNISTDataModule",
+    "MNISTDataModule",
+    "CIFAR10DataModule",
+    "CIFAR100DataModule",
+    "ImageFolderDataModule",
+    "read_idx",
+]
+
+FASHION_MNIST_DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+class BatchAugment(nn.Module):
+    """Random crop with zero padding, horizontal flip and normalisation of a whole ``uint8`` batch.
+
+    Equivalent to torchvision's ``RandomCrop(size, padding)`` + ``RandomHorizontalFlip`` +
+    ``ToTensor`` + ``Normalize`` per image, but done with a handful of tensor ops on the device.
+
+    Args:
+        mean: per-channel mean of the data in [0, 1].
+        std: per-channel standard deviation of the data in [0, 1].
+        padding: zero padding on each side before the random crop; 0 disables cropping.
+        hflip: probability of flipping an image horizontally.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], padding: int = 0, hflip: float = 0.0) -> None:
+        super().__init__()
+        self.padding = padding
+        self.hflip = hflip
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Augment and normalise ``x`` (N, C, H, W), ``uint8`` in [0, 255] or float in [0, 1]."""
+        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+        n, _, h, w = x.shape
+        if self.padding > 0:
+            p = self.padding
+            padded = nn.functional.pad(x, (p, p, p, p))
+            dy = torch.randint(0, 2 * p + 1, (n, 1, 1), device=x.device)
+            dx = torch.randint(0, 2 * p + 1, (n, 1, 1), device=x.device)
+            rows = torch.arange(h, device=x.device).view(1, h, 1) + dy
+            cols = torch.arange(w, device=x.device).view(1, 1, w) + dx
+            batch = torch.arange(n, device=x.device).view(n, 1, 1)
+            # advanced indices around a slice put the indexed dims first: (N, H, W, C)
+            x = padded[batch, :, rows, cols].permute(0, 3, 1, 2)
+        if self.hflip > 0:
+            flip = torch.rand(n, device=x.device) < self.hflip
+            x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
+        return ((x - self.mean) / self.std).contiguous()
+
+
+class _TensorImages(Dataset):
+    """Images and labels held as tensors; ``__getitems__`` lets the DataLoader slice a batch at once."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[index], self.labels[index]
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(indices)
+        return self.images[idx], self.labels[idx]
+
+
+def _batch_as_is(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Collate function for ``_TensorImages``: its ``__getitems__`` already returns a batch."""
+    return batch
+
+
+def read_idx(path: str | os.PathLike) -> torch.Tensor:
+    """Read an IDX file (the MNIST format), plain or gzip-compressed, as a ``uint8`` tensor.
+
+    torchvision only reads the uncompressed files in its own folder layout; Debian ships them
+    gzipped in a flat folder, so bam-zoo reads both.
+    """
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    magic = int.from_bytes(data[0:4], "big")
+    dtype_code, ndim = magic // 256, magic % 256
+    if dtype_code != 0x08:
+        raise ValueError(f"{path}: only uint8 IDX files are supported, found type code {dtype_code:#x}")
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=4 + 4 * ndim).reshape(dims).clone()
+
+
+class InMemoryDataModule(pl.LightningDataModule):
+    """Base of the DataModules whose whole data set fits in memory as ``uint8`` tensors.
+
+    Subclasses set the class attributes and implement ``_load(train)`` and ``_download()``.
+    The validation split is carved from the official training set with a fixed seed, so BAM models
+    and their baselines are always compared on the same images; the official test set is the test set.
+
+    Args:
+        root: folder with the data set files. ``None`` uses the class default (``default_root``).
+        download: download the data set with torchvision when it is not found under ``root``.
+        batch_size: training batch size per process (DDP multiplies it by the number of processes).
+        eval_batch_size: batch size for validation and test; ``None`` uses ``2 * batch_size``.
+        val_size: number of training images held out for validation (0 disables validation).
+        split_seed: seed of the permutation that chooses the validation images.
+        padding: zero padding of the random crop; 0 disables it.
+        hflip: probability of a horizontal flip.
+        class_subset: keep only these class indices (relabelled 0..k-1 in the given order).
+        limit_train: keep only this many training images (after the split); for quick runs and tests.
+        limit_val: keep only this many validation images.
+        limit_test: keep only this many test images (a fixed random subset).
+    """
+
+    name: str = ""
+    human_name: str = ""
+    default_root: str = "data"
+    class_names: tuple[str, ...] = ()
+    channels: int = 1
+    image_size: int = 28
+    mean_: tuple[float, ...] = (0.5,)
+    std_: tuple[float, ...] = (0.5,)
+    default_hflip: float = 0.5
+
+    def __init__(
+        self,
+        root: str | None = None,
+        download: bool = False,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        val_size: int = 5000,
+        split_seed: int = 0,
+        padding: int = 4,
+        hflip: float | None = None,
+        class_subset: list[int] | None = None,
+        limit_train: int | None = None,
+        limit_val: int | None = None,
+        limit_test: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.root = Path(root if root is not None else self.default_root).expanduser()
+        self.download = download
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or 2 * batch_size
+        self.val_size = val_size
+        self.split_seed = split_seed
+        self.class_subset = list(class_subset) if class_subset is not None else None
+        self.limit_train, self.limit_val, self.limit_test = limit_train, limit_val, limit_test
+        hflip = self.default_hflip if hflip is None else hflip
+        self.train_augment = BatchAugment(self.mean_, self.std_, padding=padding, hflip=hflip)
+        self.eval_augment = BatchAugment(self.mean_, self.std_)
+        self.train_set: _TensorImages | None = None
+        self.val_set: _TensorImages | None = None
+        self.test_set: _TensorImages | None = None
+
+    # metadata linked into the model and the export
+    @property
+    def classes(self) -> list[str]:
+        """Label names, in label order."""
+        if self.class_subset is None:
+            return list(self.class_names)
+        return [self.class_names[i] for i in self.class_subset]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def in_chans(self) -> int:
+        return self.channels
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return tuple(self.mean_)
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return tuple(self.std_)
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        return (self.channels, self.image_size, self.image_size)
+
+    # to be implemented by subclasses
+    def _load(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(images uint8 (N, C, H, W), labels int64 (N,))``; raise DatasetNotFoundError if absent."""
+        raise NotImplementedError
+
+    def _download(self) -> None:
+        raise NotImplementedError
+
+    def _exists(self) -> bool:
+        raise NotImplementedError
+
+    # LightningDataModule API
+    def prepare_data(self) -> None:
+        """Download on one process per node; nothing to do when the files are there."""
+        if self.download and not self._exists():
+            self._download()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        train_x, train_y = self._select_classes(*self._load(train=True))
+        test_x, test_y = self._select_classes(*self._load(train=False))
+        order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(self.split_seed))
+        val_idx, train_idx = order[: self.val_size], order[self.val_size :]
+        test_idx = torch.randperm(len(test_y), generator=torch.Generator().manual_seed(self.split_seed))
+        train_idx = train_idx[: self.limit_train] if self.limit_train else train_idx.sort().values
+        val_idx = val_idx[: self.limit_val] if self.limit_val else val_idx.sort().values
+        test_idx = test_idx[: self.limit_test] if self.limit_test else test_idx.sort().values
+        self.train_set = _TensorImages(train_x[train_idx], train_y[train_idx])
+        self.val_set = _TensorImages(train_x[val_idx], train_y[val_idx])
+        self.test_set = _TensorImages(test_x[test_idx], test_y[test_idx])
+
+    def _select_classes(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.class_subset is None:
+            return x, y
+        keep = torch.isin(y, torch.tensor(self.class_subset))
+        remap = torch.full((len(self.class_names),), -1, dtype=torch.long)
+        remap[torch.tensor(self.class_subset)] = torch.arange(len(self.class_subset))
+        return x[keep], remap[y[keep]]
+
+    def _loader(self, dataset: _TensorImages | None, batch_size: int, train: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("call setup() before asking for a dataloader")
+        # drop_last keeps every training batch even-sized and full, as timm's Mixup requires
+        return DataLoader(
+            dataset, batch_size=batch_size, shuffle=train, drop_last=train and len(dataset) >= batch_size,
+            collate_fn=_batch_as_is, num_workers=0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.batch_size, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, self.eval_batch_size, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, self.eval_batch_size, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Augment (training) or only normalise (evaluation) the batch on its device."""
+        x, y = batch
+        training = self.trainer is not None and self.trainer.training
+        augment = self.train_augment if training else self.eval_augment
+        return augment.to(x.device)(x), y
+
+
+class _IDXDataModule(InMemoryDataModule):
+    """MNIST-format data sets: four IDX files, plain or ``.gz``, flat or in torchvision's layout."""
+
+    files = {
+        True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+        False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+    }
+    torchvision_folder = ""
+    apt_package: str | None = None
+
+    def _search_dirs(self) -> list[Path]:
+        return [self.root, self.root / self.torchvision_folder / "raw"]
+
+    def _find(self, name: str) -> Path | None:
+        for folder in self._search_dirs():
+            for candidate in (folder / name, folder / f"{name}.gz"):
+                if candidate.is_file():
+                    return candidate
+        return None
+
+    def _exists(self) -> bool:
+        return all(self._find(n) is not None for names in self.files.values() for n in names)
+
+    def _load(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        paths = [self._find(n) for n in self.files[train]]
+        if None in paths:
+            missing = self.files[train][paths.index(None)]
+            raise DatasetNotFoundError(
+                self.human_name, self._search_dirs(), f"{missing}[.gz]", apt_package=self.apt_package,
+                apt_dir=FASHION_MNIST_DEBIAN_DIR,
+            )
+        images, labels = read_idx(paths[0]), read_idx(paths[1])
+        return images.unsqueeze(1), labels.long()
+
+    def _download(self) -> None:
+        import torchvision.datasets
+
+        dataset_cls = getattr(torchvision.datasets, self.torchvision_folder)
+        for train in (True, False):
+            dataset_cls(str(self.root), train=train, download=True)
+
+
+class FashionMNISTDataModule(_IDXDataModule):
+    """Fashion-MNIST: 28x28 grey images of 10 clothing classes; 60k train (55k + 5k val), 10k test.
+
+    Reads Debian's ``dataset-fashion-mnist`` files by default. Normalisation uses the training set's
+    mean 0.2860 and std 0.3530.
+    """
+
+    name = "fashion_mnist"
+    human_name = "Fashion-MNIST"
+    default_root = FASHION_MNIST_DEBIAN_DIR
+    torchvision_folder = "FashionMNIST"
+    apt_package = "dataset-fashion-mnist"
+    class_names = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot")
+    mean_ = (0.2860,)
+    std_ = (0.3530,)
+
+
+class MNISTDataModule(_IDXDataModule):
+    """MNIST digits (torchvision layout ``root/MNIST/raw`` or a flat folder); no flips by default."""
+
+    name = "mnist"
+    human_name = "MNIST"
+    torchvision_folder = "MNIST"
+    class_names = tuple(str(i) for i in range(10))
+    mean_ = (0.1307,)
+    std_ = (0.3081,)
+    default_hflip = 0.0
+
+
+class _CIFARDataModule(InMemoryDataModule):
+    """CIFAR in the "python version" pickle layout that torchvision downloads."""
+
+    channels = 3
+    image_size = 32
+    folder = ""
+    train_files: tuple[str, ...] = ()
+    test_files: tuple[str, ...] = ()
+    label_key = "labels"
+    torchvision_name = ""
+
+    def _exists(self) -> bool:
+        return all((self.root / self.folder / f).is_file() for f in self.train_files + self.test_files)
+
+    def _load(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        names = self.train_files if train else self.test_files
+        images, labels = [], []
+        for name in names:
+            path = self.root / self.folder / name
+            if not path.is_file():
+                raise DatasetNotFoundError(self.human_name, [self.root / self.folder], name)
+            with open(path, "rb") as f:  # the official format is a pickle; read only from the user's root
+                entry = pickle.load(f, encoding="latin1")
+            images.append(torch.as_tensor(entry["data"], dtype=torch.uint8).reshape(-1, 3, 32, 32))
+            labels.append(torch.as_tensor(entry[self.label_key], dtype=torch.long))
+        return torch.cat(images), torch.cat(labels)
+
+    def _download(self) -> None:
+        import torchvision.datasets
+
+        getattr(torchvision.datasets, self.torchvision_name)(str(self.root), train=True, download=True)
+
+
+class CIFAR10DataModule(_CIFARDataModule):
+    """CIFAR-10: 32x32 colour images of 10 classes (``root/cifar-10-batches-py``)."""
+
+    name = "cifar10"
+    human_name = "CIFAR-10"
+    folder = "cifar-10-batches-py"
+    train_files = tuple(f"data_batch_{i}" for i in range(1, 6))
+    test_files = ("test_batch",)
+    torchvision_name = "CIFAR10"
+    class_names = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+    mean_ = (0.4914, 0.4822, 0.4465)
+    std_ = (0.2470, 0.2435, 0.2616)
+
+
+class CIFAR100DataModule(_CIFARDataModule):
+    """CIFAR-100: 32x32 colour images of 100 fine classes (``root/cifar-100-python``), the BAM paper's set."""
+
+    name = "cifar100"
+    human_name = "CIFAR-100"
+    folder = "cifar-100-python"
+    train_files = ("train",)
+    test_files = ("test",)
+    label_key = "fine_labels"
+    torchvision_name = "CIFAR100"
+    class_names = tuple(
+        "apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly camel can "
+        "castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur dolphin "
+        "elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion lizard "
+        "lobster man maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree pear "
+        "pickup_truck pine_tree plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal "
+        "shark shrew skunk skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table tank "
+        "telephone television tiger tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm".split()
+    )
+    mean_ = (0.5071, 0.4865, 0.4409)
+    std_ = (0.2673, 0.2564, 0.2762)
+
+
+class ImageFolderDataModule(pl.LightningDataModule):
+    """Images in class folders (ImageNet layout: ``root/train/<class>/*.JPEG``, ``root/val/<class>/*``).
+
+    Transforms come from timm's ``create_transform``: RandomResizedCrop + flip for training (the
+    BAM paper's ImageNet recipe at ``img_size=224``), resize + centre crop for evaluation. ImageNet has
+    no labelled test split, so ``test_split`` defaults to the validation folder.
+
+    Args:
+        root: folder holding the split folders.
+        train_split: training folder name under ``root``.
+        val_split: validation folder name under ``root``.
+        test_split: test folder name under ``root``.
+        img_size: training crop and evaluation size.
+        crop_pct: evaluation centre-crop ratio (0.875 = resize to 256, crop 224).
+        batch_size: training batch size per process.
+        eval_batch_size: validation/test batch size; ``None`` uses ``batch_size``.
+        num_workers: decoding worker processes per training process.
+        scale: RandomResizedCrop area range.
+        color_jitter: colour jitter strength (0 disables it; the paper used none).
+        auto_augment: timm auto-augment policy such as ``rand-m9-mstd0.5`` (``None`` disables it).
+        interpolation: resize interpolation.
+        mean: normalisation mean (ImageNet's by default).
+        std: normalisation std (ImageNet's by default).
+    """
+
+    name = "imagefolder"
+
+    def __init__(
+        self,
+        root: str,
+        train_split: str = "train",
+        val_split: str = "val",
+        test_split: str = "val",
+        img_size: int = 224,
+        crop_pct: float = 0.875,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 8,
+        scale: tuple[float, float] = (0.08, 1.0),
+        color_jitter: float = 0.0,
+        auto_augment: str | None = None,
+        interpolation: str = "bilinear",
+        mean: tuple[float, float, float] = (0.485, 0.456, 0.406),
+        std: tuple[float, float, float] = (0.229, 0.224, 0.225),
+    ) -> None:
+        super().__init__()
+        self.root = Path(root).expanduser()
+        self.splits = {"train": train_split, "val": val_split, "test": test_split}
+        self.img_size = img_size
+        self.crop_pct = crop_pct
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.scale = tuple(scale)
+        self.color_jitter = color_jitter
+        self.auto_augment = auto_augment
+        self.interpolation = interpolation
+        self._mean, self._std = tuple(mean), tuple(std)
+        self._classes: list[str] | None = None
+        self.datasets: dict[str, Dataset] = {}
+
+    def _split_dir(self, split: str) -> Path:
+        path = self.root / self.splits[split]
+        if not path.is_dir():
+            raise DatasetNotFoundError(
+                "ImageFolder data", [self.root], f"the folder '{self.splits[split]}/<class>/<images>'",
+                can_download=False,
+            )
+        return path
+
+    @property
+    def classes(self) -> list[str]:
+        """Class folder names of the training split, sorted (torchvision's label order)."""
+        if self._classes is None:
+            from torchvision.datasets.folder import find_classes
+
+            self._classes = find_classes(str(self._split_dir("train")))[0]
+        return self._classes
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def in_chans(self) -> int:
+        return 3
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return self._mean
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return self._std
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        return (3, self.img_size, self.img_size)
+
+    def _transform(self, training: bool) -> Any:
+        from timm.data import create_transform
+
+        return create_transform(
+            self.input_size, is_training=training, scale=self.scale, color_jitter=self.color_jitter,
+            auto_augment=self.auto_augment, interpolation=self.interpolation, mean=self._mean, std=self._std,
+            crop_pct=self.crop_pct,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        from torchvision.datasets import ImageFolder
+
+        for split in ("train", "val", "test"):
+            if split not in self.datasets:
+                self.datasets[split] = ImageFolder(str(self._split_dir(split)), transform=self._transform(split == "train"))
+
+    def _loader(self, split: str, batch_size: int) -> DataLoader:
+        train = split == "train"
+        return DataLoader(
+            self.datasets[split], batch_size=batch_size, shuffle=train, drop_last=train, num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()

@@ -1,0 +1,136 @@
+"""Parameter groups and learning-rate schedules, as plain functions the LightningModule calls.
+
+Optimizers come from timm's ``create_optimizer_v2`` (``sgd`` is Nesterov SGD, ``momentum`` plain
+momentum SGD, ``adamw`` ...); schedules are PyTorch's own schedulers stepped every optimizer step, so a
+warm-up of a fraction of an epoch and a cosine over all steps need no custom code and their state is
+saved in Lightning checkpoints for resuming.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from timm.optim import param_groups_weight_decay
+from torch import nn
+from torch.optim.lr_scheduler import (
+    ConstantLR,
+    CosineAnnealingLR,
+    LinearLR,
+    LRScheduler,
+    MultiStepLR,
+    OneCycleLR,
+    SequentialLR,
+    StepLR,
+)
+
+__all__ = ["SchedulerName", "param_groups", "create_lr_scheduler"]
+
+SchedulerName = Literal["cosine", "step", "multistep", "onecycle", "constant"]
+
+
+def param_groups(
+    model: nn.Module, weight_decay: float, head: nn.Module | None = None, head_lr: float | None = None,
+    backbone_lr: float | None = None,
+) -> list[dict]:
+    """Split trainable parameters into groups: no weight decay on norms and biases, optional per-part LR.
+
+    Decaying the scale and shift of normalisation layers (and biases) only fights the optimiser, so,
+    as in timm, every 1-d parameter is left out of weight decay (timm's ``param_groups_weight_decay``).
+
+    Args:
+        model: the network.
+        weight_decay: decay of the remaining (>= 2-d) weights.
+        head: the classifier module; needed only for a separate head/backbone LR.
+        head_lr: learning rate of the classifier parameters (``None``: optimiser default).
+        backbone_lr: learning rate of everything else (``None``: optimiser default).
+
+    Returns:
+        Parameter groups for ``torch.optim`` / timm's ``create_optimizer_v2``.
+    """
+    no_decay = set(getattr(model, "no_weight_decay", lambda: set())())
+    groups = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=no_decay)
+    if head is None or (head_lr is None and backbone_lr is None):
+        return [g for g in groups if g["params"]]
+    head_ids = {id(p) for p in head.parameters()}
+    split = []
+    for group in groups:
+        for is_head, lr in ((True, head_lr), (False, backbone_lr)):
+            params = [p for p in group["params"] if (id(p) in head_ids) == is_head]
+            if params:
+                split.append({**group, "params": params, **({"lr": lr} if lr is not None else {})})
+    return split
+
+
+def create_lr_scheduler(
+    optimizer: torch.optim.Optimizer,
+    name: SchedulerName,
+    total_steps: int,
+    steps_per_epoch: int,
+    warmup_epochs: float = 0.0,
+    warmup_start_factor: float = 0.01,
+    min_lr_ratio: float = 0.0,
+    decay_epochs: float = 30.0,
+    decay_rate: float = 0.1,
+    decay_milestones: Sequence[float] = (),
+) -> LRScheduler:
+    """Build a per-step LR schedule with an optional linear warm-up.
+
+    Args:
+        optimizer: the optimizer whose groups' ``lr`` is the peak learning rate.
+        name: ``cosine`` (to ``min_lr_ratio * lr``), ``step`` (x ``decay_rate`` every ``decay_epochs``;
+            the paper's ImageNet recipe), ``multistep`` (x ``decay_rate`` at each of ``decay_milestones``),
+            ``onecycle`` (PyTorch's OneCycleLR, whose first
+            ``warmup_epochs`` rise from ``lr / 25``) or ``constant``.
+        total_steps: optimizer steps of the whole run.
+        steps_per_epoch: optimizer steps per epoch, to turn epochs into steps.
+        warmup_epochs: length of the linear warm-up, in (possibly fractional) epochs.
+        warmup_start_factor: LR multiplier at the first warm-up step.
+        min_lr_ratio: final LR of ``cosine`` as a fraction of the peak LR.
+        decay_epochs: period of ``step`` decay.
+        decay_rate: multiplier of ``step`` and ``multistep`` decay.
+        decay_milestones: epochs at which ``multistep`` multiplies the LR by ``decay_rate``.
+
+    Returns:
+        A scheduler to be stepped after every optimizer step.
+    """
+    total_steps = max(int(total_steps), 1)
+    warmup = min(int(round(warmup_epochs * steps_per_epoch)), total_steps - 1)
+    if name == "onecycle":
+        max_lr = [g["lr"] for g in optimizer.param_groups]
+        pct_start = warmup / total_steps if warmup > 0 else 0.3
+        return OneCycleLR(optimizer, max_lr=max_lr, total_steps=total_steps, pct_start=pct_start)
+    if name == "cosine":
+        eta_min = [g["lr"] * min_lr_ratio for g in optimizer.param_groups]
+        main: LRScheduler = CosineAnnealingLR(optimizer, T_max=max(total_steps - warmup, 1), eta_min=eta_min[0])
+        if len(set(eta_min)) > 1:  # CosineAnnealingLR has one eta_min for all groups
+            main = _GroupCosine(optimizer, max(total_steps - warmup, 1), min_lr_ratio)
+    elif name == "step":
+        main = StepLR(optimizer, step_size=max(int(round(decay_epochs * steps_per_epoch)), 1), gamma=decay_rate)
+    elif name == "multistep":
+        milestones = sorted(max(int(round(m * steps_per_epoch)) - warmup, 1) for m in decay_milestones)
+        main = MultiStepLR(optimizer, milestones=milestones, gamma=decay_rate)
+    elif name == "constant":
+        main = ConstantLR(optimizer, factor=1.0, total_iters=0)
+    else:
+        raise ValueError(f"unknown scheduler {name!r}; choose cosine, step, multistep, onecycle or constant")
+    if warmup <= 0:
+        return main
+    ramp = LinearLR(optimizer, start_factor=warmup_start_factor, end_factor=1.0, total_iters=warmup)
+    return SequentialLR(optimizer, [ramp, main], milestones=[warmup])
+
+
+class _GroupCosine(LRScheduler):
+    """Cosine to ``min_lr_ratio`` of each group's own peak LR (groups with different LRs, e.g. fine-tuning)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, t_max: int, min_lr_ratio: float) -> None:
+        self.t_max, self.min_lr_ratio = t_max, min_lr_ratio
+        super().__init__(optimizer)
+
+    def get_lr(self) -> list[float]:
+        import math
+
+        t = min(self.last_epoch, self.t_max)
+        scale = self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t / self.t_max))
+        return [base * scale for base in self.base_lrs]
