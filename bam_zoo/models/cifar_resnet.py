@@ -156,7 +156,8 @@ def _create_cifar_resnet(variant: str, pretrained: bool = False, **kwargs) -> Ci
     if pretrained:
         kwargs["pretrained_cfg_overlay"] = pretrained_overlay(
             variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
-    return build_model_with_cfg(CifarResNet, variant, pretrained, **kwargs)
+    # stem + three stages: four feature levels, not timm's default five
+    return build_model_with_cfg(CifarResNet, variant, pretrained, feature_cfg=dict(out_indices=(0, 1, 2, 3)), **kwargs)
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:

@@ -35,7 +35,7 @@ BAM_PLACEMENT: Dict[str, BamPlacement] = {
     # timm ResNet / Wide ResNet / ResNeXt: stages at stride 4, 8, 16 (paper, Fig. 1).
     "resnet": BamPlacement(stages=("layer1", "layer2", "layer3")),
     # CIFAR-style ResNet (three stages at stride 1, 2, 4): after stages 1 and 2.
-    "cifar_resnet": BamPlacement(stages=("layer1", "layer2")),
+    "cifar_resnet": BamPlacement(stages=("layer1", "layer2"), feature_cfg=dict(out_indices=(0, 1, 2, 3))),
     # timm EfficientNet-family (MobileNetV2, EfficientNet): the stages ending at stride 4, 8, 16,
     # as for ResNet; ``blocks`` is nested, so features_only flattens it.
     "efficientnet": BamPlacement(
