@@ -412,6 +412,12 @@ def _endpoint() -> str:
     return constants.ENDPOINT
 
 
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return constants.is_offline_mode()
+
+
 def _cache_dir() -> str:
     from huggingface_hub import constants
 
@@ -457,7 +463,26 @@ def _translate(
     return None
 
 
-def _download(repo_id: str, filename: str, revision: str | None, *, name: str) -> str:
+def _hub_reachable(repo_id: str, filename: str, revision: str | None) -> bool:
+    """One HEAD request without retries: is the Hub there at all?
+
+    Why: when it is not, ``hf_hub_download`` retries with back-off for about 20 s before giving up;
+    with a mirrored copy at hand that wait buys nothing.
+    """
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, filename, revision=revision, endpoint=_endpoint()))
+    except HfHubHTTPError:
+        return True  # it answered; hf_hub_download turns the answer into the right error
+    except Exception as e:
+        return not (isinstance(e, (ConnectionError, TimeoutError))
+                    or type(e).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "httpcore2"))
+    return True
+
+
+def _download(repo_id: str, filename: str, revision: str | None, *, name: str, local_only: bool = False) -> str:
     """``hf_hub_download`` (cache, HF_ENDPOINT, HF_HUB_OFFLINE, revisions) with bam-zoo errors."""
     from huggingface_hub import hf_hub_download
 
@@ -465,7 +490,7 @@ def _download(repo_id: str, filename: str, revision: str | None, *, name: str) -
 
     try:
         return hf_hub_download(repo_id, filename, revision=revision, library_name="bam-zoo",
-                               library_version=__version__)
+                               library_version=__version__, local_files_only=local_only)
     except Exception as e:
         err = _translate(e, name=name, repo_id=repo_id, revision=revision, filename=filename)
         if err is None:
@@ -592,8 +617,11 @@ def resolve_pretrained_file(pretrained_cfg: Mapping[str, Any] | Any, *, variant:
     if cfg.get("hf_hub_id"):
         repo_id, id_revision = hf_split(cfg["hf_hub_id"])
         revision = cfg.get("hf_hub_revision") or cfg.get("revision") or meta.get("hf_hub_revision") or id_revision
+        # With a mirrored copy, probe once instead of waiting out the client's retries (then: cache, mirror).
+        local_only = (mirror_dir is not None and (mirror_dir / filename).is_file()
+                      and not _hub_offline() and not _hub_reachable(repo_id, filename, revision))
         try:
-            return _verified(_download(repo_id, filename, revision, name=name), sha256)
+            return _verified(_download(repo_id, filename, revision, name=name, local_only=local_only), sha256)
         except (HubOfflineError, RepoNotFoundError, PretrainedNotFoundError) as e:
             if mirror_dir is None:
                 raise

@@ -403,3 +403,111 @@ class _Handler(BaseHTTPRequestHandler):
             headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
             data, status = data[start:end + 1], 206
         self._send(status, data, headers, content_type="application/octet-stream")
+
+
+# ======================================================================================================
+# pytest fixtures: import them into a test module (``from hf_server import hub_env, hub_server``)
+# ======================================================================================================
+
+import os  # noqa: E402
+import socket  # noqa: E402
+import uuid  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+#: A token that may write to ``alice/*`` and ``bam-zoo/*``.
+WRITE_TOKEN = "hf_test_write_" + "x" * 20
+#: A valid token that may write only to ``bob/*``.
+OTHER_TOKEN = "hf_test_other_" + "y" * 20
+
+
+@pytest.fixture(scope="session")
+def hub_server():
+    """One server for the session; tests isolate themselves with unique repo names."""
+    with HubServer({WRITE_TOKEN: ["alice", "bam-zoo"], OTHER_TOKEN: ["bob"]}) as server:
+        yield server
+
+
+@dataclass
+class HubEnv:
+    """What a test needs to talk to the test Hub: its server, token, cache and mirror folders."""
+
+    server: HubServer
+    endpoint: str
+    token: str
+    home: Path
+    cache: Path
+    mirror: Path
+    monkeypatch: Any
+
+    def repo_id(self, org: str = "alice") -> str:
+        """A repo name no other test uses."""
+        return f"{org}/bam-test-{uuid.uuid4().hex[:10]}"
+
+    def set_endpoint(self, endpoint: str) -> None:
+        _patch_hf(self.monkeypatch, ENDPOINT=endpoint.rstrip("/"))
+
+    def unreachable(self) -> None:
+        """Point the client at a local port nothing listens on: connection refused, instantly."""
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.set_endpoint(f"http://127.0.0.1:{port}")
+
+    def offline(self, value: bool = True) -> None:
+        _patch_hf(self.monkeypatch, HF_HUB_OFFLINE=value)
+
+    def set_token(self, token: str | None) -> None:
+        if token is None:
+            self.monkeypatch.delenv("HF_TOKEN", raising=False)
+        else:
+            self.monkeypatch.setenv("HF_TOKEN", token)
+
+
+def _patch_hf(monkeypatch: Any, **values: Any) -> None:
+    """Set huggingface_hub's settings both as env vars (subprocesses) and as module constants.
+
+    Why both: ``huggingface_hub.constants`` reads ``HF_ENDPOINT``, ``HF_HOME``, ``HF_HUB_CACHE``,
+    ``HF_HUB_OFFLINE`` and ``HF_HUB_DISABLE_XET`` once, at import; in-process calls only see
+    changed constants. ``HUGGINGFACE_CO_URL_TEMPLATE`` is derived from the endpoint at import too
+    and is what ``hf_hub_download`` formats download URLs with.
+    """
+    from huggingface_hub import constants
+
+    env_names = {"ENDPOINT": "HF_ENDPOINT"}
+    for name, value in values.items():
+        env = env_names.get(name, name)
+        if isinstance(value, bool):
+            monkeypatch.setenv(env, "1" if value else "0")
+        else:
+            monkeypatch.setenv(env, str(value))
+        monkeypatch.setattr(constants, name, value)
+        if name == "ENDPOINT":
+            monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", value + "/{repo_id}/resolve/{revision}/{filename}")
+
+
+@pytest.fixture
+def hub_env(hub_server: HubServer, tmp_path: Path, monkeypatch: Any) -> HubEnv:
+    """Point ``huggingface_hub`` at the test server with a fresh, temporary cache and token.
+
+    Sets ``HF_ENDPOINT``, ``HF_TOKEN``, ``HF_HOME`` / ``HF_HUB_CACHE`` (under ``tmp_path``),
+    ``HF_HUB_DISABLE_XET=1`` (huggingface_hub 2.x uploads via Xet otherwise), ``HF_HUB_OFFLINE=0``,
+    and ``BAM_ZOO_CHECKPOINTS`` (an empty mirror), as env vars *and* as
+    ``huggingface_hub.constants`` values (see :func:`_patch_hf` for why both). The token file
+    (``HF_TOKEN_PATH``) is moved under ``tmp_path`` too, so a developer's real ``hf auth login``
+    token is never read or sent. Everything is restored by ``monkeypatch`` after the test.
+    """
+    home = tmp_path / "hf_home"
+    cache = home / "hub"
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    _patch_hf(monkeypatch, ENDPOINT=hub_server.url, HF_HOME=str(home), HF_HUB_CACHE=str(cache),
+              HF_HUB_OFFLINE=False, HF_HUB_DISABLE_XET=True, HF_TOKEN_PATH=str(home / "token"),
+              HF_STORED_TOKENS_PATH=str(home / "stored_tokens"))
+    monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.setenv("BAM_ZOO_CHECKPOINTS", str(mirror))
+    assert os.environ["HF_ENDPOINT"] == hub_server.url
+    return HubEnv(hub_server, hub_server.url, WRITE_TOKEN, home, cache, mirror, monkeypatch)
