@@ -610,3 +610,16 @@ def test_check_state_dict_allows_only_deliberate_adaptation():
     assert info.value.missing == ["fc.bias"] and info.value.unexpected == ["extra.weight"]
     assert [k for k, _, _ in info.value.mismatched] == ["layer1.0.conv1.weight"]
     assert isinstance(info.value, BamZooError)
+
+
+def test_push_prefers_the_ema_weights_the_module_exports(hub_env, lightning_ckpt, tmp_path):
+    """ImageClassifier validates and exports its EMA copy when it keeps one; push does the same."""
+    path, trained = lightning_ckpt
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ema = {k: (v + 1 if v.is_floating_point() else v) for k, v in trained.items()}
+    ckpt["state_dict"].update({f"model_ema.module.{k}": v for k, v in ema.items()})
+    with_ema = tmp_path / "ema.ckpt"
+    torch.save(ckpt, with_ema)
+    repo_id = hub_env.repo_id()
+    hub.push(with_ema, repo_id)
+    assert_same_weights(hub.create_model_from_hub(repo_id), ema)
