@@ -201,7 +201,7 @@ class HubAuthError(BamZooError, PermissionError):
 
         The Hugging Face Hub at https://huggingface.co rejected the request for
         'org/name': invalid or missing token. Set HF_TOKEN or run `hf auth login`
-        with a token that has write access to 'org'.
+        with a valid token (one with write access to 'org' to push).
 
     Attributes:
         repo_id: The repository the request was for.
@@ -217,7 +217,8 @@ class HubAuthError(BamZooError, PermissionError):
         where = f" at {endpoint}" if endpoint else ""
         super().__init__(
             f"The Hugging Face Hub{where} rejected the request for {repo_id!r}: {detail}. "
-            f"Set HF_TOKEN or run `hf auth login` with a token that has write access to {org!r}."
+            f"Set HF_TOKEN or run `hf auth login` with a valid token (one with write access to "
+            f"{org!r} to push)."
         )
 
 

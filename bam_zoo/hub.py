@@ -29,7 +29,6 @@ Reading:
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import hashlib
 import json
 import logging
@@ -38,8 +37,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1035,7 +1033,10 @@ def push(
             err = _translate(e, name=repo_id, repo_id=repo_id, revision=branch, filename=WEIGHTS_NAME)
             if isinstance(err, HubAuthError):
                 raise err from e
-            reason = str(err) if err is not None else _first_line(e)
+            if isinstance(err, HubOfflineError):
+                reason = f"the Hub at {_endpoint()} cannot be reached or HF_HUB_OFFLINE=1 ({_first_line(e)})"
+            else:
+                reason = str(err) if err is not None else _first_line(e)
             if rollback:
                 reason += f" ({rollback})"
             raise PushError(str(checkpoint), repo_id, branch, reason) from e

@@ -347,10 +347,18 @@ def test_push_without_token_says_how_to_log_in(hub_env, tmp_path):
 def test_push_to_a_namespace_the_token_cannot_write(hub_env, tmp_path):
     hub_env.set_token(OTHER_TOKEN)
     repo_id = hub_env.repo_id("alice")
-    with pytest.raises(HubAuthError, match="write access") as info:
+    with pytest.raises(HubAuthError, match="no write access to this namespace") as info:
         hub.push(export(fmnist_model(), tmp_path / "m"), repo_id)
     assert isinstance(info.value, PermissionError) and OTHER_TOKEN not in str(info.value)
     assert repo_id not in hub_env.server.repos
+
+
+def test_push_to_an_unreachable_hub(hub_env, tmp_path, capsys):
+    hub_env.unreachable()
+    rc, out, err = push_cli(["--checkpoint", str(export(fmnist_model(), tmp_path / "m")),
+                             "--repo-id", hub_env.repo_id()], capsys)
+    assert rc == 1 and out == ""
+    assert "cannot be reached" in err and "remote repository is unchanged" in err
 
 
 def test_push_refuses_unusable_local_checkpoints(hub_env, tmp_path, capsys):
