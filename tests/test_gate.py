@@ -151,3 +151,17 @@ def test_export_and_tracing_use_the_reference():
     assert seen[:2] == [True, True]
     scripted = torch.jit.script(bam_gate)
     torch.testing.assert_close(scripted(x, c, s, True), bam_gate_reference(x, c, s, True))
+
+
+@pytest.mark.parametrize("gate_layer", ["sigmoid", torch.nn.Sigmoid])
+def test_bam_block_takes_the_fused_gate(gate_layer):
+    """BAM's default gate (timm resolves "sigmoid" to its own class) runs the fused path: no full-size
+    sigmoid output or ``1 + sigmoid`` is kept for the backward."""
+    bam = BAM(16, gate_layer=gate_layer).train()
+    assert bam.fused_sigmoid
+    x = torch.randn(2, 16, 8, 8, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        bam(x)
+    assert [t for t in saved if t.shape == x.shape and t is not x] == []
+    assert not BAM(16, gate_layer="hard_sigmoid").fused_sigmoid

@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import get_act_layer, make_divisible
+from timm.layers.activations import Sigmoid as TimmSigmoid
 
 from .gate import bam_gate
 
@@ -40,6 +41,11 @@ LayerType = Union[str, Callable, Type[nn.Module]]
 __all__ = ["BAM", "ChannelAttn", "SpatialAttn", "SingleSampleSafeBatchNorm1d", "SingleSampleSafeBatchNorm2d"]
 
 FUSIONS = ("sum", "product")
+
+
+def _is_sigmoid(gate: object) -> bool:
+    """Whether ``gate`` is a logistic sigmoid, module or function (timm resolves ``"sigmoid"`` to its own class)."""
+    return isinstance(gate, (nn.Sigmoid, TimmSigmoid)) or gate in (torch.sigmoid, F.sigmoid)
 
 
 class _SingleSampleSafeBatchNorm:
@@ -186,7 +192,7 @@ class BAM(nn.Module):
         gate = get_act_layer(gate_layer)
         self.gate = gate() if isinstance(gate, type) else gate
         # The fused kernel hard-codes the sigmoid; any other gate takes the plain path.
-        self.fused_sigmoid = isinstance(self.gate, nn.Sigmoid)
+        self.fused_sigmoid = _is_sigmoid(self.gate)
         self.store_attention = False
         self.attention_map: Optional[torch.Tensor] = None
 
