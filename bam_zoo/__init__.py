@@ -60,7 +60,10 @@ def create_model(model_name: str, pretrained: bool = False, **kwargs: Any) -> nn
         UnknownModelError: ``model_name`` names no registered architecture (closest names suggested).
         UnknownPretrainedTagError: the architecture exists but has no such tag.
     """
-    if not model_name.startswith(("hf-hub:", "hf_hub:", "local-dir:")):
+    if model_name.startswith(("hf-hub:", "hf_hub:")):
+        from .hub import create_model_from_hub  # safetensors only, bam-zoo errors for every Hub failure
+        return create_model_from_hub(model_name, pretrained=pretrained, **kwargs)
+    if not model_name.startswith("local-dir:"):
         arch, tag = split_model_name_tag(model_name)
         if not is_model(arch):
             candidates = sorted(set(_OWN_MODELS) | set(timm.list_models()))

@@ -15,7 +15,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from .cifar_resnet import _cfg as _cifar_cfg
 from .placement import BAM_PLACEMENT, insert_bam
-from .pretrained import FASHION_MNIST_TAGS, pretrained_overlay
+from .pretrained import FASHION_MNIST_TAGS, prepare_pretrained
 
 __all__ = ["BAM_ARCHS"]
 
@@ -56,8 +56,7 @@ def _create_bam_model(variant: str, pretrained: bool = False, **kwargs) -> nn.Mo
     placement = BAM_PLACEMENT[family]
     feature_cfg = dict(placement.feature_cfg)
     if pretrained:
-        kwargs["pretrained_cfg_overlay"] = pretrained_overlay(
-            variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
+        prepare_pretrained(variant, kwargs)
     return build_model_with_cfg(
         lambda **kw: _build_with_bam(variant[len("bam_"):], family, **kw),
         variant,

@@ -14,7 +14,7 @@ from timm.layers import DropPath, create_classifier, get_act_layer
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock
 
-from .pretrained import FASHION_MNIST_TAGS, pretrained_overlay
+from .pretrained import FASHION_MNIST_TAGS, prepare_pretrained
 
 __all__ = ["CifarResNet"]
 
@@ -154,8 +154,7 @@ class CifarResNet(nn.Module):
 
 def _create_cifar_resnet(variant: str, pretrained: bool = False, **kwargs) -> CifarResNet:
     if pretrained:
-        kwargs["pretrained_cfg_overlay"] = pretrained_overlay(
-            variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
+        prepare_pretrained(variant, kwargs)
     # stem + three stages: four feature levels, not timm's default five
     return build_model_with_cfg(CifarResNet, variant, pretrained, feature_cfg=dict(out_indices=(0, 1, 2, 3)), **kwargs)
 

@@ -10,7 +10,7 @@ from typing import Any, Dict, Optional
 
 from timm.models import resolve_pretrained_cfg
 
-__all__ = ["FASHION_MNIST_TAGS", "WEIGHT_METADATA", "HF_HUB_ORG", "pretrained_overlay"]
+__all__ = ["FASHION_MNIST_TAGS", "WEIGHT_METADATA", "HF_HUB_ORG", "prepare_pretrained", "pretrained_overlay"]
 
 HF_HUB_ORG = "bam-zoo"
 FASHION_MNIST_MEAN = (0.2860,)
@@ -38,6 +38,20 @@ FASHION_MNIST_TAGS: Dict[str, Dict[str, Any]] = {}
 WEIGHT_METADATA: Dict[str, Dict[str, Any]] = {}
 
 
+def prepare_pretrained(variant: str, kwargs: Dict[str, Any]) -> None:
+    """Builder hook for ``pretrained=True``: fetch the weights, and load them strictly with a clear error.
+
+    ``check_state_dict`` lists missing, unexpected and misshaped keys (timm's deliberate head / ``in_chans``
+    adaptation aside). It is set here, not through ``create_model`` kwargs, which would end up in
+    ``model._model_args`` and break ``save_for_hf``.
+    """
+    from ..hub import check_state_dict
+
+    kwargs["pretrained_cfg_overlay"] = pretrained_overlay(
+        variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
+    kwargs.setdefault("pretrained_filter_fn", check_state_dict)
+
+
 def pretrained_overlay(
         variant: str,
         pretrained_cfg: Optional[Any] = None,
@@ -51,6 +65,8 @@ def pretrained_overlay(
     """
     from ..hub import resolve_pretrained_file  # the Hub boundary; imported only when weights are asked for
 
+    if (pretrained_cfg_overlay or {}).get("state_dict") is not None:  # in-memory weights: nothing to fetch
+        return dict(pretrained_cfg_overlay)
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=pretrained_cfg_overlay)
     path = resolve_pretrained_file(cfg.to_dict(), variant=variant)
     return {**(pretrained_cfg_overlay or {}), "file": str(path), "source": ""}
