@@ -198,14 +198,23 @@ class ImageClassifier(pl.LightningModule):
         return self.eval_model(x)
 
     def train(self, mode: bool = True) -> ImageClassifier:
-        """Keep a frozen backbone's norm layers in eval mode so their running statistics stay pretrained."""
+        """Switch modes, keeping a frozen backbone's norm layers in eval mode (pretrained statistics)."""
         super().train(mode)
-        if mode and self.hparams.freeze_backbone:
-            for module in self.model.modules():
-                params = list(module.parameters(recurse=False))
-                if isinstance(module, nn.modules.batchnorm._NormBase) and params and not params[0].requires_grad:
-                    module.eval()
+        if mode:
+            self._freeze_norm_statistics()
         return self
+
+    def on_train_epoch_start(self) -> None:
+        # Lightning restores each module's own mode around validation instead of calling train()
+        self._freeze_norm_statistics()
+
+    def _freeze_norm_statistics(self) -> None:
+        if not self.hparams.freeze_backbone:
+            return
+        for module in self.model.modules():
+            params = list(module.parameters(recurse=False))
+            if isinstance(module, nn.modules.batchnorm._NormBase) and params and not params[0].requires_grad:
+                module.eval()
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch

@@ -1,0 +1,160 @@
+"""DataModules: on-disk formats, splits, batch augmentation and the missing-data message."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+
+from bam_zoo.training.data import (
+    FASHION_MNIST_DEBIAN_DIR,
+    BatchAugment,
+    CIFAR10DataModule,
+    CIFAR100DataModule,
+    FashionMNISTDataModule,
+    ImageFolderDataModule,
+    MNISTDataModule,
+    read_idx,
+)
+from bam_zoo.training.errors import DatasetNotFoundError
+from test_training_utils import (
+    FASHION_MNIST_NAMES,
+    indexed_images,
+    write_cifar,
+    write_fashion_mnist,
+    write_idx,
+    write_imagefolder,
+)
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_read_idx_roundtrip(tmp_path: Path, compress: bool) -> None:
+    array = torch.randint(0, 256, (5, 7, 3), dtype=torch.uint8)
+    path = write_idx(tmp_path / "x-idx3-ubyte", array, compress=compress)
+    assert torch.equal(read_idx(path), array)
+
+
+@pytest.mark.parametrize("layout", ["flat", "torchvision"])
+def test_fashion_mnist_split_is_fixed_and_disjoint(tmp_path: Path, layout: str) -> None:
+    write_fashion_mnist(tmp_path, n_train=200, n_test=60, layout=layout, compress=layout == "flat")
+    dm = FashionMNISTDataModule(root=str(tmp_path), val_size=50, split_seed=3)
+    dm.setup()
+    train_ids = dm.train_set.images[:, 0, 0, 0].tolist()
+    val_ids = dm.val_set.images[:, 0, 0, 0].tolist()
+    assert len(train_ids) == 150 and len(val_ids) == 50 and len(dm.test_set) == 60
+    assert set(train_ids).isdisjoint(val_ids) and set(train_ids) | set(val_ids) == set(range(200))
+    # labels travel with their images (image i has label i % 10)
+    assert torch.equal(dm.train_set.labels, dm.train_set.images[:, 0, 0, 0].long() % 10)
+    again = FashionMNISTDataModule(root=str(tmp_path), val_size=50, split_seed=3)
+    again.setup()
+    assert again.val_set.images[:, 0, 0, 0].tolist() == val_ids
+    other = FashionMNISTDataModule(root=str(tmp_path), val_size=50, split_seed=4)
+    other.setup()
+    assert other.val_set.images[:, 0, 0, 0].tolist() != val_ids
+    assert (dm.num_classes, dm.in_chans, dm.input_size) == (10, 1, (1, 28, 28))
+
+
+def test_class_subset_and_limits(tmp_path: Path) -> None:
+    write_fashion_mnist(tmp_path, n_train=250, n_test=60)
+    dm = FashionMNISTDataModule(root=str(tmp_path), val_size=20, class_subset=[7, 2], limit_train=30, limit_test=5)
+    dm.setup()
+    assert dm.classes == ["Sneaker", "Pullover"] and dm.num_classes == 2
+    assert len(dm.train_set) == 30 and len(dm.val_set) == 20 and len(dm.test_set) == 5
+    original = dm.train_set.images[:, 0, 0, 0].long() % 10
+    assert torch.equal(dm.train_set.labels, (original == 2).long())  # 7 -> 0, 2 -> 1
+    assert set(original.tolist()) <= {7, 2}
+
+
+def test_missing_data_says_how_to_get_it(tmp_path: Path) -> None:
+    dm = FashionMNISTDataModule(root=str(tmp_path / "nowhere"))
+    with pytest.raises(DatasetNotFoundError) as info:
+        dm.setup()
+    message = str(info.value)
+    for hint in ("apt-get install dataset-fashion-mnist", "--data.root", "--data.download true", "nowhere"):
+        assert hint in message
+    assert isinstance(info.value, FileNotFoundError)
+    with pytest.raises(DatasetNotFoundError, match="CIFAR-10"):
+        CIFAR10DataModule(root=str(tmp_path)).setup()
+    with pytest.raises(DatasetNotFoundError, match="train/<class>"):
+        ImageFolderDataModule(root=str(tmp_path)).num_classes
+
+
+def test_prepare_data_does_not_download_present_files(tmp_path: Path) -> None:
+    write_fashion_mnist(tmp_path)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    FashionMNISTDataModule(root=str(tmp_path), download=True).prepare_data()  # offline: would fail if it tried
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.skipif(not Path(FASHION_MNIST_DEBIAN_DIR, FASHION_MNIST_NAMES[0] + ".gz").is_file(),
+                    reason="Debian package dataset-fashion-mnist not installed")
+def test_real_fashion_mnist_from_debian_package() -> None:
+    dm = FashionMNISTDataModule()
+    dm.setup()
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (55000, 5000, 10000)
+    assert dm.train_set.images.shape[1:] == (1, 28, 28) and dm.train_set.images.dtype == torch.uint8
+    assert torch.bincount(dm.test_set.labels).tolist() == [1000] * 10
+    pixels = torch.cat([dm.train_set.images, dm.val_set.images]).float() / 255
+    assert pixels.mean().item() == pytest.approx(0.2860, abs=5e-4)
+    assert pixels.std().item() == pytest.approx(0.3530, abs=5e-4)
+
+
+def test_mnist_torchvision_layout(tmp_path: Path) -> None:
+    raw = tmp_path / "MNIST" / "raw"
+    x, y = indexed_images(30)[:, 0], torch.arange(30) % 10
+    for name, array in zip(FASHION_MNIST_NAMES, [x, y, x[:10], y[:10]]):
+        write_idx(raw / name, array, compress=False)
+    dm = MNISTDataModule(root=str(tmp_path), val_size=10)
+    dm.setup()
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (20, 10, 10)
+    assert dm.train_augment.hflip == 0.0  # digits are not flipped
+
+
+@pytest.mark.parametrize("dm_cls,classes", [(CIFAR10DataModule, 10), (CIFAR100DataModule, 100)])
+def test_cifar_pickle_format(tmp_path: Path, dm_cls: type, classes: int) -> None:
+    write_cifar(tmp_path, classes=classes, n_train=100, n_test=40)
+    dm = dm_cls(root=str(tmp_path), val_size=20)
+    dm.setup()
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (80, 20, 40)
+    assert dm.train_set.images.shape[1:] == (3, 32, 32)
+    assert (dm.train_set.images[:, 0] == 200).all() and not (dm.train_set.images[:, 1] == 200).all()
+    assert dm.num_classes == len(dm.classes) == classes and dm.in_chans == 3
+    assert int(dm.test_set.labels.max()) < classes
+
+
+def test_imagefolder(tmp_path: Path) -> None:
+    write_imagefolder(tmp_path, classes=("b", "a", "c"), per_class=3)
+    dm = ImageFolderDataModule(root=str(tmp_path), img_size=32, batch_size=2, num_workers=0)
+    assert dm.classes == ["a", "b", "c"] and dm.num_classes == 3 and dm.input_size == (3, 32, 32)
+    dm.setup()
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (2, 3, 32, 32) and x.dtype == torch.float32
+    xv, _ = next(iter(dm.val_dataloader()))
+    assert xv.shape == (2, 3, 32, 32)
+    assert len(dm.train_dataloader()) == 4  # 9 images, batch 2, drop_last
+
+
+def test_batch_augment_eval_only_normalises() -> None:
+    x = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
+    out = BatchAugment((0.2860,), (0.3530,))(x)
+    assert torch.allclose(out, (x.float() / 255 - 0.2860) / 0.3530)
+
+
+def test_batch_augment_is_a_padded_crop_and_flip_of_each_image() -> None:
+    torch.manual_seed(0)
+    n, p = 16, 4
+    x = torch.randint(1, 256, (n, 2, 12, 12), dtype=torch.uint8)
+    aug = BatchAugment((0.0, 0.0), (1.0, 1.0), padding=p, hflip=0.5)
+    out = aug(x) * 255
+    padded = torch.nn.functional.pad(x.float(), (p, p, p, p))
+    shifts, flips = set(), []
+    for i in range(n):
+        matches = [(dy, dx, f) for dy, dx in itertools.product(range(2 * p + 1), repeat=2) for f in (False, True)
+                   if torch.allclose((lambda c: c.flip(2) if f else c)(padded[i, :, dy:dy + 12, dx:dx + 12]),
+                                     out[i], atol=1e-3)]
+        assert matches, f"image {i} is not a crop/flip of its input"
+        shifts.add(matches[0][:2])
+        flips.append(matches[0][2])
+    assert len(shifts) > 1 and any(flips) and not all(flips)  # really random per image

@@ -1,0 +1,240 @@
+"""ImageClassifier, optimizer/schedule helpers, the CLI's outputs, and its refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+import bam_zoo
+from bam_zoo.cli import main
+from bam_zoo.training import FashionMNISTDataModule, ImageClassifier, NonFiniteLossError
+from bam_zoo.training.cli import cli_main, sync_batchnorm_problem
+from bam_zoo.training.optim import create_lr_scheduler, param_groups
+from test_training_utils import REPO, NaNDataModule, checkpoint, write_fashion_mnist
+
+CONFIG = str(REPO / "configs" / "fashion_mnist" / "bam_resnet20.yaml")
+
+
+@pytest.fixture(scope="module")
+def fmnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_fashion_mnist(tmp_path_factory.mktemp("fmnist"), n_train=96, n_test=40)
+
+
+def tiny_args(root: Path, data_root: Path, *extra: str, config: str = CONFIG) -> list[str]:
+    return ["fit", "--config", config, "--data.root", str(data_root), "--data.val_size", "32",
+            "--data.batch_size", "16", "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(root),
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", *extra]
+
+
+# --- optimizer groups and schedules -------------------------------------------------------------------------
+
+def test_no_weight_decay_on_norms_and_biases_bam_included() -> None:
+    model = bam_zoo.create_model("bam_resnet20", num_classes=10, in_chans=1)
+    groups = param_groups(model, weight_decay=5e-4)
+    by_id = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    assert len(by_id) == sum(1 for _ in model.parameters())
+    bn1d = next(m for m in model.modules() if isinstance(m, nn.BatchNorm1d))
+    assert by_id[id(bn1d.weight)] == 0.0 and by_id[id(bn1d.bias)] == 0.0
+    for name, p in model.named_parameters():
+        assert by_id[id(p)] == (0.0 if p.ndim <= 1 else 5e-4), name
+
+
+def test_separate_backbone_lr() -> None:
+    model = bam_zoo.create_model("resnet20", num_classes=5, in_chans=3)
+    groups = param_groups(model, 1e-4, head=model.get_classifier(), head_lr=0.1, backbone_lr=0.01)
+    head = {id(p) for p in model.get_classifier().parameters()}
+    for g in groups:
+        assert {id(p) in head for p in g["params"]} == {g["lr"] == 0.1}
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def lrs(name: str, steps: int = 100, per_epoch: int = 10, **kwargs: float) -> list[float]:
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1, momentum=0.9)
+    sched = create_lr_scheduler(opt, name, total_steps=steps, steps_per_epoch=per_epoch, **kwargs)
+    out = []
+    for _ in range(steps):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_warmup_then_cosine() -> None:
+    lr = lrs("cosine", warmup_epochs=1, warmup_start_factor=0.01)
+    assert lr[0] == pytest.approx(0.001) and lr[10] == pytest.approx(0.1)
+    assert all(a < b for a, b in zip(lr[:10], lr[1:11]))  # linear ramp up
+    assert all(a >= b for a, b in zip(lr[10:], lr[11:]))  # then monotone decay
+    assert lr[55] == pytest.approx(0.05, abs=2e-3) and lr[-1] < 1e-3
+
+
+def test_step_and_multistep_and_onecycle() -> None:
+    step = lrs("step", decay_epochs=3, decay_rate=0.1)
+    assert step[29] == pytest.approx(0.1) and step[30] == pytest.approx(0.01) and step[60] == pytest.approx(1e-3)
+    multi = lrs("multistep", decay_milestones=[2, 7], decay_rate=0.1)
+    assert multi[19] == pytest.approx(0.1) and multi[20] == pytest.approx(0.01) and multi[70] == pytest.approx(1e-3)
+    one = lrs("onecycle", warmup_epochs=2)
+    assert max(one) == pytest.approx(0.1) and one.index(max(one)) in (19, 20) and one[0] < 0.01 and one[-1] < 1e-3
+    assert set(lrs("constant")) == {0.1}
+
+
+# --- the LightningModule ----------------------------------------------------------------------------------
+
+def test_module_options_mixup_ema_channels_last_adamw(fmnist: Path, tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    dm = FashionMNISTDataModule(root=str(fmnist), val_size=32, batch_size=16)
+    model = ImageClassifier("bam_resnet20", num_classes=10, in_chans=1, mixup_alpha=0.8, cutmix_alpha=1.0,
+                            ema_decay=0.5, channels_last=True, optimizer="adamw", lr=1e-3, weight_decay=0.05,
+                            scheduler="onecycle", label_smoothing=0.1)
+    start = {k: v.clone() for k, v in model.model.state_dict().items()}
+    trainer = pl.Trainer(max_epochs=1, default_root_dir=tmp_path, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, gradient_clip_val=1.0)
+    trainer.fit(model, datamodule=dm)
+    assert type(trainer.optimizers[0]).__name__ == "AdamW"
+    assert model.model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    trained, ema = model.model.conv1.weight, model.model_ema.module.conv1.weight
+    assert not torch.equal(ema, start["conv1.weight"]) and not torch.equal(ema, trained)
+    assert model.eval_model is model.model_ema.module
+    assert 0.0 <= float(trainer.callback_metrics["val/acc1"]) <= 1.0
+
+
+def test_frozen_backbone_trains_only_the_head(fmnist: Path, tmp_path: Path) -> None:
+    dm = FashionMNISTDataModule(root=str(fmnist), val_size=32, batch_size=16)
+    model = ImageClassifier("bam_resnet20", num_classes=10, in_chans=1, freeze_backbone=True, lr=0.1)
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               default_root_dir=tmp_path).fit(model, datamodule=dm)
+    after = model.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("fc.") for k in changed), changed  # BN running stats frozen too
+
+
+def test_nan_loss_raises(tmp_path: Path) -> None:
+    model = ImageClassifier("resnet20", num_classes=3, in_chans=1)
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         default_root_dir=tmp_path, num_sanity_val_steps=0)
+    with pytest.raises(NonFiniteLossError, match="Training loss is nan at epoch 0, step 0"):
+        trainer.fit(model, datamodule=NaNDataModule())
+
+
+# --- the CLI: outputs ---------------------------------------------------------------------------------------
+
+def test_fit_writes_checkpoints_logs_and_export(fmnist: Path, tmp_path: Path) -> None:
+    cli = cli_main(tiny_args(tmp_path, fmnist, "--trainer.max_epochs", "2"))
+    ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert "last.ckpt" in ckpts and any(n.startswith("best-") for n in ckpts)
+    assert list((tmp_path / "csv").glob("version_*/metrics.csv"))
+    assert list((tmp_path / "tensorboard").glob("version_*/events.out.tfevents.*"))
+
+    # checkpoint hyperparameters rebuild the network without the LightningModule
+    ckpt = checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    hp = ckpt["hyper_parameters"]
+    assert (hp["model_name"], hp["num_classes"], hp["in_chans"]) == ("bam_resnet20", 10, 1)
+    assert hp["label_names"][0] == "T-shirt/top" and hp["model_kwargs"] is None
+    net = bam_zoo.create_model(hp["model_name"], num_classes=hp["num_classes"], in_chans=hp["in_chans"])
+    net.load_state_dict({k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")})
+    restored = ImageClassifier.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    x = torch.randn(3, 1, 28, 28)
+    assert torch.allclose(net.eval()(x), restored.eval()(x))
+
+    # export: Hub layout + metrics.json consistent with itself and with the logged test metrics
+    export = tmp_path / "export"
+    assert {"config.json", "model.safetensors", "README.md", "metrics.json"} <= {p.name for p in export.iterdir()}
+    record = json.loads((export / "metrics.json").read_text())
+    cm = torch.tensor(record["confusion_matrix"])
+    assert cm.shape == (10, 10) and int(cm.sum()) == 40
+    assert record["test"]["acc1"] == pytest.approx(float(cm.trace() / cm.sum()), abs=1e-6)
+    assert record["test"]["acc1"] == pytest.approx(float(cli.trainer.callback_metrics["test/acc1"]))
+    per_class = torch.tensor(list(record["per_class_acc1"].values()))
+    assert torch.allclose(per_class, (cm.diag() / cm.sum(1)).float().nan_to_num(0.0), atol=1e-6)
+    assert record["train_wall_time_s"] > 0 and record["epochs"] == 2 and record["world_size"] == 1
+    assert record["best_checkpoint"].startswith(str(tmp_path / "checkpoints" / "best-"))
+    assert record["recipe"]["model"]["model_name"] == "bam_resnet20"
+    config = json.loads((export / "config.json").read_text())
+    assert config["architecture"] == "bam_resnet20" and config["num_classes"] == 10
+    assert config["pretrained_cfg"]["mean"] == [0.286] and config["pretrained_cfg"]["input_size"] == [1, 28, 28]
+    assert config["label_names"][9] == "Ankle boot"
+
+    # the exported weights are the tested (best) ones and load through timm's local-dir source
+    best = ImageClassifier.load_from_checkpoint(record["best_checkpoint"])
+    loaded = bam_zoo.create_model(f"local-dir:{export}", pretrained=True)
+    assert torch.allclose(loaded.eval()(x), best.eval()(x), atol=1e-6)
+
+
+def test_same_seed_same_weights(fmnist: Path, tmp_path: Path) -> None:
+    def weights(run: str, seed: str) -> dict[str, torch.Tensor]:
+        cli_main(tiny_args(tmp_path / run, fmnist, "--seed_everything", seed, "--test_after_fit", "false",
+                           "--model.model_name", "resnet20"))
+        return checkpoint(tmp_path / run / "checkpoints" / "last.ckpt")["state_dict"]
+
+    a, b, c = weights("a", "7"), weights("b", "7"), weights("c", "8")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+# --- the CLI: refusals and dispatch ---------------------------------------------------------------------
+
+def test_nan_loss_message_without_traceback(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--data", "test_training_utils.NaNDataModule", "--model.model_name", "resnet20",
+                          "--trainer.default_root_dir", str(tmp_path), "--trainer.max_epochs", "1",
+                          "--trainer.num_sanity_val_steps", "0", "--trainer.enable_progress_bar", "false"])
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert "bam-zoo: error: Training loss is nan" in err and "--trainer.gradient_clip_val" in err
+    assert "Traceback" not in err
+
+
+def test_sync_batchnorm_on_cpu_is_refused_clearly(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", CONFIG, "--trainer.accelerator", "cpu", "--trainer.sync_batchnorm",
+                          "true", "--trainer.devices", "2", "--trainer.strategy", "ddp"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "sync_batchnorm true needs GPUs" in err and "Traceback" not in err
+    assert sync_batchnorm_problem(True, "gpu") is None and sync_batchnorm_problem(False, "cpu") is None
+
+
+def test_sync_batchnorm_conversion_covers_bam_batchnorm1d() -> None:
+    from pytorch_lightning.plugins.layer_sync import TorchSyncBatchNorm
+
+    model = bam_zoo.create_model("bam_resnet20", num_classes=10, in_chans=1)
+    n_bn = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    n_bn1d = sum(isinstance(m, nn.BatchNorm1d) for m in model.modules())
+    assert n_bn1d >= 2
+    module = ImageClassifier("bam_resnet20", num_classes=10, in_chans=1)
+    converted = TorchSyncBatchNorm().apply(module)  # what Lightning does for --trainer.sync_batchnorm true
+    kinds = [type(m) for m in converted.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert kinds == [nn.SyncBatchNorm] * n_bn
+    bam_bn = converted.model.layer1.bam.channel_attn.bn
+    assert isinstance(bam_bn, nn.SyncBatchNorm) and bam_bn.num_features == model.layer1.bam.channel_attn.bn.num_features
+
+
+def test_remote_checkpoint_is_refused(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", CONFIG, "--ckpt_path", "https://example.com/evil.ckpt"])
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert "only read from local paths" in err and "Traceback" not in err
+
+
+def test_push_is_dispatched_to_the_hub(monkeypatch: pytest.MonkeyPatch) -> None:
+    import bam_zoo.hub
+
+    calls = []
+    monkeypatch.setattr(bam_zoo.hub, "push_main", lambda argv: calls.append(argv) or 3, raising=False)
+    with pytest.raises(SystemExit) as info:
+        main(["push", "--checkpoint", "x.ckpt", "--repo-id", "org/name"])
+    assert info.value.code == 3 and calls == [["--checkpoint", "x.ckpt", "--repo-id", "org/name"]]
+
+
+def test_console_script_help_lists_subcommands(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert all(cmd in out for cmd in ("fit", "validate", "test", "predict", "push"))
