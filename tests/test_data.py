@@ -19,6 +19,7 @@ from bam_zoo.training.data import (
     read_idx,
 )
 from bam_zoo.training.errors import DatasetNotFoundError
+from test_training_utils import one_torch_thread  # noqa: F401  (autouse)
 from test_training_utils import (
     FASHION_MNIST_NAMES,
     indexed_images,

@@ -15,6 +15,7 @@ from bam_zoo.cli import main
 from bam_zoo.training import FashionMNISTDataModule, ImageClassifier, NonFiniteLossError
 from bam_zoo.training.cli import cli_main, sync_batchnorm_problem
 from bam_zoo.training.optim import create_lr_scheduler, param_groups
+from test_training_utils import one_torch_thread  # noqa: F401  (autouse)
 from test_training_utils import REPO, NaNDataModule, checkpoint, write_fashion_mnist
 
 CONFIG = str(REPO / "configs" / "fashion_mnist" / "bam_resnet20.yaml")
@@ -132,6 +133,7 @@ def test_fit_writes_checkpoints_logs_and_export(fmnist: Path, tmp_path: Path) ->
 
     # checkpoint hyperparameters rebuild the network without the LightningModule
     ckpt = checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert (ckpt["epoch"], ckpt["global_step"]) == (1, 8)  # written after every epoch, improved or not
     hp = ckpt["hyper_parameters"]
     assert (hp["model_name"], hp["num_classes"], hp["in_chans"]) == ("bam_resnet20", 10, 1)
     assert hp["label_names"][0] == "T-shirt/top" and hp["model_kwargs"] is None

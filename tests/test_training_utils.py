@@ -13,6 +13,7 @@ import pickle
 from pathlib import Path
 from typing import Any
 
+import pytest
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -21,6 +22,19 @@ REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 FASHION_MNIST_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                        "t10k-labels-idx1-ubyte")
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Run each test with one intra-op thread (import this fixture into a test module to enable it).
+
+    On a small shared machine two OpenMP threads per process thrash at every barrier once other
+    processes compete for the cores: tiny-batch steps became ~100x slower than with one thread.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def write_idx(path: Path, array: torch.Tensor, compress: bool = True) -> Path:

@@ -4,7 +4,8 @@ What it adds to LightningCLI, and why:
 
 * ``data.num_classes``, ``data.in_chans`` and ``data.classes`` are linked into the model, so one
   config key (the data) decides the classifier size, the stem and the label names.
-* A ``ModelCheckpoint`` (``--checkpoint.*``: best by ``val/acc1`` + ``last``), a ``LearningRateMonitor``
+* ``ModelCheckpoint``s for the best epoch by ``val/acc1`` (``--checkpoint.*``) and ``last.ckpt`` after
+  every epoch (``--last_checkpoint.*``), a ``LearningRateMonitor``
   and :class:`~bam_zoo.training.callbacks.HubExport` (``--export.*``) are always present.
   Checkpoints default to ``<trainer.default_root_dir>/checkpoints`` (a fixed folder, so
   ``--ckpt_path last`` finds the previous run's ``last.ckpt``) and logs to CSV + TensorBoard under
@@ -69,8 +70,16 @@ class BamZooCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({
-            "checkpoint.monitor": "val/acc1", "checkpoint.mode": "max", "checkpoint.save_last": True,
+            "checkpoint.monitor": "val/acc1", "checkpoint.mode": "max", "checkpoint.save_last": False,
             "checkpoint.filename": "best-{epoch:03d}", "checkpoint.auto_insert_metric_name": False,
+        })
+        # A separate, unmonitored callback writes last.ckpt every epoch: Lightning 2.6's save_last only
+        # saves when the monitored checkpoint was saved too, which would leave last.ckpt stale after
+        # epochs that did not improve val/acc1, and --ckpt_path last would redo them.
+        parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
+        parser.set_defaults({
+            "last_checkpoint.filename": "last", "last_checkpoint.monitor": None, "last_checkpoint.save_top_k": 1,
+            "last_checkpoint.enable_version_counter": False,
         })
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.add_lightning_class_args(HubExport, "export")
@@ -91,8 +100,9 @@ class BamZooCLI(LightningCLI):
         if problem:
             parser.error(problem)
         root = Path(trainer.get("default_root_dir") or ".")
-        if config.get("checkpoint") is not None and config.checkpoint.get("dirpath") is None:
-            config.checkpoint.dirpath = str(root / "checkpoints")
+        for key in ("checkpoint", "last_checkpoint"):
+            if config.get(key) is not None and config[key].get("dirpath") is None:
+                config[key].dirpath = str(root / "checkpoints")
         if config.get("export") is not None and config.export.get("dirpath") is None:
             config.export.dirpath = str(root / "export")
 

@@ -1,0 +1,66 @@
+"""A training process killed mid-run resumes with ``--ckpt_path last`` at the right epoch, step and state."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bam_zoo.training.cli import cli_main
+from test_training_utils import one_torch_thread  # noqa: F401  (autouse)
+from test_training_utils import REPO, TESTS, checkpoint, write_fashion_mnist
+
+CONFIG = str(REPO / "configs" / "fashion_mnist" / "resnet20.yaml")
+STEPS_PER_EPOCH, EPOCHS = 8, 4  # 128 training images, batch 16
+
+
+def common(data: Path, run: Path) -> list[str]:
+    return ["fit", "--config", CONFIG, "--data.root", str(data), "--data.val_size", "32", "--data.batch_size", "16",
+            "--trainer.max_epochs", str(EPOCHS), "--trainer.default_root_dir", str(run), "--test_after_fit", "false",
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+def test_killed_run_resumes_from_last(tmp_path: Path) -> None:
+    data = write_fashion_mnist(tmp_path / "data", n_train=160, n_test=20)
+    run = tmp_path / "run"
+    last = run / "checkpoints" / "last.ckpt"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "cli.py", *common(data, run)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 400
+        while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)  # a crash: no chance to save anything more
+    finally:
+        proc.kill()
+        _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before it could be killed:\n{stderr[-3000:]}"
+    saved = checkpoint(last)
+    assert saved["epoch"] < EPOCHS - 1 and saved["global_step"] == (saved["epoch"] + 1) * STEPS_PER_EPOCH
+
+    probe = tmp_path / "resume.pt"
+    cli_main([*common(data, run), "--ckpt_path", "last", "--trainer.callbacks+=test_training_utils.ResumeRecorder",
+              "--trainer.callbacks.out_file", str(probe)])
+    start = torch.load(probe, weights_only=True)
+    assert start["epoch"] == saved["epoch"] + 1 and start["global_step"] == saved["global_step"]
+    opt_saved, opt_start = saved["optimizer_states"][0], start["optimizer"]
+    assert opt_saved["param_groups"] == opt_start["param_groups"]
+    assert opt_saved["state"].keys() == opt_start["state"].keys()
+    assert all(torch.equal(opt_saved["state"][k]["momentum_buffer"], opt_start["state"][k]["momentum_buffer"])
+               for k in opt_saved["state"])
+    assert saved["lr_schedulers"][0] == start["scheduler"]
+    assert start["lr"] == saved["lr_schedulers"][0]["_last_lr"][0]
+
+    end = torch.load(tmp_path / "resume_end.pt", weights_only=True)
+    assert end["global_step"] == EPOCHS * STEPS_PER_EPOCH == end["scheduler_last_epoch"]
+    assert checkpoint(last)["global_step"] == EPOCHS * STEPS_PER_EPOCH
+    # wall time up to the killed run's last checkpoint is carried into the total
+    before = saved["callbacks"]["HubExport"]["fit_seconds"]
+    assert checkpoint(last)["callbacks"]["HubExport"]["fit_seconds"] > before > 0
