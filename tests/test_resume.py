@@ -9,12 +9,11 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 
 from bam_zoo.training.cli import cli_main
 from test_training_utils import one_torch_thread  # noqa: F401  (autouse)
-from test_training_utils import REPO, TESTS, checkpoint, write_fashion_mnist
+from test_training_utils import REPO, checkpoint, write_fashion_mnist
 
 CONFIG = str(REPO / "configs" / "fashion_mnist" / "resnet20.yaml")
 STEPS_PER_EPOCH, EPOCHS = 8, 4  # 128 training images, batch 16
@@ -46,8 +45,9 @@ def test_killed_run_resumes_from_last(tmp_path: Path) -> None:
     assert saved["epoch"] < EPOCHS - 1 and saved["global_step"] == (saved["epoch"] + 1) * STEPS_PER_EPOCH
 
     probe = tmp_path / "resume.pt"
-    cli_main([*common(data, run), "--ckpt_path", "last", "--trainer.callbacks+=test_training_utils.ResumeRecorder",
-              "--trainer.callbacks.out_file", str(probe)])
+    cli = cli_main([*common(data, run), "--ckpt_path", "last",
+                    "--trainer.callbacks+=test_training_utils.ResumeRecorder", "--trainer.callbacks.out_file", str(probe)])
+    assert cli.config_init["fit"]["weights_only"] is True  # resumed through the restricted unpickler
     start = torch.load(probe, weights_only=True)
     assert start["epoch"] == saved["epoch"] + 1 and start["global_step"] == saved["global_step"]
     opt_saved, opt_start = saved["optimizer_states"][0], start["optimizer"]

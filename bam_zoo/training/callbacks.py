@@ -98,7 +98,8 @@ class HubExport(pl.Callback):
             "model_name": pl_module.hparams.model_name,
             "model_args": pl_module.model_args,
             "dataset": getattr(trainer.datamodule, "name", None),
-            "test": {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("test/") and "acc_class" not in k},
+            "test": {k.split("/", 1)[1]: v for k, v in metrics.items()
+                     if k.startswith("test/") and "acc_class" not in k},
             "per_class_acc1": pl_module.test_report.get("per_class_acc1", {}),
             "confusion_matrix": pl_module.test_report.get("confusion_matrix", []),
             "best_val_acc1": float(best_score) if best_score is not None else None,

@@ -12,7 +12,8 @@ What it adds to LightningCLI, and why:
   ``<trainer.default_root_dir>``.
 * After ``fit`` the best checkpoint is tested (``--test_after_fit``), which triggers the export.
 * ``--trainer.sync_batchnorm true`` without GPUs and remote ``--ckpt_path`` URLs are refused with
-  a one-line explanation instead of a stack trace deep inside PyTorch.
+  a one-line explanation instead of a stack trace deep inside PyTorch; local checkpoints are read with
+  ``--weights_only true`` (PyTorch's restricted unpickler) unless the user says otherwise.
 """
 
 from __future__ import annotations
@@ -95,6 +96,8 @@ class BamZooCLI(LightningCLI):
         ckpt_path = config.get("ckpt_path")
         if ckpt_path and str(ckpt_path) not in _SPECIAL_CKPT and "://" in str(ckpt_path):
             raise UnsafeCheckpointError(str(ckpt_path))
+        if "weights_only" in config and config.weights_only is None:
+            config.weights_only = True  # unpickle checkpoints with torch's restricted loader unless told otherwise
         trainer = config.get("trainer") or {}
         problem = sync_batchnorm_problem(trainer.get("sync_batchnorm", False), trainer.get("accelerator", "auto"))
         if problem:

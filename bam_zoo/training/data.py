@@ -535,7 +535,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
         for split in ("train", "val", "test"):
             if split not in self.datasets:
-                self.datasets[split] = ImageFolder(str(self._split_dir(split)), transform=self._transform(split == "train"))
+                transform = self._transform(training=split == "train")
+                self.datasets[split] = ImageFolder(str(self._split_dir(split)), transform=transform)
 
     def _loader(self, split: str, batch_size: int) -> DataLoader:
         train = split == "train"

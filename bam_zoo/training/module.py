@@ -155,7 +155,8 @@ class ImageClassifier(pl.LightningModule):
         self.mixup = Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=mixup_prob,
                            switch_prob=mixup_switch_prob, label_smoothing=label_smoothing,
                            num_classes=num_classes) if mixing else None
-        self.train_criterion = SoftTargetCrossEntropy() if mixing else nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.train_criterion = (SoftTargetCrossEntropy() if mixing
+                                else nn.CrossEntropyLoss(label_smoothing=label_smoothing))
         self.eval_criterion = nn.CrossEntropyLoss()
 
         def accuracy(prefix: str) -> MetricCollection:
@@ -181,7 +182,9 @@ class ImageClassifier(pl.LightningModule):
         return self.model_ema.module if self.model_ema is not None else self.model
 
     @classmethod
-    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> ImageClassifier:  # type: ignore[override]
+    def load_from_checkpoint(  # type: ignore[override]
+        cls, checkpoint_path: Any, *args: Any, **kwargs: Any
+    ) -> ImageClassifier:
         """Rebuild from a local Lightning checkpoint without fetching the original pretrained weights again."""
         kwargs.setdefault("pretrained", False)
         kwargs.setdefault("pretrained_file", None)
@@ -235,7 +238,9 @@ class ImageClassifier(pl.LightningModule):
         if self.model_ema is not None:
             self.model_ema.update(self.model, step=self.global_step)
 
-    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, metrics: MetricCollection) -> torch.Tensor:
+    def _evaluate(
+        self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, metrics: MetricCollection
+    ) -> torch.Tensor:
         x, y = batch
         logits = self._eval_forward(x)
         loss = self.eval_criterion(logits, y)
@@ -273,8 +278,11 @@ class ImageClassifier(pl.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         scaled = hp.backbone_lr_scale != 1.0 and not hp.freeze_backbone
-        groups = param_groups(self.model, hp.weight_decay, head=self.model.get_classifier() if scaled else None,
-                              head_lr=hp.lr if scaled else None, backbone_lr=hp.lr * hp.backbone_lr_scale if scaled else None)
+        if scaled:
+            groups = param_groups(self.model, hp.weight_decay, head=self.model.get_classifier(), head_lr=hp.lr,
+                                  backbone_lr=hp.lr * hp.backbone_lr_scale)
+        else:
+            groups = param_groups(self.model, hp.weight_decay)
         optimizer = create_optimizer_v2(groups, opt=hp.optimizer, lr=hp.lr, weight_decay=hp.weight_decay,
                                         momentum=hp.momentum, **(hp.opt_kwargs or {}))
         total_steps = self.trainer.estimated_stepping_batches
