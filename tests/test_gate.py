@@ -165,3 +165,28 @@ def test_bam_block_takes_the_fused_gate(gate_layer):
         bam(x)
     assert [t for t in saved if t.shape == x.shape and t is not x] == []
     assert not BAM(16, gate_layer="hard_sigmoid").fused_sigmoid
+
+
+@pytest.mark.parametrize("in_ch,out_ch,kernel,bias", [
+    (1, 1, 1, True), (1, 1, 1, False), (16, 1, 1, True), (32, 2, 1, False), (16, 8, 1, False),
+    (1, 1, 3, False), (1, 1, 3, True), (2, 2, 3, False),
+])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_few_channel_convs_match_conv2d(in_ch, out_ch, kernel, bias, channels_last):
+    """The spatial branch's rewrites of one/two-channel convolutions give conv2d's outputs and gradients."""
+    from bam_zoo.layers.bam import _few_channel_conv
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(in_ch, out_ch, kernel, padding=(kernel // 2) * 4, dilation=4 if kernel > 1 else 1,
+                           bias=bias).double()
+    x = torch.randn(3, in_ch, 6, 5, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    y, y_ref = _few_channel_conv(conv, x), conv(x)
+    torch.testing.assert_close(y, y_ref)
+    dy = torch.randn_like(y_ref)
+    got = torch.autograd.grad(y, [x] + list(conv.parameters()), dy)
+    want = torch.autograd.grad(y_ref, [x] + list(conv.parameters()), dy)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from timm.layers import get_act_layer, make_divisible
 from timm.layers.activations import Sigmoid as TimmSigmoid
 
-from .gate import bam_gate
+from .gate import bam_gate, use_reference_gate
 
 LayerType = Union[str, Callable, Type[nn.Module]]
 
@@ -133,7 +133,57 @@ class SpatialAttn(nn.Module):
         self.body = nn.Sequential(layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
+        if torch.jit.is_scripting():
+            return self.body(x)
+        if use_reference_gate():  # traced / compiled / exported: standard convolutions only
+            return self.body(x)
+        return self._forward_eager(x)
+
+    @torch.jit.unused
+    def _forward_eager(self, x: torch.Tensor) -> torch.Tensor:
+        """``self.body(x)`` with the few-channel convolutions routed around oneDNN's slow kernels."""
+        for layer in self.body:
+            x = _few_channel_conv(layer, x) if isinstance(layer, nn.Conv2d) else layer(x)
+        return x
+
+
+# 1x1 convolutions with at most this many output channels run as a matrix product (see _few_channel_conv).
+_MATMUL_MAX_OUT_CHANNELS = 4
+
+
+def _few_channel_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` computed the fast way for the one- and two-channel convolutions of small BAMs.
+
+    With ``r = 16`` a 16- or 32-channel stage (CIFAR ResNets) gets ``rd_channels`` of 1 or 2, and oneDNN
+    runs convolutions with one input or output channel at large batch 10-50x slower than their size
+    warrants (measured on a 2-core CPU, batch 256, 28x28: a 1-channel 3x3 conv forward+backward ~110 ms,
+    the same conv as a depthwise conv over the batch ~10 ms; a 16->1 1x1 conv ~90 ms, as a matmul ~14 ms).
+    The rewrites below compute the same sums:
+
+    * 1x1 with one input and one output channel: ``x * w + b``, element-wise.
+    * 1x1 with few outputs (``conv_final``, ``conv_reduce`` when ``rd_channels <= 4``): a batched matmul.
+    * kxk with one input and one output channel: a depthwise convolution over the batch folded into channels.
+
+    Anything else (or a layout the rewrite would have to copy) takes ``conv(x)``.
+    """
+    if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return conv(x)
+    n, c, h, w = x.shape
+    weight, bias = conv.weight, conv.bias
+    one_by_one = conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0)
+    if one_by_one and c == 1 and conv.out_channels == 1:
+        y = x * weight.view(1, 1, 1, 1)
+        return y if bias is None else y + bias.view(1, 1, 1, 1)
+    if one_by_one and conv.out_channels <= _MATMUL_MAX_OUT_CHANNELS and x.is_contiguous():
+        # bmm against the broadcast weight; torch.matmul would fold x into a transposed copy and save it
+        y = torch.bmm(weight.view(1, conv.out_channels, c).expand(n, -1, -1), x.view(n, c, h * w))
+        y = y.view(n, conv.out_channels, h, w)
+        return y if bias is None else y + bias.view(1, -1, 1, 1)
+    if c == 1 and conv.out_channels == 1 and n > 1 and x.is_contiguous():
+        y = F.conv2d(x.view(1, n, h, w), weight.expand(n, 1, *conv.kernel_size),
+                     None if bias is None else bias.expand(n), conv.stride, conv.padding, conv.dilation, n)
+        return y.view(n, 1, y.shape[-2], y.shape[-1])
+    return conv(x)
 
 
 class BAM(nn.Module):

@@ -1,0 +1,359 @@
+"""What BAM costs: latency and peak memory of ``bam_X`` against its plain twin ``X``, measured side by side.
+
+Run ``python -m bam_zoo.benchmark`` (all cases) or pick cases, e.g.
+``python -m bam_zoo.benchmark --case train-resnet50 --case train-resnet20 --repeats 3``.
+
+Why it is built this way:
+
+* Shared, noisy CPUs: both models live in one process and their runs are *interleaved* (plain, BAM, BAM,
+  plain, ...), so a burst of load from elsewhere hits both. Each measurement is the median over ``--runs``
+  timed runs after ``--warmup`` untimed ones, and the ratio reported is the median of the per-round ratios
+  (a round times each model once, back to back). ``--repeats`` redoes the whole measurement and reports
+  the median of the repeats' ratios.
+* Peak memory on CPU: there is no ``torch.cuda.max_memory_allocated`` for CPU, so one extra run per model
+  is recorded with ``torch.profiler`` (``profile_memory=True``), which logs every allocation and free of
+  PyTorch's CPU allocator. Summing those in time order gives the step's peak on top of what was live
+  before it (parameters, buffers, optimizer state, the batch), which is added back. Memory that oneDNN
+  allocates outside PyTorch's allocator (primitive scratchpads) is not seen, for either model.
+* Inference compares ``fuse_for_inference(bam_X)`` (BAM's branch BatchNorms folded; the backbone untouched)
+  with the plain ``X``; ``--no-fuse`` measures the unfused BAM model.
+* ``block-*`` cases time one BAM alone against the straightforward unfused implementation of the same math
+  (the branches as plain ``nn.Sequential`` calls, then :func:`~bam_zoo.layers.gate.bam_gate_reference`).
+* ``pipeline`` measures the real Fashion-MNIST training loop (``FashionMNISTDataModule``'s loader and batch
+  augmentation, then the training step) against the same steps on a ready-made batch.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["Case", "CASES", "QUICK_CASES", "Result", "run_case", "peak_memory", "main"]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One comparison: a baseline model and a BAM model, one input size, inference or a training step.
+
+    Attributes:
+        name: Case name on the command line.
+        baseline: Name of the plain model (``bam_zoo.create_model``), or ``"block"`` for the unfused BAM.
+        candidate: Name of the BAM model, or ``"block"`` for one BAM module.
+        mode: ``"infer"`` (eval, no grad) or ``"train"`` (forward, backward, SGD step).
+        input_shape: Batch shape N x C x H x W.
+        model_kwargs: Extra ``create_model`` arguments (``in_chans``, ``num_classes``).
+    """
+    name: str
+    baseline: str
+    candidate: str
+    mode: str
+    input_shape: Tuple[int, int, int, int]
+    model_kwargs: Dict[str, int] = field(default_factory=dict)
+
+
+_FMNIST = dict(in_chans=1, num_classes=10)
+
+CASES: Dict[str, Case] = {c.name: c for c in [
+    Case("infer-resnet50", "resnet50", "bam_resnet50", "infer", (8, 3, 224, 224)),
+    Case("train-resnet50", "resnet50", "bam_resnet50", "train", (16, 3, 112, 112)),
+    Case("infer-resnet18", "resnet18", "bam_resnet18", "infer", (8, 3, 224, 224)),
+    Case("train-resnet18", "resnet18", "bam_resnet18", "train", (16, 3, 224, 224)),
+    Case("infer-resnet20", "resnet20", "bam_resnet20", "infer", (256, 1, 28, 28), _FMNIST),
+    Case("train-resnet20", "resnet20", "bam_resnet20", "train", (256, 1, 28, 28), _FMNIST),
+    # The block alone, at ResNet-50's first BAM (stage 1 output at 224 px, batch 8).
+    Case("block-infer", "block", "block", "infer", (8, 256, 56, 56)),
+    Case("block-train", "block", "block", "train", (8, 256, 56, 56)),
+]}
+
+# Tiny sizes for the smoke test (``--quick``): the same code paths in a few seconds.
+QUICK_CASES: Dict[str, Case] = {c.name: c for c in [
+    Case("infer-resnet50", "resnet50", "bam_resnet50", "infer", (1, 3, 64, 64)),
+    Case("train-resnet50", "resnet50", "bam_resnet50", "train", (2, 3, 64, 64)),
+    Case("infer-resnet18", "resnet18", "bam_resnet18", "infer", (1, 3, 64, 64)),
+    Case("train-resnet18", "resnet18", "bam_resnet18", "train", (2, 3, 64, 64)),
+    Case("infer-resnet20", "resnet20", "bam_resnet20", "infer", (8, 1, 28, 28), _FMNIST),
+    Case("train-resnet20", "resnet20", "bam_resnet20", "train", (8, 1, 28, 28), _FMNIST),
+    Case("block-infer", "block", "block", "infer", (2, 32, 16, 16)),
+    Case("block-train", "block", "block", "train", (2, 32, 16, 16)),
+]}
+
+
+class ReferenceBAM(nn.Module):
+    """The straightforward unfused BAM: its branches run as written, then :func:`bam_gate_reference`.
+
+    Holds its own copy of the BAM's weights, so both sides of the block benchmark start identical.
+    """
+
+    def __init__(self, bam: nn.Module) -> None:
+        super().__init__()
+        self.bam = copy.deepcopy(bam)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .layers.gate import bam_gate_reference
+
+        channel = self.bam.channel_attn
+        pooled = x.mean((2, 3))
+        channel_logits = channel.fc2(channel.act(channel.bn(channel.fc1(pooled))))[:, :, None, None]
+        spatial_logits = self.bam.spatial_attn.body(x)
+        return bam_gate_reference(x, channel_logits, spatial_logits, self.bam.fusion == "product")
+
+
+def _build_pair(case: Case, fuse: bool) -> Tuple[nn.Module, nn.Module]:
+    """(baseline, candidate) models with the same random weights wherever they share structure."""
+    import bam_zoo
+    from .fuse import fuse_for_inference
+    from .layers import BAM
+
+    torch.manual_seed(0)
+    if case.candidate == "block":
+        candidate: nn.Module = BAM(case.input_shape[1])
+        baseline: nn.Module = ReferenceBAM(candidate)
+    else:
+        baseline = bam_zoo.create_model(case.baseline, **case.model_kwargs)
+        candidate = bam_zoo.create_model(case.candidate, **case.model_kwargs)
+    if case.mode == "infer":
+        baseline.eval()
+        candidate.eval()
+        if fuse:
+            fuse_for_inference(candidate)
+    else:
+        baseline.train()
+        candidate.train()
+    return baseline, candidate
+
+
+def _make_step(model: nn.Module, case: Case) -> Callable[[], None]:
+    """A closure running one inference call or one full training step on a fixed batch."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(case.input_shape, generator=g)
+    if case.mode == "infer":
+        def infer() -> None:
+            with torch.no_grad():
+                model(x)
+        return infer
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    if case.candidate == "block":
+        target = torch.randn(case.input_shape, generator=g)
+
+        def loss_fn(out: torch.Tensor) -> torch.Tensor:
+            return F.mse_loss(out, target)
+    else:
+        num_classes = case.model_kwargs.get("num_classes", 1000)
+        target = torch.randint(0, num_classes, (case.input_shape[0],), generator=g)
+
+        def loss_fn(out: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(out, target)
+
+    def train_step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(model(x)).backward()
+        optimizer.step()
+    train_step.optimizer = optimizer  # type: ignore[attr-defined]
+    return train_step
+
+
+def _state_bytes(model: nn.Module, step: Callable[[], None]) -> int:
+    """Bytes live before a step starts: parameters, buffers, optimizer state (the batch is the same for both)."""
+    total = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    optimizer: Optional[torch.optim.Optimizer] = getattr(step, "optimizer", None)
+    if optimizer is not None:
+        for state in optimizer.state.values():
+            total += sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
+    return total
+
+
+def peak_memory(step: Callable[[], None]) -> int:
+    """Peak bytes allocated by PyTorch's CPU allocator during one call of ``step``, above the starting level.
+
+    Integrates the allocation/free events that ``torch.profiler`` records with ``profile_memory=True``
+    in time order and returns the running sum's maximum.
+    """
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events: List[Tuple[int, int]] = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if node.tag == _EventType.Allocation:
+            events.append((node.start_time_ns, node.extra_fields.alloc_size))
+        stack.extend(node.children)
+    events.sort()
+    live = peak = 0
+    for _, size in events:
+        live += size
+        peak = max(peak, live)
+    return peak
+
+
+@dataclass
+class Result:
+    """Medians for one case; times in milliseconds, memory in MiB."""
+    case: str
+    baseline_ms: float
+    candidate_ms: float
+    time_ratio: float
+    baseline_mib: float
+    candidate_mib: float
+    mem_ratio: float
+    repeat_ratios: List[float]
+
+
+def _timed(fn: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _interleaved(baseline: Callable[[], None], candidate: Callable[[], None], runs: int, warmup: int
+                 ) -> Tuple[List[float], List[float]]:
+    """Time both closures round by round, alternating which goes first to cancel order effects."""
+    for _ in range(warmup):
+        baseline()
+        candidate()
+    base_t, cand_t = [], []
+    for i in range(runs):
+        if i % 2 == 0:
+            base_t.append(_timed(baseline))
+            cand_t.append(_timed(candidate))
+        else:
+            cand_t.append(_timed(candidate))
+            base_t.append(_timed(baseline))
+    return base_t, cand_t
+
+
+def run_case(case: Case, runs: int = 7, warmup: int = 2, repeats: int = 1, fuse: bool = True) -> Result:
+    """Measure one case: ``repeats`` interleaved measurements of ``runs`` rounds each, then peak memory.
+
+    Args:
+        case: What to compare.
+        runs: Timed rounds per measurement (each times both models once).
+        warmup: Untimed rounds first (oneDNN primitive creation, allocator warm-up).
+        repeats: Independent measurements; the reported ratio is the median of their ratios.
+        fuse: Fold BAM's branch BatchNorms for inference cases (:func:`bam_zoo.fuse.fuse_for_inference`).
+    """
+    baseline_model, candidate_model = _build_pair(case, fuse)
+    baseline, candidate = _make_step(baseline_model, case), _make_step(candidate_model, case)
+    ratios, base_ms, cand_ms = [], [], []
+    for _ in range(repeats):
+        base_t, cand_t = _interleaved(baseline, candidate, runs, warmup)
+        ratios.append(statistics.median(c / b for b, c in zip(base_t, cand_t)))
+        base_ms.append(statistics.median(base_t) * 1e3)
+        cand_ms.append(statistics.median(cand_t) * 1e3)
+    # Memory is deterministic; step once more (warm) and record.
+    base_mem = peak_memory(baseline) + _state_bytes(baseline_model, baseline)
+    cand_mem = peak_memory(candidate) + _state_bytes(candidate_model, candidate)
+    return Result(case.name, statistics.median(base_ms), statistics.median(cand_ms), statistics.median(ratios),
+                  base_mem / 2 ** 20, cand_mem / 2 ** 20, cand_mem / base_mem, ratios)
+
+
+def run_pipeline(runs: int = 5, steps: int = 4, batch_size: int = 256, model_name: str = "bam_resnet20",
+                 limit_train: Optional[int] = None) -> Tuple[float, float, float]:
+    """Fashion-MNIST end to end: images/s of (loader + augmentation + step) against (step on a ready batch).
+
+    The loop is what training runs: ``FashionMNISTDataModule.train_dataloader()`` batches, augmented with the
+    DataModule's ``train_augment`` (what ``on_after_batch_transfer`` applies in training), then one SGD step.
+    The two loops alternate in chunks of ``steps`` steps, ``runs`` times.
+
+    Returns:
+        (end-to-end images/s, pure-step images/s, median per-round throughput ratio end-to-end / pure).
+    """
+    import bam_zoo
+    from .training.data import FashionMNISTDataModule
+
+    dm = FashionMNISTDataModule(batch_size=batch_size, limit_train=limit_train)
+    dm.setup("fit")
+    torch.manual_seed(0)
+    model = bam_zoo.create_model(model_name, in_chans=dm.in_chans, num_classes=dm.num_classes).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    def batches():
+        while True:
+            for x, y in dm.train_dataloader():
+                yield x, y
+
+    stream = batches()
+    ready_x, ready_y = next(stream)
+    ready_x = dm.train_augment(ready_x)
+
+    def end_to_end() -> None:
+        for _ in range(steps):
+            x, y = next(stream)
+            step(dm.train_augment(x), y)
+
+    def pure() -> None:
+        for _ in range(steps):
+            step(ready_x, ready_y)
+
+    pure_t, e2e_t = _interleaved(pure, end_to_end, runs, warmup=1)
+    images = steps * batch_size
+    e2e_ips = images / statistics.median(e2e_t)
+    pure_ips = images / statistics.median(pure_t)
+    return e2e_ips, pure_ips, statistics.median(p / e for p, e in zip(pure_t, e2e_t))
+
+
+def _format(results: Sequence[Result]) -> str:
+    lines = [
+        f"{'case':<16} {'plain ms':>9} {'BAM ms':>9} {'time x':>7} {'plain MiB':>10} {'BAM MiB':>9} {'mem x':>6}"
+        "  repeats",
+    ]
+    for r in results:
+        reps = " ".join(f"{x:.3f}" for x in r.repeat_ratios)
+        lines.append(f"{r.case:<16} {r.baseline_ms:9.1f} {r.candidate_ms:9.1f} {r.time_ratio:7.3f} "
+                     f"{r.baseline_mib:10.1f} {r.candidate_mib:9.1f} {r.mem_ratio:6.3f}  {reps}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> List[Result]:
+    """Command line entry point; prints the ratio table and returns the results."""
+    parser = argparse.ArgumentParser(prog="python -m bam_zoo.benchmark", description=__doc__.split("\n")[0])
+    parser.add_argument("--case", action="append", choices=sorted(CASES) + ["pipeline"],
+                        help="case to run (repeatable); default: all model and block cases")
+    parser.add_argument("--runs", type=int, default=7, help="timed interleaved rounds per measurement (>= 5)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds before timing")
+    parser.add_argument("--repeats", type=int, default=1, help="independent measurements; median of ratios")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--no-fuse", action="store_true", help="do not fold BAM's BatchNorms for inference")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and few runs (smoke test)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    table = QUICK_CASES if args.quick else CASES
+    runs, warmup = (max(1, min(args.runs, 2)), 1) if args.quick else (args.runs, args.warmup)
+    if not args.quick and runs < 5:
+        parser.error("--runs must be >= 5 for a median that means something (use --quick for a smoke test)")
+    names = args.case or list(table)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {runs} interleaved rounds "
+          f"after {warmup} warm-up, {args.repeats} repeat(s); ratio = BAM / plain", flush=True)
+    results = []
+    for name in names:
+        if name == "pipeline":
+            continue
+        results.append(run_case(table[name], runs, warmup, args.repeats, fuse=not args.no_fuse))
+        print(_format(results[-1:]).splitlines()[-1] if len(results) > 1 else _format(results), flush=True)
+    if "pipeline" in names:
+        e2e, pure, ratio = run_pipeline(
+            runs=runs, steps=1 if args.quick else 4, batch_size=16 if args.quick else 256,
+            limit_train=256 if args.quick else None)
+        print(f"pipeline (bam_resnet20, Fashion-MNIST): end-to-end {e2e:.0f} img/s, pure step {pure:.0f} img/s, "
+              f"throughput ratio {ratio:.3f} (data pipeline cost {100 * (1 - ratio):.1f}%)", flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,57 @@
+"""Smoke test of ``python -m bam_zoo.benchmark``: it runs at tiny sizes and prints ratios (no timing asserted)."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bam_zoo import benchmark
+
+
+def test_quick_run_prints_ratios(capsys):
+    results = benchmark.main(["--quick", "--case", "block-train", "--case", "infer-resnet20",
+                              "--case", "train-resnet20"])
+    out = capsys.readouterr().out
+    assert [r.case for r in results] == ["block-train", "infer-resnet20", "train-resnet20"]
+    for r in results:
+        assert r.time_ratio > 0 and r.mem_ratio > 0 and r.baseline_mib > 0
+        assert re.search(rf"^{r.case}\s+[\d.]+\s+[\d.]+\s+[\d.]+\s", out, re.M)
+    assert "ratio = BAM / plain" in out
+
+
+def test_peak_memory_sees_allocations():
+    """The profiler-based peak integrates allocations and frees in time order."""
+    n = 1 << 18  # 1 MiB of float32
+
+    def step():
+        a = torch.empty(n)
+        b = torch.empty(n)
+        del a, b
+        torch.empty(n)
+
+    peak = benchmark.peak_memory(step)
+    assert 2 * 4 * n <= peak < 3 * 4 * n
+
+
+def test_reference_block_is_the_same_function():
+    from bam_zoo.layers import BAM
+
+    torch.manual_seed(0)
+    bam = BAM(16).eval()
+    x = torch.randn(2, 16, 8, 8)
+    torch.testing.assert_close(benchmark.ReferenceBAM(bam).eval()(x), bam(x))
+
+
+def test_cli_rejects_too_few_runs():
+    with pytest.raises(SystemExit):
+        benchmark.main(["--case", "block-infer", "--runs", "2"])
+
+
+@pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"), reason="Fashion-MNIST not installed")
+def test_pipeline_case_runs_as_module():
+    proc = subprocess.run([sys.executable, "-m", "bam_zoo.benchmark", "--quick", "--case", "pipeline"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"throughput ratio [\d.]+", proc.stdout)
