@@ -175,14 +175,15 @@ def finetune_linear_probe() -> tuple[str, dict[str, Any]]:
     comment = (
         "# Linear probe: an ImageNet bam_resnet50 with a frozen backbone (BatchNorm statistics frozen too)\n"
         "# and a new classifier for the classes found under --data.root/train. AdamW on the head only.\n"
+        "# No ImageNet weights ship yet: it starts from the export of configs/imagenet/bam_resnet50.yaml.\n"
     )
     return comment, {
         "seed_everything": 0,
         "trainer": {"default_root_dir": "runs/finetune/bam_resnet50_linear_probe", "max_epochs": 10,
                     "accelerator": "auto", "devices": 1, "precision": "bf16-mixed", "log_every_n_steps": 20},
         "model": {
-            "model_name": "bam_resnet50.in1k",
-            "pretrained": True,
+            "model_name": "bam_resnet50",
+            "pretrained_file": "runs/imagenet/bam_resnet50/export",
             "freeze_backbone": True,
             "optimizer": "adamw",
             "lr": 1.0e-3,
@@ -201,14 +202,15 @@ def finetune_full_mixup() -> tuple[str, dict[str, Any]]:
     comment = (
         "# Full fine-tune of an ImageNet bam_resnet50 on an ImageFolder data set: new head, backbone at 0.1x LR,\n"
         "# mixup/cutmix + label smoothing, EMA weights evaluated and exported, gradient clipping at 1.0.\n"
+        "# No ImageNet weights ship yet: it starts from the export of configs/imagenet/bam_resnet50.yaml.\n"
     )
     return comment, {
         "seed_everything": 0,
         "trainer": {"default_root_dir": "runs/finetune/bam_resnet50_full", "max_epochs": 30, "accelerator": "auto",
                     "devices": 1, "precision": "bf16-mixed", "gradient_clip_val": 1.0, "log_every_n_steps": 20},
         "model": {
-            "model_name": "bam_resnet50.in1k",
-            "pretrained": True,
+            "model_name": "bam_resnet50",
+            "pretrained_file": "runs/imagenet/bam_resnet50/export",
             "backbone_lr_scale": 0.1,
             "optimizer": "sgd",
             "lr": 0.01,

@@ -18,7 +18,7 @@ from bam_zoo.training.data import (
     MNISTDataModule,
     read_idx,
 )
-from bam_zoo.training.errors import DatasetNotFoundError
+from bam_zoo.errors import DatasetNotFoundError
 from test_training_utils import one_torch_thread  # noqa: F401  (autouse)
 from test_training_utils import (
     FASHION_MNIST_NAMES,

@@ -10,7 +10,7 @@ from bam_zoo.training.data import (
     InMemoryDataModule,
     MNISTDataModule,
 )
-from bam_zoo.training.errors import DatasetNotFoundError, NonFiniteLossError, UnsafeCheckpointError
+from bam_zoo.errors import DatasetNotFoundError, NonFiniteLossError, UnsafeCheckpointError
 from bam_zoo.training.module import ImageClassifier, create_model
 
 __all__ = [

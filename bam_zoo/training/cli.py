@@ -30,7 +30,7 @@ import pytorch_lightning as pl
 
 from bam_zoo.training import data as _data  # noqa: F401  (imports every DataModule for short class_path names)
 from bam_zoo.training.callbacks import HubExport
-from bam_zoo.training.errors import UnsafeCheckpointError
+from bam_zoo.errors import UnsafeCheckpointError
 from bam_zoo.training.module import ImageClassifier
 
 __all__ = ["BamZooCLI", "cli_main", "sync_batchnorm_problem"]

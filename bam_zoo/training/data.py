@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from bam_zoo.training.errors import DatasetNotFoundError
+from bam_zoo.errors import DatasetNotFoundError
 
 __all__ = [
     "BatchAugment",

@@ -26,7 +26,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from bam_zoo.training.errors import NonFiniteLossError
+from bam_zoo.errors import NonFiniteLossError
 from bam_zoo.training.optim import SchedulerName, create_lr_scheduler, param_groups
 
 __all__ = ["ImageClassifier", "create_model"]
