@@ -155,14 +155,14 @@ def _few_channel_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """``conv(x)`` computed the fast way for the one- and two-channel convolutions of small BAMs.
 
     With ``r = 16`` a 16- or 32-channel stage (CIFAR ResNets) gets ``rd_channels`` of 1 or 2, and oneDNN
-    runs convolutions with one input or output channel at large batch 10-50x slower than their size
-    warrants (measured on a 2-core CPU, batch 256, 28x28: a 1-channel 3x3 conv forward+backward ~110 ms,
-    the same conv as a depthwise conv over the batch ~10 ms; a 16->1 1x1 conv ~90 ms, as a matmul ~14 ms).
+    runs 1x1 convolutions with one input or output channel at large batch several times slower than their
+    size warrants (measured on a 2-core CPU, batch 256, 28x28: a 16->1 1x1 conv forward+backward ~90 ms, as
+    a matmul ~14 ms). (The 1-channel 3x3 dilated convs are just as slow, but folding the batch into a
+    depthwise conv was slower still in the full backward, so they stay ``conv(x)``.)
     The rewrites below compute the same sums:
 
     * 1x1 with one input and one output channel: ``x * w + b``, element-wise.
     * 1x1 with few outputs (``conv_final``, ``conv_reduce`` when ``rd_channels <= 4``): a batched matmul.
-    * kxk with one input and one output channel: a depthwise convolution over the batch folded into channels.
 
     Anything else (or a layout the rewrite would have to copy) takes ``conv(x)``.
     """
@@ -179,10 +179,6 @@ def _few_channel_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         y = torch.bmm(weight.view(1, conv.out_channels, c).expand(n, -1, -1), x.view(n, c, h * w))
         y = y.view(n, conv.out_channels, h, w)
         return y if bias is None else y + bias.view(1, -1, 1, 1)
-    if c == 1 and conv.out_channels == 1 and n > 1 and x.is_contiguous():
-        y = F.conv2d(x.view(1, n, h, w), weight.expand(n, 1, *conv.kernel_size),
-                     None if bias is None else bias.expand(n), conv.stride, conv.padding, conv.dilation, n)
-        return y.view(n, 1, y.shape[-2], y.shape[-1])
     return conv(x)
 
 
