@@ -1,0 +1,86 @@
+"""Check the zoo: load shipped weights by name and measure them on the official Fashion-MNIST test set.
+
+    python -m bam_zoo.evaluate                     # every shipped Fashion-MNIST weight
+    python -m bam_zoo.evaluate bam_resnet20.fmnist # one of them
+
+Weights come through the same path users take (``bam_zoo.create_model(name, pretrained=True)``: the Hub,
+else the repository's offline mirror). For each weight it prints parameters, MACs, top-1/top-5 and the
+top-1 recorded in the weight's metadata, and exits non-zero when a measurement disagrees with the record.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+import bam_zoo
+from bam_zoo.models.pretrained import FASHION_MNIST_TAGS, WEIGHT_METADATA
+
+__all__ = ["evaluate", "main"]
+
+
+@torch.no_grad()
+def evaluate(name: str, root: Optional[str] = None, batch_size: int = 500) -> Dict[str, float]:
+    """Top-1/top-5 (percent) of pretrained ``name`` on the official Fashion-MNIST test set (10k images).
+
+    Args:
+        name: A pretrained tag, e.g. ``"bam_resnet20.fmnist"``.
+        root: Folder with the Fashion-MNIST IDX files (default: Debian's dataset-fashion-mnist).
+        batch_size: Evaluation batch size.
+    """
+    from bam_zoo.training.data import FashionMNISTDataModule  # Lightning only loads when evaluating
+
+    model = bam_zoo.create_model(name, pretrained=True).eval()
+    cfg = model.pretrained_cfg
+    data = FashionMNISTDataModule(root=root, val_size=0)
+    data.setup("test")
+    images, labels = data.test_set.images, data.test_set.labels
+    mean = torch.tensor(cfg["mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(cfg["std"]).view(1, -1, 1, 1)
+    correct1 = correct5 = 0
+    start = time.perf_counter()
+    for i in range(0, len(labels), batch_size):
+        x = (images[i:i + batch_size].float() / 255 - mean) / std
+        y = labels[i:i + batch_size]
+        top5 = model(x).topk(5, dim=1).indices
+        correct1 += (top5[:, 0] == y).sum().item()
+        correct5 += (top5 == y[:, None]).any(1).sum().item()
+    seconds = time.perf_counter() - start
+    n = len(labels)
+    return {
+        "top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "images": n,
+        "params": bam_zoo.count_params(model), "macs": bam_zoo.count_macs(model, cfg["input_size"]),
+        "images_per_s": n / seconds,
+    }
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bam_zoo.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", help="pretrained tags (default: every shipped Fashion-MNIST weight)")
+    parser.add_argument("--root", default=None, help="Fashion-MNIST folder (default: Debian's package)")
+    parser.add_argument("--tolerance", type=float, default=0.05,
+                        help="allowed |measured - recorded| top-1, in points (default 0.05)")
+    args = parser.parse_args(argv)
+    names: List[str] = args.names or list(FASHION_MNIST_TAGS)
+    if not names:
+        print("No Fashion-MNIST weights are registered yet: nothing to evaluate.", file=sys.stderr)
+        return 1
+    print(f"{'model':<24}{'params':>10}{'MMACs':>9}{'top-1':>9}{'top-5':>9}{'recorded':>10}{'img/s':>9}")
+    failures = []
+    for name in names:
+        result = evaluate(name, root=args.root)
+        recorded = WEIGHT_METADATA.get(name, {}).get("top1")
+        print(f"{name:<24}{result['params'] / 1e6:>9.3f}M{result['macs'] / 1e6:>9.2f}{result['top1']:>9.2f}"
+              f"{result['top5']:>9.2f}{recorded if recorded is not None else '-':>10}{result['images_per_s']:>9.0f}")
+        if recorded is not None and abs(result["top1"] - recorded) > args.tolerance:
+            failures.append(f"{name}: measured top-1 {result['top1']:.2f} but its metadata records {recorded}")
+    for failure in failures:
+        print(f"MISMATCH {failure}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""The shipped zoo: every weight loads by name from the offline mirror and measures what its card says."""
+import pytest
+import torch
+
+import bam_zoo
+from bam_zoo.evaluate import evaluate
+from bam_zoo.model_card import render_model_card
+from bam_zoo.models.pretrained import FASHION_MNIST_TAGS, WEIGHT_METADATA
+
+FMNIST = "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"
+
+
+def test_model_card_is_rendered_from_the_weight_table():
+    with open("MODEL_CARD.md") as f:
+        assert f.read() == render_model_card(), "MODEL_CARD.md is stale: python -m bam_zoo.model_card > MODEL_CARD.md"
+
+
+def test_every_tag_has_metadata_and_a_mirrored_twin():
+    assert set(FASHION_MNIST_TAGS) == set(WEIGHT_METADATA)
+    for name in FASHION_MNIST_TAGS:
+        if name.startswith("bam_"):
+            assert name[len("bam_"):] in FASHION_MNIST_TAGS, f"{name} ships without its plain twin"
+    listed = {p.name: p for p in bam_zoo.list_pretrained()}
+    assert set(listed) == set(FASHION_MNIST_TAGS)
+    assert all(p.mirrored and p.metrics["top1"] == WEIGHT_METADATA[n]["top1"] for n, p in listed.items())
+
+
+@pytest.mark.parametrize("name", list(FASHION_MNIST_TAGS))
+def test_shipped_weight_measures_its_recorded_numbers(name, monkeypatch):
+    pytest.importorskip("pytorch_lightning")
+    import os
+    if not os.path.exists(FMNIST):
+        pytest.skip("needs Debian's dataset-fashion-mnist (scripts/setup.sh installs it)")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    meta = WEIGHT_METADATA[name]
+    result = evaluate(name)
+    assert result["images"] == 10000
+    assert result["top1"] == pytest.approx(meta["top1"], abs=0.05)
+    assert result["top5"] == pytest.approx(meta["top5"], abs=0.05)
+    assert result["params"] == meta["num_params"] and result["macs"] == meta["macs"]
+
+
+def test_pretrained_fine_tune_adaptation():
+    """The deliberate adaptation: new head and RGB stem, everything else loaded strictly."""
+    ref = bam_zoo.create_model("bam_resnet20.fmnist", pretrained=True)
+    model = bam_zoo.create_model("bam_resnet20.fmnist", pretrained=True, num_classes=5, in_chans=3)
+    assert model.fc.out_features == 5 and model.conv1.in_channels == 3
+    torch.testing.assert_close(model.layer1.bam.channel_attn.fc1.weight, ref.layer1.bam.channel_attn.fc1.weight)
+    torch.testing.assert_close(model.conv1.weight.sum(1, keepdim=True), ref.conv1.weight)
