@@ -94,7 +94,9 @@ class ChannelAttn(nn.Module):
         self.fc2 = nn.Linear(rd_channels, channels, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.mean((2, 3))  # full H x W, whatever its aspect ratio
+        # Mean over the full H x W, whatever its aspect ratio. Written as sum / HW: mean's backward runs a
+        # full-size division, sum's is a broadcast view (about 10x cheaper on a 256 x 28 x 28 map).
+        x = x.sum((2, 3)) / (x.shape[2] * x.shape[3])
         x = self.fc2(self.act(self.bn(self.fc1(x))))
         return x.unsqueeze(-1).unsqueeze(-1)
 
@@ -147,8 +149,10 @@ class SpatialAttn(nn.Module):
         return x
 
 
-# 1x1 convolutions with at most this many output channels run as a matrix product (see _few_channel_conv).
+# 1x1 convolutions with at most this many output channels, or on maps of at least this many pixels, run as a
+# matrix product (see _few_channel_conv).
 _MATMUL_MAX_OUT_CHANNELS = 4
+_MATMUL_MIN_PIXELS = 400
 
 
 def _few_channel_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -162,7 +166,9 @@ def _few_channel_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     The rewrites below compute the same sums:
 
     * 1x1 with one input and one output channel: ``x * w + b``, element-wise.
-    * 1x1 with few outputs (``conv_final``, ``conv_reduce`` when ``rd_channels <= 4``): a batched matmul.
+    * 1x1 with few outputs (``conv_final``, ``conv_reduce`` when ``rd_channels <= 4``), or on a large map
+      (``conv_reduce`` of ResNet-50's first BAM, 256 -> 16 at 28 x 28 or more: forward+backward 5.6 ms as a
+      matmul against 15.9 ms in oneDNN, batch 16, 2 threads): a batched matmul.
 
     Anything else (or a layout the rewrite would have to copy) takes ``conv(x)``.
     """
@@ -174,7 +180,8 @@ def _few_channel_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     if one_by_one and c == 1 and conv.out_channels == 1:
         y = x * weight.view(1, 1, 1, 1)
         return y if bias is None else y + bias.view(1, 1, 1, 1)
-    if one_by_one and conv.out_channels <= _MATMUL_MAX_OUT_CHANNELS and x.is_contiguous():
+    few_outputs = conv.out_channels <= _MATMUL_MAX_OUT_CHANNELS
+    if one_by_one and (few_outputs or h * w >= _MATMUL_MIN_PIXELS) and x.is_contiguous():
         # bmm against the broadcast weight; torch.matmul would fold x into a transposed copy and save it
         y = torch.bmm(weight.view(1, conv.out_channels, c).expand(n, -1, -1), x.view(n, c, h * w))
         y = y.view(n, conv.out_channels, h, w)

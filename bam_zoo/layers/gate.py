@@ -87,8 +87,8 @@ class BamGateFunction(torch.autograd.Function):
     * sum fusion (``z = Mc + Ms``): ``dMc = sum_HW dz``, ``dMs = sum_C dz``
     * product fusion (``z = Mc * Ms``): ``dMc = sum_HW dz * Ms``, ``dMs = sum_C dz * Mc``
 
-    Two full-size buffers are allocated in the backward (the recomputed gate, later overwritten by ``dz``,
-    and ``dx``); the reference allocates four.
+    Two full-size buffers are allocated in the backward (``dz``, and the recomputed gate, later overwritten by
+    ``dx``); the reference allocates four.
     """
 
     @staticmethod
@@ -105,20 +105,22 @@ class BamGateFunction(torch.autograd.Function):
         need_x, need_c, need_s = ctx.needs_input_grad[:3]
         gate = _sigmoid_into(_gate_buffer(x, channel_logits, spatial_logits), channel_logits, spatial_logits, product)
         grad_x = grad_c = grad_s = None
-        if need_x:
-            grad_x = torch.addcmul(grad_out, grad_out, gate)  # dy * (1 + g)
-            if grad_x.shape != x.shape:
-                grad_x = grad_x.sum_to_size(x.shape)
-            grad_x = grad_x.to(x.dtype)
         if need_c or need_s:
-            dz = torch.addcmul(gate, gate, gate, value=-1, out=gate)  # g * (1 - g), in place
-            dz.mul_(grad_out).mul_(x)
+            # dz = (dy * x) * g * (1 - g): one product pass, then aten's fused sigmoid_backward in place
+            dz = torch.mul(grad_out, x)
+            torch.ops.aten.sigmoid_backward.grad_input(dz, gate, grad_input=dz)
             if need_c:
                 grad_c = (dz * spatial_logits if product else dz).sum_to_size(channel_logits.shape)
                 grad_c = grad_c.to(channel_logits.dtype)
             if need_s:
                 grad_s = (dz * channel_logits if product else dz).sum_to_size(spatial_logits.shape)
                 grad_s = grad_s.to(spatial_logits.dtype)
+            del dz  # freed before dx is written, so the backward never holds more than two full-size buffers
+        if need_x:
+            grad_x = torch.addcmul(grad_out, grad_out, gate, out=gate)  # dy * (1 + g), over the gate buffer
+            if grad_x.shape != x.shape:
+                grad_x = grad_x.sum_to_size(x.shape)
+            grad_x = grad_x.to(x.dtype)
         return grad_x, grad_c, grad_s, None
 
 
