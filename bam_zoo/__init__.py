@@ -16,6 +16,7 @@ from timm.models import get_arch_pretrained_cfgs, is_model, split_model_name_tag
 from . import models  # noqa: F401  (registers the models)
 from .analysis import capture_attention, count_macs, count_params
 from .errors import UnknownModelError, UnknownPretrainedTagError
+from .fuse import fuse_for_inference
 from .layers import BAM
 from .models import BAM_ARCHS, BAM_PLACEMENT, bam_modules
 
@@ -23,7 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BAM", "BAM_ARCHS", "BAM_PLACEMENT", "bam_modules", "capture_attention", "count_macs", "count_params",
-    "create_model", "list_models", "list_pretrained", "__version__",
+    "create_model", "fuse_for_inference", "list_models", "list_pretrained", "__version__",
 ]
 
 _OWN_MODELS = tuple(BAM_ARCHS) + tuple(name[len("bam_"):] for name, family in BAM_ARCHS.items()

@@ -169,7 +169,7 @@ def test_bam_block_takes_the_fused_gate(gate_layer):
 
 @pytest.mark.parametrize("in_ch,out_ch,kernel,bias", [
     (1, 1, 1, True), (1, 1, 1, False), (16, 1, 1, True), (32, 2, 1, False), (16, 8, 1, False),
-    (1, 1, 3, False), (1, 1, 3, True), (2, 2, 3, False),
+    (1, 1, 3, False), (1, 1, 3, True), (2, 2, 3, False), (1, 1, 5, True),
 ])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_few_channel_convs_match_conv2d(in_ch, out_ch, kernel, bias, channels_last):
@@ -189,4 +189,19 @@ def test_few_channel_convs_match_conv2d(in_ch, out_ch, kernel, bias, channels_la
     got = torch.autograd.grad(y, [x] + list(conv.parameters()), dy)
     want = torch.autograd.grad(y_ref, [x] + list(conv.parameters()), dy)
     for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_large_map_reduce_conv_as_matmul_matches_conv2d():
+    """conv_reduce on maps of >= 400 pixels runs as a batched matmul; outputs and gradients are conv2d's."""
+    from bam_zoo.layers.bam import _MATMUL_MIN_PIXELS, _few_channel_conv
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(32, 8, 1, bias=False).double()
+    x = torch.randn(2, 32, 20, 21, dtype=torch.float64, requires_grad=True)
+    assert 20 * 21 >= _MATMUL_MIN_PIXELS
+    y, y_ref = _few_channel_conv(conv, x), conv(x)
+    torch.testing.assert_close(y, y_ref)
+    dy = torch.randn_like(y_ref)
+    for a, b in zip(torch.autograd.grad(y, [x, conv.weight], dy), torch.autograd.grad(y_ref, [x, conv.weight], dy)):
         torch.testing.assert_close(a, b)
