@@ -107,7 +107,7 @@ def imagenet(arch: str) -> tuple[str, dict[str, Any]]:
         "# ImageNet-1k, {arch} (BAM paper recipe): SGD momentum 0.9, lr 0.1, wd 1e-4, batch 256 in total\n"
         "# = 32 per GPU x 8 GPUs with DDP, 90 epochs, lr x0.1 every 30 epochs, RandomResizedCrop 224 + flip.\n"
         "# Point --data.root at a folder with train/<class>/*.JPEG and val/<class>/*.JPEG. Multi-node:\n"
-        "# --trainer.num_nodes N (see docs/training.md). bf16 autocast is not in the paper; use\n"
+        "# --trainer.num_nodes N (see README.md, Training). bf16 autocast is not in the paper; use\n"
         "# --trainer.precision 32-true for a strict reproduction.\n"
     ).format(arch=arch)
     return comment, {

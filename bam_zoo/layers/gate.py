@@ -18,11 +18,12 @@ Traced, scripted, compiled and exported graphs get the reference definition inst
 ``autograd.Function`` with ``out=`` writes is opaque to them, and compilers fuse the reference on their own).
 Both paths compute the same function; the tests hold them to ``allclose`` and ``gradcheck``.
 """
-from typing import Optional, Tuple
+import contextlib
+from typing import Iterator, Optional, Tuple
 
 import torch
 
-__all__ = ["bam_gate", "bam_gate_reference", "BamGateFunction", "use_reference_gate"]
+__all__ = ["bam_gate", "bam_gate_reference", "BamGateFunction", "reference_kernels", "use_reference_gate"]
 
 
 def bam_gate_reference(
@@ -124,6 +125,24 @@ class BamGateFunction(torch.autograd.Function):
         return grad_x, grad_c, grad_s, None
 
 
+_FORCE_REFERENCE = False
+
+
+@contextlib.contextmanager
+def reference_kernels() -> Iterator[None]:
+    """Run BAM with its plain definitions (standard convolutions, unfused gate) inside this block.
+
+    For tools that read the operator stream rather than the numbers, e.g. ``bam_zoo.count_macs``: the fast
+    eager paths compute the same function with fewer or different operators.
+    """
+    global _FORCE_REFERENCE
+    previous, _FORCE_REFERENCE = _FORCE_REFERENCE, True
+    try:
+        yield
+    finally:
+        _FORCE_REFERENCE = previous
+
+
 def use_reference_gate() -> bool:
     """Whether the caller is being traced, scripted, compiled or exported, where the plain definition is needed.
 
@@ -132,7 +151,7 @@ def use_reference_gate() -> bool:
     record it as one opaque node; the reference is a handful of standard ops they all know (and compilers
     fuse it into one kernel anyway).
     """
-    if torch.jit.is_scripting() or torch.jit.is_tracing():
+    if _FORCE_REFERENCE or torch.jit.is_scripting() or torch.jit.is_tracing():
         return True
     if torch.compiler.is_compiling() or torch.compiler.is_exporting():
         return True
