@@ -27,7 +27,7 @@ def main(args: list[str] | None = None) -> None:
             raise SystemExit(push_main(argv[1:]))
         from bam_zoo.training.cli import cli_main
 
-        cli_main(argv)
+        cli_main(None if args is None else argv)  # None: LightningCLI reads sys.argv itself, without a warning
     except BamZooError as error:
         print(f"bam-zoo: error: {error}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -627,7 +627,8 @@ def resolve_pretrained_file(pretrained_cfg: Mapping[str, Any] | Any, *, variant:
 
     if mirror_dir is not None and (mirror_dir / filename).is_file():
         if hub_error is not None:
-            _logger.warning("Loading %s from the offline mirror %s: %s", name, mirror_dir, hub_error)
+            _logger.warning("Loading %s from the offline mirror %s (the Hub could not serve it: %s).",
+                            name, mirror_dir, str(hub_error).split(". ")[0])
         return _verified(mirror_dir / filename, sha256)
     if isinstance(hub_error, HubOfflineError):
         raise HubOfflineError(name, _cache_dir(), str(mirror_dir)) from hub_error
