@@ -331,15 +331,21 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Result]:
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--no-fuse", action="store_true", help="do not fold BAM's BatchNorms for inference")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few runs (smoke test)")
+    parser.add_argument("--compile-gate", action="store_true",
+                        help="run BAM's gate through torch.compile (bam_zoo.layers.gate.compile_gate)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.compile_gate:
+        from .layers.gate import compile_gate
+        compile_gate()  # compiled during the warm-up rounds, once per shape
     table = QUICK_CASES if args.quick else CASES
     runs, warmup = (max(1, min(args.runs, 2)), 1) if args.quick else (args.runs, args.warmup)
     if not args.quick and runs < 5:
         parser.error("--runs must be >= 5 for a median that means something (use --quick for a smoke test)")
     names = args.case or list(table)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {runs} interleaved rounds "
-          f"after {warmup} warm-up, {args.repeats} repeat(s); ratio = BAM / plain", flush=True)
+          f"after {warmup} warm-up, {args.repeats} repeat(s); ratio = BAM / plain"
+          f"{'; compiled gate' if args.compile_gate else ''}", flush=True)
     results = []
     for name in names:
         if name == "pipeline":
