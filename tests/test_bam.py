@@ -8,18 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import bam_zoo
+from _helpers import randomise_bn
 from bam_zoo.layers import BAM, SingleSampleSafeBatchNorm1d, SingleSampleSafeBatchNorm2d
-
-
-def _randomise_bn(module: nn.Module) -> None:
-    """Non-trivial running stats and affine params, so eval-mode checks exercise them."""
-    g = torch.Generator().manual_seed(0)
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
 
 
 def _independent_bam(bam: BAM, x: torch.Tensor) -> torch.Tensor:
@@ -48,7 +38,7 @@ def _independent_bam(bam: BAM, x: torch.Tensor) -> torch.Tensor:
 def test_matches_paper_equations(fusion, hw):
     torch.manual_seed(0)
     bam = BAM(32, fusion=fusion).eval()
-    _randomise_bn(bam)
+    randomise_bn(bam)
     x = torch.randn(3, 32, *hw)
     torch.testing.assert_close(bam(x), _independent_bam(bam, x), rtol=1e-5, atol=1e-5)
 
@@ -108,7 +98,7 @@ def test_tiny_batches_and_maps_train(shape):
 
 def test_single_sample_bn_equals_eval_bn():
     bn = SingleSampleSafeBatchNorm1d(4)
-    _randomise_bn(bn)
+    randomise_bn(bn)
     x = torch.randn(1, 4)
     out_train = bn.train()(x)
     torch.testing.assert_close(out_train, bn.eval()(x))
@@ -194,7 +184,7 @@ def test_capture_attention_is_free_when_off():
 def small_bam_net():
     torch.manual_seed(0)
     model = bam_zoo.create_model("bam_resnet20", in_chans=1).eval()
-    _randomise_bn(model)
+    randomise_bn(model)
     return model, torch.randn(2, 1, 28, 28)
 
 

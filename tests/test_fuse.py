@@ -4,18 +4,9 @@ import torch
 import torch.nn as nn
 
 import bam_zoo
+from _helpers import randomise_bn
 from bam_zoo.fuse import fuse_for_inference
 from bam_zoo.layers import BAM
-
-
-def _randomise_bn(module: nn.Module) -> None:
-    g = torch.Generator().manual_seed(0)
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
 
 
 @pytest.mark.parametrize("fusion", ["sum", "product"])
@@ -23,7 +14,7 @@ def _randomise_bn(module: nn.Module) -> None:
 def test_fused_block_matches(fusion, num_dilated_convs):
     torch.manual_seed(0)
     bam = BAM(32, fusion=fusion, num_dilated_convs=num_dilated_convs)
-    _randomise_bn(bam)
+    randomise_bn(bam)
     x = torch.randn(3, 32, 9, 13)
     ref = bam.eval()(x)
     fused = fuse_for_inference(bam.train())  # switches to eval itself
@@ -37,7 +28,7 @@ def test_fused_block_matches(fusion, num_dilated_convs):
 def test_fused_model_matches_and_leaves_backbone_alone():
     torch.manual_seed(0)
     model = bam_zoo.create_model("bam_resnet20", in_chans=1)
-    _randomise_bn(model)
+    randomise_bn(model)
     x = torch.randn(4, 1, 28, 28)
     ref = model.eval()(x)
     backbone_bns = [name for name, m in model.named_modules()

@@ -1,0 +1,14 @@
+"""Helpers shared by several test files (pytest puts this folder on sys.path)."""
+import torch
+import torch.nn as nn
+
+
+def randomise_bn(module: nn.Module) -> None:
+    """Non-trivial running stats and affine params, so eval-mode checks exercise every BatchNorm term."""
+    g = torch.Generator().manual_seed(0)
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
