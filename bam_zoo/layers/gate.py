@@ -23,6 +23,7 @@ import os
 from typing import Iterator, Optional, Tuple
 
 import torch
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 __all__ = [
     "bam_gate", "bam_gate_reference", "BamGateFunction", "compile_gate", "reference_kernels", "use_reference_gate",
@@ -160,7 +161,6 @@ def use_reference_gate() -> bool:
         return True
     if torch.onnx.is_in_onnx_export():
         return True
-    from torch.fx._symbolic_trace import is_fx_symbolic_tracing
     return is_fx_symbolic_tracing()
 
 
