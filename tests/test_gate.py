@@ -4,7 +4,9 @@ import torch
 
 import bam_zoo.layers.bam as bam_module
 from bam_zoo.layers import BAM
-from bam_zoo.layers.gate import BamGateFunction, bam_gate, bam_gate_reference, use_reference_gate
+from bam_zoo.layers import gate as gate_module
+from bam_zoo.layers.gate import (
+    BamGateFunction, bam_gate, bam_gate_reference, native_gate_available, use_reference_gate)
 
 # (x, channel logits, spatial logits): BAM's shapes, batch 1, 1x1 maps, non-square maps, and logits that
 # broadcast beyond BAM's own (shared across the batch, or a full-size map).
@@ -130,7 +132,9 @@ def test_saves_only_input_and_logits():
         return packed
 
     fused = saved(lambda *a: bam_gate(*a))
-    assert {id(t) for t in fused} <= {id(x), id(c), id(s)}
+    assert any(t is x for t in fused)
+    # besides x: the logits, or (native kernels) their exp(-logit) factors; never anything full-size
+    assert all(t is x or t.numel() <= max(c.numel(), s.numel()) for t in fused)
     full_size_ref = [t for t in saved(bam_gate_reference) if t.numel() == x.numel() and t is not x]
     assert len(full_size_ref) >= 2  # what the fused gate avoids keeping
 
@@ -227,3 +231,111 @@ def test_compiled_gate_matches_reference():
     for a, b in zip(grads, torch.autograd.grad(y_ref.square().sum(), [x, mc, ms])):
         torch.testing.assert_close(a, b)
     assert gate._COMPILED_GATE is None
+
+
+# --- the compiled one-pass kernels (bam_zoo._native) -------------------------------------------------------
+
+needs_native = pytest.mark.skipif(not native_gate_available(), reason="bam_zoo._native not built")
+
+# BAM's shapes: batch 1, non-square, 1x1 maps, one channel, and rows long enough to be split across threads
+NATIVE_SHAPES = [(2, 6, 5, 7), (1, 4, 3, 3), (3, 5, 1, 1), (1, 1, 9, 4), (2, 8, 40, 40), (16, 3, 2, 2)]
+
+
+def _native_vs_float64(shape, scale=2.0, seed=0):
+    """Native fp32 gate against the reference in float64: outputs and all three gradients."""
+    n, c, h, w = shape
+    g = torch.Generator().manual_seed(seed)
+    x, cl, sl, dy = (torch.randn(s, generator=g) for s in (shape, (n, c, 1, 1), (n, 1, h, w), shape))
+    cl, sl = cl * scale, sl * scale
+    leaves = [t.clone().requires_grad_() for t in (x, cl, sl)]
+    y = BamGateFunction.apply(*leaves, False)
+    grads = torch.autograd.grad(y, leaves, dy)
+    ref_leaves = [t.double().requires_grad_() for t in (x, cl, sl)]
+    y_ref = bam_gate_reference(*ref_leaves)
+    grads_ref = torch.autograd.grad(y_ref, ref_leaves, dy.double())
+    return (y, *grads), (y_ref, *grads_ref)
+
+
+@needs_native
+@pytest.mark.parametrize("shape", NATIVE_SHAPES)
+def test_native_kernels_match_float64_reference(shape, monkeypatch):
+    calls = []
+    monkeypatch.setattr(gate_module, "_native_factors", _spy(gate_module._native_factors, calls))
+    got, want = _native_vs_float64(shape)
+    assert calls and calls[0] is not None, "the native kernels did not run"
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+
+
+def _spy(fn, calls):
+    def wrapper(*args):
+        result = fn(*args)
+        calls.append(result)
+        return result
+    return wrapper
+
+
+@needs_native
+@pytest.mark.parametrize("scale", [30.0, 1e4])
+def test_native_kernels_hand_saturated_gates_to_aten(scale):
+    """Logits beyond +-40 would overflow exp(-Mc) * exp(-Ms): those go through ATen and still match."""
+    got, want = _native_vs_float64((2, 4, 6, 6), scale=scale)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+def test_native_path_propagates_nan_like_the_reference():
+    x = torch.randn(1, 3, 4, 4)
+    c = torch.randn(1, 3, 1, 1)
+    c[0, 1] = float("nan")
+    y = bam_gate(x, c, torch.randn(1, 1, 4, 4))
+    assert torch.isnan(y[0, 1]).all() and not torch.isnan(y[0, [0, 2]]).any()
+
+
+@needs_native
+def test_native_inference_and_training_paths_agree():
+    x, c, s = (torch.randn(sh) for sh in ((4, 8, 12, 10), (4, 8, 1, 1), (4, 1, 12, 10)))
+    with torch.no_grad():
+        y_infer = bam_gate(x, c, s)
+    y_train = bam_gate(x.requires_grad_(), c, s)
+    torch.testing.assert_close(y_infer, y_train.detach(), rtol=0, atol=0)
+
+
+@needs_native
+def test_native_backward_accepts_a_non_contiguous_gradient():
+    x, c, s = (torch.randn(sh, requires_grad=True) for sh in ((2, 3, 5, 5), (2, 3, 1, 1), (2, 1, 5, 5)))
+    dy = torch.randn(5, 5, 3, 2).permute(3, 2, 1, 0)  # x's shape, transposed strides
+    grads = torch.autograd.grad(bam_gate(x, c, s), (x, c, s), dy)
+    ref = [t.detach().clone().requires_grad_() for t in (x, c, s)]
+    grads_ref = torch.autograd.grad(bam_gate_reference(*ref), ref, dy)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@needs_native
+def test_native_ops_reject_bad_input_with_a_message():
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(RuntimeError, match="contiguous 4-D float32"):
+        torch.ops.bam_zoo.gate_forward(x.double(), torch.ones(2, 3), torch.ones(2, 16))
+    with pytest.raises(RuntimeError, match="N\\*C"):
+        torch.ops.bam_zoo.gate_forward(x, torch.ones(2, 4), torch.ones(2, 16))
+
+
+def test_native_kernels_can_be_switched_off():
+    """BAM_ZOO_NATIVE_GATE=0 gives the ATen path (for A/B timing and debugging)."""
+    import subprocess
+    import sys
+    code = "import bam_zoo.layers.gate as g; print(g.native_gate_available())"
+    env = {**__import__("os").environ, "BAM_ZOO_NATIVE_GATE": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_native_kernels_are_built_where_ci_runs():
+    """.ci/run sets BAM_ZOO_REQUIRE_NATIVE=1: a build that silently fell back to ATen would hide a regression."""
+    import os
+    if os.environ.get("BAM_ZOO_REQUIRE_NATIVE") != "1":
+        pytest.skip("only enforced where BAM_ZOO_REQUIRE_NATIVE=1 (CI)")
+    assert native_gate_available()

@@ -14,6 +14,10 @@ them alive until the backward. :func:`bam_gate` instead
   memory instead of three;
 * skips autograd entirely when no gradient is needed (inference).
 
+With the compiled kernels of ``bam_zoo._native`` (built at install, see ``setup.py``), the sum-fusion gate on
+contiguous float32 maps runs as one pass forward and one pass backward (:func:`native_gate_available`); any
+other case, or an install without them, takes the ATen path above. ``BAM_ZOO_NATIVE_GATE=0`` turns them off.
+
 Traced, scripted, compiled and exported graphs get the reference definition instead (a custom
 ``autograd.Function`` with ``out=`` writes is opaque to them, and compilers fuse the reference on their own).
 Both paths compute the same function; the tests hold them to ``allclose`` and ``gradcheck``.
@@ -26,8 +30,56 @@ import torch
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 __all__ = [
-    "bam_gate", "bam_gate_reference", "BamGateFunction", "compile_gate", "reference_kernels", "use_reference_gate",
+    "bam_gate", "bam_gate_reference", "BamGateFunction", "compile_gate", "native_gate_available",
+    "reference_kernels", "use_reference_gate",
 ]
+
+
+def _load_native() -> bool:
+    """Import the compiled kernels (registers ``torch.ops.bam_zoo.gate_*``); False when absent or disabled."""
+    if os.environ.get("BAM_ZOO_NATIVE_GATE", "") == "0":
+        return False
+    try:
+        from .. import _native  # noqa: F401
+    except ImportError:  # installed without a compiler, or built for another torch
+        return False
+    return True
+
+
+_NATIVE = _load_native()
+
+# The native kernels compute sigmoid(Mc + Ms) as 1 / (1 + exp(-Mc) * exp(-Ms)); with both logits within this
+# bound the product stays finite in float32. Larger logits (a saturated gate) take the ATen path.
+_NATIVE_MAX_LOGIT = 40.0
+
+
+def native_gate_available() -> bool:
+    """Whether the fused one-pass kernels of ``bam_zoo._native`` are loaded (see ``setup.py``)."""
+    return _NATIVE
+
+
+def _native_factors(
+        x: torch.Tensor, channel_logits: torch.Tensor, spatial_logits: torch.Tensor, product: bool
+) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """``(exp(-Mc), exp(-Ms))`` as N x C and N x HW matrices when the native kernels apply, else None.
+
+    They apply to the sum fusion of float32 CPU tensors with ``x`` contiguous (N x C x H x W), logits of the
+    usual N x C x 1 x 1 and N x 1 x H x W shapes, and every logit within +-``_NATIVE_MAX_LOGIT`` (NaN fails
+    that test too, so NaNs propagate through the ATen path exactly as in the reference).
+    """
+    if not _NATIVE or product or x.dim() != 4 or x.device.type != "cpu":
+        return None
+    n, c, h, w = x.shape
+    if not (x.dtype == channel_logits.dtype == spatial_logits.dtype == torch.float32):
+        return None
+    if channel_logits.shape != (n, c, 1, 1) or spatial_logits.shape != (n, 1, h, w) or not x.is_contiguous():
+        return None
+    bound = torch.maximum(channel_logits.detach().abs().amax(), spatial_logits.detach().abs().amax())
+    if not bool(bound <= _NATIVE_MAX_LOGIT):
+        return None
+    with torch.no_grad():
+        return (torch.exp(-channel_logits.detach()).reshape(n, c).contiguous(),
+                torch.exp(-spatial_logits.detach()).reshape(n, h * w).contiguous())
 
 
 def bam_gate_reference(
@@ -77,7 +129,10 @@ def _sigmoid_into(
 
 def _gate_forward(
         x: torch.Tensor, channel_logits: torch.Tensor, spatial_logits: torch.Tensor, product: bool) -> torch.Tensor:
-    """``x * (1 + sigmoid(logits))`` written into one fresh buffer: three full-size passes, one allocation."""
+    """``x * (1 + sigmoid(logits))``: one pass in the native kernel, else three passes into one fresh buffer."""
+    factors = _native_factors(x, channel_logits, spatial_logits, product)
+    if factors is not None:
+        return torch.ops.bam_zoo.gate_forward(x, *factors)
     out = _sigmoid_into(_gate_buffer(x, channel_logits, spatial_logits), channel_logits, spatial_logits, product)
     # out = x + x * sigmoid; element-wise ops may write over an input they read at the same index.
     return torch.addcmul(x, x, out, out=out)
@@ -99,12 +154,24 @@ class BamGateFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, channel_logits: torch.Tensor, spatial_logits: torch.Tensor,
                 product: bool) -> torch.Tensor:
-        ctx.save_for_backward(x, channel_logits, spatial_logits)
         ctx.product = product
+        factors = _native_factors(x, channel_logits, spatial_logits, product)
+        if factors is not None:  # one pass each way; the small exp(-logit) factors are kept for the backward
+            ctx.save_for_backward(x, *factors)
+            ctx.native = True
+            return torch.ops.bam_zoo.gate_forward(x, *factors)
+        ctx.save_for_backward(x, channel_logits, spatial_logits)
+        ctx.native = False
         return _gate_forward(x, channel_logits, spatial_logits, product)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+        if ctx.native:
+            x, channel_factor, spatial_factor = ctx.saved_tensors
+            grad_x, grad_c, grad_s = torch.ops.bam_zoo.gate_backward(
+                grad_out.contiguous(), x, channel_factor, spatial_factor)
+            n, c, h, w = x.shape
+            return grad_x, grad_c.view(n, c, 1, 1), grad_s.view(n, 1, h, w), None
         x, channel_logits, spatial_logits = ctx.saved_tensors
         product = ctx.product
         need_x, need_c, need_s = ctx.needs_input_grad[:3]
