@@ -1,4 +1,6 @@
 """The fused BAM gate computes exactly the reference gate: outputs and gradients, every layout and dtype."""
+import copy
+
 import pytest
 import torch
 
@@ -339,3 +341,51 @@ def test_native_kernels_are_built_where_ci_runs():
     if os.environ.get("BAM_ZOO_REQUIRE_NATIVE") != "1":
         pytest.skip("only enforced where BAM_ZOO_REQUIRE_NATIVE=1 (CI)")
     assert native_gate_available()
+
+
+@needs_native
+@pytest.mark.parametrize("in_ch,out_ch,kernel,dilation,size,bias", [
+    (1, 1, 3, 4, (9, 7), False),   # bam_resnet20's first BAM
+    (2, 2, 3, 4, (6, 5), False),   # its second
+    (1, 2, 3, 2, (5, 5), True),
+    (4, 1, 1, 1, (4, 6), True),    # 1x1
+    (2, 2, 3, 4, (3, 3), False),   # map smaller than the dilation: only the centre tap ever overlaps
+    (1, 1, (2, 3), (1, 2), (5, 6), True),  # non-square kernel, unequal dilation
+])
+def test_native_small_conv_matches_float64_conv2d(in_ch, out_ch, kernel, dilation, size, bias):
+    """The direct-loop kernels for convolutions of <= 4 channel pairs: outputs and all gradients."""
+    from bam_zoo.layers.bam import _few_channel_conv
+    from bam_zoo.layers.native import small_conv_applies
+
+    torch.manual_seed(0)
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    dh, dw = (dilation, dilation) if isinstance(dilation, int) else dilation
+    conv = torch.nn.Conv2d(in_ch, out_ch, (kh, kw), padding=((kh // 2) * dh, (kw // 2) * dw),
+                           dilation=(dh, dw), bias=bias)
+    conv64 = copy.deepcopy(conv).double()
+    x = torch.randn(3, in_ch, *size, requires_grad=True)
+    assert small_conv_applies(conv, x)
+    y = _few_channel_conv(conv, x)
+    x64 = x.detach().double().requires_grad_()
+    y_ref = conv64(x64)
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
+    dy = torch.randn(y.shape)
+    got = torch.autograd.grad(y, [x] + list(conv.parameters()), dy)
+    want = torch.autograd.grad(y_ref, [x64] + list(conv64.parameters()), dy.double())
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # inference skips autograd, same numbers
+        torch.testing.assert_close(_few_channel_conv(conv, x), y.detach())
+
+
+@needs_native
+def test_native_small_conv_leaves_larger_convs_to_onednn():
+    from bam_zoo.layers.native import small_conv_applies
+
+    x = torch.randn(2, 4, 8, 8)
+    assert not small_conv_applies(torch.nn.Conv2d(4, 4, 3, padding=4, dilation=4), x)
+    assert not small_conv_applies(torch.nn.Conv2d(2, 2, 3, stride=2), x[:, :2])
+    assert not small_conv_applies(torch.nn.Conv2d(2, 2, 3).double(), x[:, :2].double())
+    assert not small_conv_applies(torch.nn.Conv2d(2, 2, 3), x[:, :2])  # a channel slice is not contiguous
+    assert small_conv_applies(torch.nn.Conv2d(2, 2, 3), x[:, :2].contiguous())

@@ -35,6 +35,7 @@ from timm.layers import get_act_layer, make_divisible
 from timm.layers.activations import Sigmoid as TimmSigmoid
 
 from .gate import bam_gate, use_reference_gate
+from .native import small_conv, small_conv_applies
 
 LayerType = Union[str, Callable, Type[nn.Module]]
 
@@ -170,8 +171,14 @@ def _few_channel_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
       (``conv_reduce`` of ResNet-50's first BAM, 256 -> 16 at 28 x 28 or more: forward+backward 5.6 ms as a
       matmul against 15.9 ms in oneDNN, batch 16, 2 threads): a batched matmul.
 
+    With the compiled kernels (:mod:`bam_zoo.layers.native`), convolutions of at most four channel pairs
+    (``rd_channels`` of 1 or 2) run as direct loops instead: 0.4 ms against 14 ms in oneDNN for the 1 -> 1
+    dilated 3x3 above, 0.5 against 1.2 ms for a 2 -> 2 one at 256 x 14 x 14.
+
     Anything else (or a layout the rewrite would have to copy) takes ``conv(x)``.
     """
+    if small_conv_applies(conv, x):
+        return small_conv(conv, x)
     if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         return conv(x)
     n, c, h, w = x.shape

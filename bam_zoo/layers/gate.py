@@ -29,24 +29,14 @@ from typing import Iterator, Optional, Tuple
 import torch
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
+from . import native
+
 __all__ = [
     "bam_gate", "bam_gate_reference", "BamGateFunction", "compile_gate", "native_gate_available",
     "reference_kernels", "use_reference_gate",
 ]
 
 
-def _load_native() -> bool:
-    """Import the compiled kernels (registers ``torch.ops.bam_zoo.gate_*``); False when absent or disabled."""
-    if os.environ.get("BAM_ZOO_NATIVE_GATE", "") == "0":
-        return False
-    try:
-        from .. import _native  # noqa: F401
-    except ImportError:  # installed without a compiler, or built for another torch
-        return False
-    return True
-
-
-_NATIVE = _load_native()
 
 # The native kernels compute sigmoid(Mc + Ms) as 1 / (1 + exp(-Mc) * exp(-Ms)); with both logits within this
 # bound the product stays finite in float32. Larger logits (a saturated gate) take the ATen path.
@@ -55,7 +45,7 @@ _NATIVE_MAX_LOGIT = 40.0
 
 def native_gate_available() -> bool:
     """Whether the fused one-pass kernels of ``bam_zoo._native`` are loaded (see ``setup.py``)."""
-    return _NATIVE
+    return native.NATIVE
 
 
 def _native_factors(
@@ -67,7 +57,7 @@ def _native_factors(
     usual N x C x 1 x 1 and N x 1 x H x W shapes, and every logit within +-``_NATIVE_MAX_LOGIT`` (NaN fails
     that test too, so NaNs propagate through the ATen path exactly as in the reference).
     """
-    if not _NATIVE or product or x.dim() != 4 or x.device.type != "cpu":
+    if not native.NATIVE or product or x.dim() != 4 or x.device.type != "cpu":
         return None
     n, c, h, w = x.shape
     if not (x.dtype == channel_logits.dtype == spatial_logits.dtype == torch.float32):

@@ -1,0 +1,75 @@
+"""The compiled CPU kernels of ``bam_zoo._native`` (``bam_zoo/csrc``), and autograd for the ones BAM calls.
+
+They are built at install time against the installed torch (``setup.py``; ``pip install --no-build-isolation``).
+Where they are missing (no compiler at install, another torch) or disabled with ``BAM_ZOO_NATIVE_GATE=0``,
+every caller takes its ATen path, which computes the same function more slowly.
+"""
+import os
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+__all__ = ["native_kernels_available", "small_conv", "small_conv_applies", "SmallConvFunction"]
+
+
+def _load() -> bool:
+    """Import the compiled kernels (registers ``torch.ops.bam_zoo.*``); False when absent or disabled."""
+    if os.environ.get("BAM_ZOO_NATIVE_GATE", "") == "0":
+        return False
+    try:
+        from .. import _native  # noqa: F401
+    except ImportError:  # installed without a compiler, or built for another torch
+        return False
+    return True
+
+
+NATIVE = _load()
+
+# oneDNN is slow on convolutions this small (channels in x channels out); the direct loops are not on larger ones
+# (4 -> 4 at 7 x 7 is already a tie, 16 -> 16 is 5x slower).
+_SMALL_CONV_MAX_CHANNEL_PAIRS = 4
+
+
+def native_kernels_available() -> bool:
+    """Whether the compiled kernels of ``bam_zoo._native`` are loaded."""
+    return NATIVE
+
+
+def small_conv_applies(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    """Whether :func:`small_conv` can run ``conv(x)``: a stride-1, zero-padded, ungrouped conv with at most
+    four (input, output) channel pairs on a contiguous float32 CPU map."""
+    return (NATIVE and conv.in_channels * conv.out_channels <= _SMALL_CONV_MAX_CHANNEL_PAIRS
+            and conv.groups == 1 and conv.stride == (1, 1) and conv.padding_mode == "zeros"
+            and not isinstance(conv.padding, str) and x.dim() == 4 and x.device.type == "cpu"
+            and x.dtype == conv.weight.dtype == torch.float32 and x.is_contiguous())
+
+
+class SmallConvFunction(torch.autograd.Function):
+    """Autograd for ``torch.ops.bam_zoo.small_conv_*`` (direct loops for convolutions of one to four channels)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding: List[int],
+                dilation: List[int]) -> torch.Tensor:
+        weight = weight.contiguous()
+        ctx.save_for_backward(x, weight)
+        ctx.geometry = (padding, dilation)
+        ctx.has_bias = bias is not None
+        return torch.ops.bam_zoo.small_conv_forward(x, weight, bias, padding, dilation)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+        x, weight = ctx.saved_tensors
+        grad_x, grad_w, grad_b = torch.ops.bam_zoo.small_conv_backward(
+            grad_out.contiguous(), x, weight, *ctx.geometry)
+        return grad_x, grad_w, grad_b if ctx.has_bias else None, None, None
+
+
+def small_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` through the direct-loop kernels; check :func:`small_conv_applies` first."""
+    bias = conv.bias.contiguous() if conv.bias is not None else None
+    padding, dilation = list(conv.padding), list(conv.dilation)
+    if torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return SmallConvFunction.apply(x, conv.weight, bias, padding, dilation)
+    return torch.ops.bam_zoo.small_conv_forward(x, conv.weight.contiguous(), bias, padding, dilation)
