@@ -36,6 +36,7 @@ from timm.layers.activations import Sigmoid as TimmSigmoid
 
 from .gate import bam_gate, use_reference_gate
 from .native import small_conv, small_conv_applies
+from .bam_training import bam_training_forward, fused_training_applies
 
 LayerType = Union[str, Callable, Type[nn.Module]]
 
@@ -97,8 +98,11 @@ class ChannelAttn(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Mean over the full H x W, whatever its aspect ratio. Written as sum / HW: mean's backward runs a
         # full-size division, sum's is a broadcast view (about 10x cheaper on a 256 x 28 x 28 map).
-        x = x.sum((2, 3)) / (x.shape[2] * x.shape[3])
-        x = self.fc2(self.act(self.bn(self.fc1(x))))
+        return self.forward_pooled(x.sum((2, 3)) / (x.shape[2] * x.shape[3]))
+
+    def forward_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The MLP on already pooled ``N x C`` values (BAM's one-node training path pools by itself)."""
+        x = self.fc2(self.act(self.bn(self.fc1(pooled))))
         return x.unsqueeze(-1).unsqueeze(-1)
 
 
@@ -143,11 +147,23 @@ class SpatialAttn(nn.Module):
         return self._forward_eager(x)
 
     @torch.jit.unused
-    def _forward_eager(self, x: torch.Tensor) -> torch.Tensor:
-        """``self.body(x)`` with the few-channel convolutions routed around oneDNN's slow kernels."""
-        for layer in self.body:
+    def _forward_eager(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """``self.body[start:](x)`` with the few-channel convolutions routed around oneDNN's slow kernels."""
+        for layer in list(self.body)[start:]:
             x = _few_channel_conv(layer, x) if isinstance(layer, nn.Conv2d) else layer(x)
         return x
+
+    @torch.jit.unused
+    def forward_reduced(self, reduced: torch.Tensor) -> torch.Tensor:
+        """Everything after ``conv_reduce``, on its output (BAM's one-node training path reduces by itself).
+
+        ``reduced`` may be a leaf that requires grad; an in-place first layer (``act_reduce`` once
+        :func:`bam_zoo.fuse_for_inference` turned ``bn_reduce`` into an identity) then gets a copy instead.
+        """
+        first = next((layer for layer in list(self.body)[1:] if not isinstance(layer, nn.Identity)), None)
+        if getattr(first, "inplace", False) and reduced.requires_grad and reduced.is_leaf:
+            reduced = reduced.clone()
+        return self._forward_eager(reduced, start=1)
 
 
 # 1x1 convolutions with at most this many output channels, or on maps of at least this many pixels, run as a
@@ -289,6 +305,8 @@ class BAM(nn.Module):
             raise ValueError(
                 f"BAM was built for {self.channels} channels but got an input with {x.shape[1]} channels "
                 f"(shape {list(x.shape)}); build it with BAM({x.shape[1]}) or fix the input.")
+        if not torch.jit.is_scripting() and self._takes_training_node(x):
+            return self._training_node(x)  # one autograd node, far fewer full-size passes
         channel_logits = self.channel_attn(x)
         spatial_logits = self.spatial_attn(x)
         if self.store_attention:
@@ -296,6 +314,15 @@ class BAM(nn.Module):
         if self.fused_sigmoid:
             return bam_gate(x, channel_logits, spatial_logits, self.fusion == "product")
         return x * (1 + self.attention(channel_logits, spatial_logits))
+
+    @torch.jit.unused
+    def _takes_training_node(self, x: torch.Tensor) -> bool:
+        return fused_training_applies(self, x)
+
+    @torch.jit.unused
+    def _training_node(self, x: torch.Tensor) -> torch.Tensor:
+        """Training through :class:`bam_zoo.layers.bam_training.BamBlockFunction` (eager mode only)."""
+        return bam_training_forward(self, x)
 
     @torch.jit.unused
     def _store_attention(self, channel_logits: torch.Tensor, spatial_logits: torch.Tensor) -> None:

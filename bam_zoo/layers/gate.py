@@ -128,6 +128,33 @@ def _gate_forward(
     return torch.addcmul(x, x, out, out=out)
 
 
+def _aten_gate_backward(
+        grad_out: torch.Tensor, x: torch.Tensor, channel_logits: torch.Tensor, spatial_logits: torch.Tensor,
+        product: bool, needs_grad: Tuple[bool, ...],
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Gradients of the gate for ``(x, channel_logits, spatial_logits)`` with ATen ops (see BamGateFunction)."""
+    need_x, need_c, need_s = needs_grad
+    gate = _sigmoid_into(_gate_buffer(x, channel_logits, spatial_logits), channel_logits, spatial_logits, product)
+    grad_x = grad_c = grad_s = None
+    if need_c or need_s:
+        # dz = (dy * x) * g * (1 - g): one product pass, then aten's fused sigmoid_backward in place
+        dz = torch.mul(grad_out, x)
+        torch.ops.aten.sigmoid_backward.grad_input(dz, gate, grad_input=dz)
+        if need_c:
+            grad_c = (dz * spatial_logits if product else dz).sum_to_size(channel_logits.shape)
+            grad_c = grad_c.to(channel_logits.dtype)
+        if need_s:
+            grad_s = (dz * channel_logits if product else dz).sum_to_size(spatial_logits.shape)
+            grad_s = grad_s.to(spatial_logits.dtype)
+        del dz  # freed before dx is written, so the backward never holds more than two full-size buffers
+    if need_x:
+        grad_x = torch.addcmul(grad_out, grad_out, gate, out=gate)  # dy * (1 + g), over the gate buffer
+        if grad_x.shape != x.shape:
+            grad_x = grad_x.sum_to_size(x.shape)
+        grad_x = grad_x.to(x.dtype)
+    return grad_x, grad_c, grad_s
+
+
 class BamGateFunction(torch.autograd.Function):
     """Autograd for the fused gate, saving only ``x`` and the small logit maps.
 
@@ -163,27 +190,9 @@ class BamGateFunction(torch.autograd.Function):
             n, c, h, w = x.shape
             return grad_x, grad_c.view(n, c, 1, 1), grad_s.view(n, 1, h, w), None
         x, channel_logits, spatial_logits = ctx.saved_tensors
-        product = ctx.product
-        need_x, need_c, need_s = ctx.needs_input_grad[:3]
-        gate = _sigmoid_into(_gate_buffer(x, channel_logits, spatial_logits), channel_logits, spatial_logits, product)
-        grad_x = grad_c = grad_s = None
-        if need_c or need_s:
-            # dz = (dy * x) * g * (1 - g): one product pass, then aten's fused sigmoid_backward in place
-            dz = torch.mul(grad_out, x)
-            torch.ops.aten.sigmoid_backward.grad_input(dz, gate, grad_input=dz)
-            if need_c:
-                grad_c = (dz * spatial_logits if product else dz).sum_to_size(channel_logits.shape)
-                grad_c = grad_c.to(channel_logits.dtype)
-            if need_s:
-                grad_s = (dz * channel_logits if product else dz).sum_to_size(spatial_logits.shape)
-                grad_s = grad_s.to(spatial_logits.dtype)
-            del dz  # freed before dx is written, so the backward never holds more than two full-size buffers
-        if need_x:
-            grad_x = torch.addcmul(grad_out, grad_out, gate, out=gate)  # dy * (1 + g), over the gate buffer
-            if grad_x.shape != x.shape:
-                grad_x = grad_x.sum_to_size(x.shape)
-            grad_x = grad_x.to(x.dtype)
-        return grad_x, grad_c, grad_s, None
+        grads = _aten_gate_backward(grad_out, x, channel_logits, spatial_logits, ctx.product,
+                                    ctx.needs_input_grad[:3])
+        return (*grads, None)
 
 
 _FORCE_REFERENCE = False
