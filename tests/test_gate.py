@@ -389,3 +389,42 @@ def test_native_small_conv_leaves_larger_convs_to_onednn():
     assert not small_conv_applies(torch.nn.Conv2d(2, 2, 3).double(), x[:, :2].double())
     assert not small_conv_applies(torch.nn.Conv2d(2, 2, 3), x[:, :2])  # a channel slice is not contiguous
     assert small_conv_applies(torch.nn.Conv2d(2, 2, 3), x[:, :2].contiguous())
+
+
+@needs_native
+def test_gate_buffers_are_reused_and_accounted():
+    """The gate's full-size outputs come from a cache: freed blocks are handed out again, the profiler's
+    memory view still counts them, and empty_buffer_cache releases them."""
+    from bam_zoo.layers.native import buffer_cache_info, empty_buffer_cache
+
+    x, c, s = torch.randn(2, 8, 16, 16), torch.randn(2, 8, 1, 1), torch.randn(2, 1, 16, 16)
+    empty_buffer_cache()
+    before = buffer_cache_info()
+    y = bam_gate(x, c, s)
+    nbytes = y.numel() * 4
+    assert buffer_cache_info().allocated == before.allocated + nbytes
+    ptr = y.data_ptr()
+    del y
+    assert buffer_cache_info().cached == before.cached + nbytes
+    y2 = bam_gate(x, c, s)
+    assert y2.data_ptr() == ptr  # the same block, no fresh pages
+    torch.testing.assert_close(y2, bam_gate_reference(x, c, s))
+    y2.resize_(4, 8, 16, 16)  # still an ordinary, resizable tensor
+    del y2
+    empty_buffer_cache()
+    assert buffer_cache_info().cached == 0
+
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        bam_gate(x, c, s)
+    reported = [e.cpu_memory_usage for e in prof.events() if e.name == "bam_zoo::gate_forward"]
+    assert reported and reported[0] >= nbytes
+
+
+def test_buffer_cache_limit_is_validated():
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "BAM_ZOO_BUFFER_CACHE_MB": "lots"}
+    out = subprocess.run([sys.executable, "-c", "import bam_zoo"], env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and "BAM_ZOO_BUFFER_CACHE_MB must be a whole number" in out.stderr

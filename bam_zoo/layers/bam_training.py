@@ -148,19 +148,17 @@ class BamBlockFunction(torch.autograd.Function):
         trainable_grads = iter(grads[2:])
         grad_params: List[Optional[torch.Tensor]] = [next(trainable_grads) if p.requires_grad else None
                                                      for p in branch_params]
-        if ctx.reduce_as_matmul:
-            grad_reduced = grad_reduced.reshape(n, rd, h * w)
-            # dx += W^T @ dred + dpool / HW as one batched matmul in place: [W^T | dpool/HW] @ [dred ; 1]
-            lhs = torch.cat([reduce_weight.reshape(1, rd, c).transpose(1, 2).expand(n, -1, -1),
-                             (grad_pooled / (h * w)).unsqueeze(2)], dim=2)
+        grad_reduced = grad_reduced.reshape(n, rd, h * w)
+        weight_t = reduce_weight.reshape(1, rd, c).transpose(1, 2).expand(n, -1, -1)  # a view, no copy
+        grad_pooled = (grad_pooled / (h * w)).unsqueeze(2)
+        if (rd + 1) * 8 <= h * w:
+            # dx += [W^T | dpool/HW] @ [dred ; 1]: one in-place pass; the concatenated W^T (N x C x (rd+1))
+            # is small next to the map
+            lhs = torch.cat([weight_t, grad_pooled], dim=2)
             rhs = torch.cat([grad_reduced, grad_reduced.new_ones(n, 1, h * w)], dim=1)
             grad_x.view(n, c, h * w).baddbmm_(lhs, rhs)
-            grad_weight = torch.bmm(grad_reduced, x.view(n, c, h * w).transpose(1, 2)).sum(0)
-            grad_weight = grad_weight.view_as(reduce_weight)
-            grad_bias = grad_reduced.sum((0, 2)) if ctx.has_bias else None
-        else:
-            grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-                grad_reduced.contiguous(), x, reduce_weight, [rd] if ctx.has_bias else None, [1, 1], [0, 0], [1, 1],
-                False, [0, 0], 1, [True, True, ctx.has_bias])
-            grad_x.add_(grad_input).view(n, c, h * w).add_((grad_pooled / (h * w)).unsqueeze(2))
+        else:  # small maps: copying W^T per sample would cost more than a second pass for the pool term
+            grad_x.view(n, c, h * w).baddbmm_(weight_t, grad_reduced).add_(grad_pooled)
+        grad_weight = torch.bmm(grad_reduced, x.view(n, c, h * w).transpose(1, 2)).sum(0).view_as(reduce_weight)
+        grad_bias = grad_reduced.sum((0, 2)) if ctx.has_bias else None
         return (grad_x, grad_weight, grad_bias, None, *grad_params)

@@ -5,12 +5,15 @@ Where they are missing (no compiler at install, another torch) or disabled with 
 every caller takes its ATen path, which computes the same function more slowly.
 """
 import os
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-__all__ = ["native_kernels_available", "small_conv", "small_conv_applies", "SmallConvFunction"]
+__all__ = [
+    "BufferCacheInfo", "buffer_cache_info", "empty_buffer_cache", "native_kernels_available", "small_conv",
+    "small_conv_applies", "SmallConvFunction",
+]
 
 
 def _load() -> bool:
@@ -25,6 +28,47 @@ def _load() -> bool:
 
 
 NATIVE = _load()
+
+# The gate kernels return their full-size buffers from a small cache (see bam_zoo/csrc: a fresh 12.8 MB buffer
+# costs ~3 ms of page faults, a reused one 0.2 ms). BAM_ZOO_BUFFER_CACHE_MB sets how much freed memory it may
+# keep for reuse (default 256; 0 turns caching off).
+_DEFAULT_CACHE_MB = 256
+
+
+def _cache_limit_mb() -> int:
+    value = os.environ.get("BAM_ZOO_BUFFER_CACHE_MB", str(_DEFAULT_CACHE_MB))
+    try:
+        limit = int(value)
+    except ValueError:
+        raise ValueError(f"BAM_ZOO_BUFFER_CACHE_MB must be a whole number of MiB (0 turns the cache off), "
+                         f"got {value!r}.") from None
+    if limit < 0:
+        raise ValueError(f"BAM_ZOO_BUFFER_CACHE_MB must be >= 0 (0 turns the cache off), got {limit}.")
+    return limit
+
+
+if NATIVE:
+    torch.ops.bam_zoo.buffer_cache_set_limit(_cache_limit_mb() << 20)
+
+
+class BufferCacheInfo(NamedTuple):
+    """Bytes of the gate's buffer cache: in live tensors, kept for reuse, and the most it may keep."""
+    allocated: int
+    cached: int
+    limit: int
+
+
+def buffer_cache_info() -> BufferCacheInfo:
+    """Where the gate kernels' buffer cache stands (all zeros without the compiled kernels)."""
+    if not NATIVE:
+        return BufferCacheInfo(0, 0, 0)
+    return BufferCacheInfo(*torch.ops.bam_zoo.buffer_cache_info())
+
+
+def empty_buffer_cache() -> None:
+    """Free every buffer the cache keeps for reuse (live tensors are untouched), like ``torch.cuda.empty_cache``."""
+    if NATIVE:
+        torch.ops.bam_zoo.buffer_cache_empty()
 
 # oneDNN is slow on convolutions this small (channels in x channels out); the direct loops are not on larger ones
 # (4 -> 4 at 7 x 7 is already a tie, 16 -> 16 is 5x slower).
