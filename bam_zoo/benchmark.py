@@ -308,6 +308,15 @@ def run_pipeline(runs: int = 5, steps: int = 4, batch_size: int = 256, model_nam
     return e2e_ips, pure_ips, statistics.median(p / e for p, e in zip(pure_t, e2e_t))
 
 
+def _native_status() -> str:
+    """Whether BAM runs its compiled kernels here (they decide most of the numbers), and the buffer cache."""
+    from .layers.native import buffer_cache_info, native_kernels_available
+
+    if not native_kernels_available():
+        return "not loaded (ATen fallback; build them with `pip install --no-build-isolation -e .`)"
+    return f"loaded; gate buffer cache limit {buffer_cache_info().limit >> 20} MiB (BAM_ZOO_BUFFER_CACHE_MB)"
+
+
 def _format(results: Sequence[Result]) -> str:
     lines = [
         f"{'case':<16} {'plain ms':>9} {'BAM ms':>9} {'time x':>7} {'plain MiB':>10} {'BAM MiB':>9} {'mem x':>6}"
@@ -331,21 +340,16 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Result]:
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--no-fuse", action="store_true", help="do not fold BAM's BatchNorms for inference")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few runs (smoke test)")
-    parser.add_argument("--compile-gate", action="store_true",
-                        help="run BAM's gate through torch.compile (bam_zoo.layers.gate.compile_gate)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.compile_gate:
-        from .layers.gate import compile_gate
-        compile_gate()  # compiled during the warm-up rounds, once per shape
     table = QUICK_CASES if args.quick else CASES
     runs, warmup = (max(1, min(args.runs, 2)), 1) if args.quick else (args.runs, args.warmup)
     if not args.quick and runs < 5:
         parser.error("--runs must be >= 5 for a median that means something (use --quick for a smoke test)")
     names = args.case or list(table)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {runs} interleaved rounds "
-          f"after {warmup} warm-up, {args.repeats} repeat(s); ratio = BAM / plain"
-          f"{'; compiled gate' if args.compile_gate else ''}", flush=True)
+          f"after {warmup} warm-up, {args.repeats} repeat(s); ratio = BAM / plain", flush=True)
+    print(f"bam_zoo compiled kernels: {_native_status()}", flush=True)
     results = []
     for name in names:
         if name == "pipeline":

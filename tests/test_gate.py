@@ -213,28 +213,6 @@ def test_large_map_reduce_conv_as_matmul_matches_conv2d():
         torch.testing.assert_close(a, b)
 
 
-def test_compiled_gate_matches_reference():
-    """The opt-in torch.compile'd gate (compile_gate) computes the reference's outputs and gradients."""
-    from bam_zoo.layers import gate
-
-    torch.manual_seed(0)
-    x = torch.randn(2, 8, 5, 6, requires_grad=True)
-    mc = torch.randn(2, 8, 1, 1, requires_grad=True)
-    ms = torch.randn(2, 1, 5, 6, requires_grad=True)
-    gate.compile_gate()
-    try:
-        y = gate.bam_gate(x, mc, ms)
-        assert "Compiled" in type(y.grad_fn).__name__  # really the compiled graph, not BamGateFunction
-        grads = torch.autograd.grad(y.square().sum(), [x, mc, ms])
-    finally:
-        gate.compile_gate(False)
-    y_ref = gate.bam_gate_reference(x, mc, ms)
-    torch.testing.assert_close(y, y_ref)
-    for a, b in zip(grads, torch.autograd.grad(y_ref.square().sum(), [x, mc, ms])):
-        torch.testing.assert_close(a, b)
-    assert gate._COMPILED_GATE is None
-
-
 # --- the compiled one-pass kernels (bam_zoo._native) -------------------------------------------------------
 
 needs_native = pytest.mark.skipif(not native_gate_available(), reason="bam_zoo._native not built")

@@ -207,10 +207,14 @@ def _few_channel_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         return _single_channel_conv(x, weight, bias, conv.padding, conv.dilation)
     few_outputs = conv.out_channels <= _MATMUL_MAX_OUT_CHANNELS
     if one_by_one and (few_outputs or h * w >= _MATMUL_MIN_PIXELS) and x.is_contiguous():
-        # bmm against the broadcast weight; torch.matmul would fold x into a transposed copy and save it
-        y = torch.bmm(weight.view(1, conv.out_channels, c).expand(n, -1, -1), x.view(n, c, h * w))
-        y = y.view(n, conv.out_channels, h, w)
-        return y if bias is None else y + bias.view(1, -1, 1, 1)
+        # bmm against the broadcast weight; torch.matmul would fold x into a transposed copy and save it.
+        # A bias (BatchNorm folded by fuse_for_inference) goes in as baddbmm's input: no second buffer.
+        weight = weight.view(1, conv.out_channels, c).expand(n, -1, -1)
+        if bias is None:
+            y = torch.bmm(weight, x.view(n, c, h * w))
+        else:
+            y = torch.baddbmm(bias.view(1, -1, 1).expand(n, -1, h * w), weight, x.view(n, c, h * w))
+        return y.view(n, conv.out_channels, h, w)
     return conv(x)
 
 

@@ -23,7 +23,6 @@ Traced, scripted, compiled and exported graphs get the reference definition inst
 Both paths compute the same function; the tests hold them to ``allclose`` and ``gradcheck``.
 """
 import contextlib
-import os
 from typing import Iterator, Optional, Tuple
 
 import torch
@@ -32,7 +31,7 @@ from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from . import native
 
 __all__ = [
-    "bam_gate", "bam_gate_reference", "BamGateFunction", "compile_gate", "native_gate_available",
+    "bam_gate", "bam_gate_reference", "BamGateFunction", "native_gate_available",
     "reference_kernels", "use_reference_gate",
 ]
 
@@ -230,33 +229,11 @@ def use_reference_gate() -> bool:
     return is_fx_symbolic_tracing()
 
 
-_COMPILED_GATE = None
-
-
-def compile_gate(enable: bool = True) -> None:
-    """Run every BAM gate through ``torch.compile`` (opt-in; eager mode only).
-
-    Inductor fuses the gate's forward into one pass and its backward into about two, roughly halving the
-    gate's time on CPU (16 x 256 x 28 x 28 forward+backward, 2 threads: 6.9 ms against 13.0 ms for
-    :class:`BamGateFunction`). It is off by default because it needs a working C/C++ compiler at run time
-    and compiles once per input shape (seconds each). ``BAM_ZOO_COMPILE_GATE=1`` turns it on at import.
-
-    Args:
-        enable: Turn the compiled gate on (``True``) or back off.
-    """
-    global _COMPILED_GATE
-    _COMPILED_GATE = torch.compile(bam_gate_reference, dynamic=False) if enable else None
-
-
 @torch.jit.unused
 def _bam_gate_fused(
         x: torch.Tensor, channel_logits: torch.Tensor, spatial_logits: torch.Tensor, product: bool) -> torch.Tensor:
     """Eager fast path: no autograd bookkeeping when nothing needs a gradient, else :class:`BamGateFunction`.
-
-    With :func:`compile_gate` on, the compiled reference runs instead.
     """
-    if _COMPILED_GATE is not None:
-        return _COMPILED_GATE(x, channel_logits, spatial_logits, product)
     if torch.is_grad_enabled() and (
             x.requires_grad or channel_logits.requires_grad or spatial_logits.requires_grad):
         return BamGateFunction.apply(x, channel_logits, spatial_logits, product)
@@ -278,7 +255,3 @@ def bam_gate(
     if use_reference_gate():
         return bam_gate_reference(x, channel_logits, spatial_logits, product)
     return _bam_gate_fused(x, channel_logits, spatial_logits, product)
-
-
-if os.environ.get("BAM_ZOO_COMPILE_GATE", "") == "1":
-    compile_gate()
