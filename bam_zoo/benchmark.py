@@ -21,6 +21,10 @@ Why it is built this way:
   (the branches as plain ``nn.Sequential`` calls, then :func:`~bam_zoo.layers.gate.bam_gate_reference`).
 * ``pipeline`` measures the real Fashion-MNIST training loop (``FashionMNISTDataModule``'s loader and batch
   augmentation, then the training step) against the same steps on a ready-made batch.
+* Allocator: by default the benchmark runs as ``cli.py`` trains, with glibc keeping freed memory
+  (:func:`bam_zoo.runtime.keep_freed_memory`). With glibc's stock settings (``--malloc default``) each step
+  re-faults a history-dependent share of its tensors, which moves both models by 10-25% and their ratio by
+  several points from run to run.
 """
 from __future__ import annotations
 
@@ -35,6 +39,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .runtime import keep_freed_memory
 
 __all__ = ["Case", "CASES", "QUICK_CASES", "Result", "run_case", "peak_memory", "main"]
 
@@ -340,8 +346,14 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Result]:
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--no-fuse", action="store_true", help="do not fold BAM's BatchNorms for inference")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few runs (smoke test)")
+    parser.add_argument("--malloc", choices=["keep", "default"], default="keep",
+                        help="'keep' (as cli.py trains): glibc keeps freed memory for reuse instead of returning it "
+                             "to the OS (bam_zoo.runtime.keep_freed_memory); 'default': glibc's stock behaviour, "
+                             "where page faults on re-allocated tensors add several percent of drift")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.malloc == "keep" and not keep_freed_memory():
+        parser.error("--malloc keep needs glibc (and BAM_ZOO_MALLOC unset); use --malloc default here")
     table = QUICK_CASES if args.quick else CASES
     runs, warmup = (max(1, min(args.runs, 2)), 1) if args.quick else (args.runs, args.warmup)
     if not args.quick and runs < 5:
@@ -349,7 +361,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Result]:
     names = args.case or list(table)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {runs} interleaved rounds "
           f"after {warmup} warm-up, {args.repeats} repeat(s); ratio = BAM / plain", flush=True)
-    print(f"bam_zoo compiled kernels: {_native_status()}", flush=True)
+    print(f"bam_zoo compiled kernels: {_native_status()}; malloc: {args.malloc}", flush=True)
     results = []
     for name in names:
         if name == "pipeline":

@@ -18,7 +18,9 @@ def main(args: list[str] | None = None) -> None:
         SystemExit: with ``push``'s return code, or 1 after printing a bam-zoo error.
     """
     from bam_zoo.errors import BamZooError
+    from bam_zoo.runtime import keep_freed_memory
 
+    keep_freed_memory()  # CPU steps stop re-faulting their tensors (bam_zoo/runtime.py); BAM_ZOO_MALLOC=default skips
     argv = list(sys.argv[1:] if args is None else args)
     try:
         if argv and argv[0] == "push":

@@ -18,11 +18,13 @@
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <c10/core/Allocator.h>
-#include <c10/core/impl/alloc_cpu.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstring>
+#include <new>
+
+#include <sys/mman.h>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -60,7 +62,7 @@ class BufferCache final : public c10::Allocator {
       }
       allocated_bytes_ += bytes;
     }
-    if (ptr == nullptr) ptr = c10::alloc_cpu(bytes);
+    if (ptr == nullptr) ptr = map_pages(bytes);
     report(ptr, static_cast<int64_t>(bytes));
     return {ptr, new Block{ptr, bytes}, &BufferCache::release, c10::Device(c10::DeviceType::CPU)};
   }
@@ -100,6 +102,14 @@ class BufferCache final : public c10::Allocator {
     size_t bytes;
   };
 
+  // Straight from the kernel, not through malloc: blocks that live across steps would otherwise change
+  // glibc's heap and its adaptive mmap threshold, and with them the page faults of every other tensor.
+  static void* map_pages(size_t bytes) {
+    void* ptr = mmap(nullptr, std::max<size_t>(bytes, 1), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (ptr == MAP_FAILED) throw std::bad_alloc();
+    return ptr;
+  }
+
   static void release(void* ctx) {
     auto* block = static_cast<Block*>(ctx);
     instance().give_back(block->ptr, block->bytes);
@@ -117,13 +127,13 @@ class BufferCache final : public c10::Allocator {
         return;
       }
     }
-    c10::free_cpu(ptr);
+    munmap(ptr, std::max<size_t>(bytes, 1));
   }
 
   void trim_locked() {
     for (auto it = free_.begin(); it != free_.end() && cached_bytes_ > limit_bytes_; ++it) {
       while (!it->second.empty() && cached_bytes_ > limit_bytes_) {
-        c10::free_cpu(it->second.back());
+        munmap(it->second.back(), std::max<size_t>(it->first, 1));
         it->second.pop_back();
         cached_bytes_ -= it->first;
       }
