@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import native
-from .gate import _aten_gate_backward, _gate_forward, _native_factors, use_reference_gate
+from .gate import _aten_gate_backward, _aten_gate_forward, _native_factors, use_reference_gate
 
 if TYPE_CHECKING:
     from .bam import BAM
@@ -113,13 +113,13 @@ class BamBlockFunction(torch.autograd.Function):
             channel_logits = bam.channel_attn.forward_pooled(pooled)
             spatial_logits = bam.spatial_attn.forward_reduced(reduced)
         factors = _native_factors(x, channel_logits, spatial_logits, False)
-        if factors is not None:
+        ctx.native = factors is not None
+        if ctx.native:
             out = torch.ops.bam_zoo.gate_forward(x, *factors)
-        else:  # saturated logits: the ATen gate (same function)
-            out = _gate_forward(x, channel_logits.detach(), spatial_logits.detach(), False)
+        else:  # saturated logits: the ATen gate (same function); the backward then takes the logits
             factors = (channel_logits.detach(), spatial_logits.detach())
+            out = _aten_gate_forward(x, *factors, False)
         ctx.save_for_backward(saved_x, reduce_weight, *factors)
-        ctx.native = factors[0].dim() == 2
         ctx.graph = (pooled, reduced, channel_logits, spatial_logits, branch_params)
         ctx.has_bias = reduce_bias is not None
         return out

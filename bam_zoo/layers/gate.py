@@ -35,8 +35,6 @@ __all__ = [
     "reference_kernels", "use_reference_gate",
 ]
 
-
-
 # The native kernels compute sigmoid(Mc + Ms) as 1 / (1 + exp(-Mc) * exp(-Ms)); with both logits within this
 # bound the product stays finite in float32. Larger logits (a saturated gate) take the ATen path.
 _NATIVE_MAX_LOGIT = 40.0
@@ -118,10 +116,16 @@ def _sigmoid_into(
 
 def _gate_forward(
         x: torch.Tensor, channel_logits: torch.Tensor, spatial_logits: torch.Tensor, product: bool) -> torch.Tensor:
-    """``x * (1 + sigmoid(logits))``: one pass in the native kernel, else three passes into one fresh buffer."""
+    """``x * (1 + sigmoid(logits))``: one pass in the native kernel, else :func:`_aten_gate_forward`."""
     factors = _native_factors(x, channel_logits, spatial_logits, product)
     if factors is not None:
         return torch.ops.bam_zoo.gate_forward(x, *factors)
+    return _aten_gate_forward(x, channel_logits, spatial_logits, product)
+
+
+def _aten_gate_forward(
+        x: torch.Tensor, channel_logits: torch.Tensor, spatial_logits: torch.Tensor, product: bool) -> torch.Tensor:
+    """The gate with ATen ops, written into one fresh buffer: three full-size passes, one allocation."""
     out = _sigmoid_into(_gate_buffer(x, channel_logits, spatial_logits), channel_logits, spatial_logits, product)
     # out = x + x * sigmoid; element-wise ops may write over an input they read at the same index.
     return torch.addcmul(x, x, out, out=out)
@@ -178,7 +182,7 @@ class BamGateFunction(torch.autograd.Function):
             return torch.ops.bam_zoo.gate_forward(x, *factors)
         ctx.save_for_backward(x, channel_logits, spatial_logits)
         ctx.native = False
-        return _gate_forward(x, channel_logits, spatial_logits, product)
+        return _aten_gate_forward(x, channel_logits, spatial_logits, product)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
