@@ -38,9 +38,10 @@ def _has_hooks(*modules: torch.nn.Module) -> bool:
                for m in mod.modules())
 
 
-# Measured per block (forward+backward, 2 threads, node / modules, interleaved medians): 0.63 at 256 x 16 x 28 x 28
-# and 0.86 at 8 x 256 x 56 x 56, but 1.04-1.06 on 14 x 14 and 7 x 7 maps, where the full-size passes it saves are
-# small and its fixed costs (a nested autograd call, the concatenations) are not. So: large maps only.
+# Measured per block (forward+backward, 2 threads, node / modules, interleaved medians of 25 rounds, with the
+# gate's buffer cache): 0.94 at 256 x 16 x 28 x 28 and 0.97 at 16 x 256 x 28 x 28, but 1.02 at 16 x 512 x 14 x 14
+# and 1.05 at 16 x 1024 x 7 x 7, where the passes it saves are small and its fixed costs (a nested autograd
+# call) are not. So: large maps only.
 _NODE_MIN_PIXELS = 400
 
 
