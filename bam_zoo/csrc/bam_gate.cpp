@@ -42,7 +42,7 @@ namespace {
 // ---- A small cache for the full-size buffers the gate kernels return -------------------------------------
 //
 // A fresh 12.8 MB tensor costs about 3 ms of page faults on first touch on this class of machine (a reused
-// one: 0.2 ms), more than the gate's arithmetic. glibc hands such blocks back to the OS when they are freed,
+// one: 0.3 ms), more than the gate's arithmetic. glibc hands such blocks back to the OS when they are freed,
 // so every training step faults them in again. The gate's output and input gradient are allocated here
 // instead: a freed block is kept (up to a byte limit) and handed out again for the next request of exactly
 // its size, as PyTorch's CUDA caching allocator does. Allocations and frees are reported to the profiler like

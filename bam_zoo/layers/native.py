@@ -30,7 +30,7 @@ def _load() -> bool:
 NATIVE = _load()
 
 # The gate kernels return their full-size buffers from a small cache (see bam_zoo/csrc: a fresh 12.8 MB buffer
-# costs ~3 ms of page faults, a reused one 0.2 ms). BAM_ZOO_BUFFER_CACHE_MB sets how much freed memory it may
+# costs ~3 ms of page faults, a reused one 0.3 ms). BAM_ZOO_BUFFER_CACHE_MB sets how much freed memory it may
 # keep for reuse (default 256; 0 turns caching off).
 _DEFAULT_CACHE_MB = 256
 
