@@ -12,11 +12,12 @@ import torch
 from bam_zoo import fuse_for_inference
 from bam_zoo.layers import BAM
 from bam_zoo.layers import bam_training
-from bam_zoo.layers.gate import native_gate_available, reference_kernels
+from bam_zoo.layers.gate import reference_kernels
+from bam_zoo.layers.native import native_kernels_available
 
 from _helpers import randomise_bn
 
-pytestmark = pytest.mark.skipif(not native_gate_available(), reason="bam_zoo._native not built")
+pytestmark = pytest.mark.skipif(not native_kernels_available(), reason="bam_zoo._native not built")
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,8 @@ import bam_zoo.layers.bam as bam_module
 from bam_zoo.layers import BAM
 from bam_zoo.layers import gate as gate_module
 from bam_zoo.layers.gate import (
-    BamGateFunction, bam_gate, bam_gate_reference, native_gate_available, use_reference_gate)
+    BamGateFunction, bam_gate, bam_gate_reference, use_reference_gate)
+from bam_zoo.layers.native import native_kernels_available
 
 # (x, channel logits, spatial logits): BAM's shapes, batch 1, 1x1 maps, non-square maps, and logits that
 # broadcast beyond BAM's own (shared across the batch, or a full-size map).
@@ -215,7 +216,7 @@ def test_large_map_reduce_conv_as_matmul_matches_conv2d():
 
 # --- the compiled one-pass kernels (bam_zoo._native) -------------------------------------------------------
 
-needs_native = pytest.mark.skipif(not native_gate_available(), reason="bam_zoo._native not built")
+needs_native = pytest.mark.skipif(not native_kernels_available(), reason="bam_zoo._native not built")
 
 # BAM's shapes: batch 1, non-square, 1x1 maps, one channel, and rows long enough to be split across threads
 NATIVE_SHAPES = [(2, 6, 5, 7), (1, 4, 3, 3), (3, 5, 1, 1), (1, 1, 9, 4), (2, 8, 40, 40), (16, 3, 2, 2)]
@@ -307,7 +308,7 @@ def test_native_kernels_can_be_switched_off():
     """BAM_ZOO_NATIVE_GATE=0 gives the ATen path (for A/B timing and debugging)."""
     import subprocess
     import sys
-    code = "import bam_zoo.layers.gate as g; print(g.native_gate_available())"
+    code = "import bam_zoo.layers.native as g; print(g.native_kernels_available())"
     env = {**__import__("os").environ, "BAM_ZOO_NATIVE_GATE": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
@@ -318,7 +319,7 @@ def test_native_kernels_are_built_where_ci_runs():
     import os
     if os.environ.get("BAM_ZOO_REQUIRE_NATIVE") != "1":
         pytest.skip("only enforced where BAM_ZOO_REQUIRE_NATIVE=1 (CI)")
-    assert native_gate_available()
+    assert native_kernels_available()
 
 
 @needs_native

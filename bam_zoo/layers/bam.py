@@ -74,6 +74,15 @@ class SingleSampleSafeBatchNorm2d(_SingleSampleSafeBatchNorm, nn.BatchNorm2d):
     """``nn.BatchNorm2d`` that trains on a single 1x1 sample by using running statistics for that step."""
 
 
+def global_avg_pool(x: torch.Tensor) -> torch.Tensor:
+    """Mean over the full H x W of an N x C x H x W map, whatever its aspect ratio, as N x C.
+
+    Written as sum / HW: mean's backward runs a full-size division, sum's is a broadcast view (about 10x
+    cheaper on a 256 x 28 x 28 map).
+    """
+    return x.sum((2, 3)) / (x.shape[2] * x.shape[3])
+
+
 class ChannelAttn(nn.Module):
     """BAM channel branch ``Mc``: global average pool -> Linear(C, C/r) -> BN -> act -> Linear(C/r, C).
 
@@ -96,9 +105,7 @@ class ChannelAttn(nn.Module):
         self.fc2 = nn.Linear(rd_channels, channels, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Mean over the full H x W, whatever its aspect ratio. Written as sum / HW: mean's backward runs a
-        # full-size division, sum's is a broadcast view (about 10x cheaper on a 256 x 28 x 28 map).
-        return self.forward_pooled(x.sum((2, 3)) / (x.shape[2] * x.shape[3]))
+        return self.forward_pooled(global_avg_pool(x))
 
     def forward_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
         """The MLP on already pooled ``N x C`` values (BAM's one-node training path pools by itself)."""

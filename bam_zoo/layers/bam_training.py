@@ -22,7 +22,6 @@ through the modules.
 from typing import TYPE_CHECKING, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from . import native
 from .gate import _aten_gate_backward, _aten_gate_forward, _native_factors, use_reference_gate
@@ -43,13 +42,6 @@ def _has_hooks(*modules: torch.nn.Module) -> bool:
 # and 1.05 at 16 x 1024 x 7 x 7, where the passes it saves are small and its fixed costs (a nested autograd
 # call) are not. So: large maps only.
 _NODE_MIN_PIXELS = 400
-
-
-def _reduce_as_matmul(conv: torch.nn.Conv2d, pixels: int) -> bool:
-    """conv_reduce as a batched matmul (large maps, few outputs), as ``_few_channel_conv`` picks it; else oneDNN."""
-    from .bam import _MATMUL_MAX_OUT_CHANNELS, _MATMUL_MIN_PIXELS
-
-    return conv.out_channels <= _MATMUL_MAX_OUT_CHANNELS or pixels >= _MATMUL_MIN_PIXELS
 
 
 def fused_training_applies(bam: "BAM", x: torch.Tensor) -> bool:
@@ -93,21 +85,13 @@ class BamBlockFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, reduce_weight: torch.Tensor, reduce_bias: Optional[torch.Tensor],
                 bam: "BAM", *branch_params: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = x.shape
-        rd = reduce_weight.shape[0]
+        from .bam import _few_channel_conv, global_avg_pool  # bam.py imports this module
+
         saved_x, x = x, x.detach()
-        # Pool and reduce outside autograd; the branches below start from these two as leaves.
-        pooled = x.sum((2, 3)) / (h * w)
-        conv = bam.spatial_attn.body.conv_reduce
-        ctx.reduce_as_matmul = _reduce_as_matmul(conv, h * w)
-        if ctx.reduce_as_matmul:
-            reduced = x.new_empty(n, rd, h, w)  # a base tensor, not a view: the branch may modify it in place
-            torch.bmm(reduce_weight.detach().reshape(1, rd, c).expand(n, -1, -1), x.view(n, c, h * w),
-                      out=reduced.view(n, rd, h * w))
-            if reduce_bias is not None:
-                reduced += reduce_bias.detach().view(1, rd, 1, 1)
-        else:  # small maps: oneDNN's convolution is the faster kernel
-            reduced = F.conv2d(x, reduce_weight.detach(), None if reduce_bias is None else reduce_bias.detach())
+        # Pool and reduce outside autograd (grad mode is off here), through the same kernels the modules use;
+        # the branches below start from these two as leaves.
+        pooled = global_avg_pool(x)
+        reduced = _few_channel_conv(bam.spatial_attn.body.conv_reduce, x)
         pooled.requires_grad_()
         reduced.requires_grad_()
         with torch.enable_grad():

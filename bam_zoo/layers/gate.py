@@ -15,7 +15,7 @@ them alive until the backward. :func:`bam_gate` instead
 * skips autograd entirely when no gradient is needed (inference).
 
 With the compiled kernels of ``bam_zoo._native`` (built at install, see ``setup.py``), the sum-fusion gate on
-contiguous float32 maps runs as one pass forward and one pass backward (:func:`native_gate_available`); any
+contiguous float32 maps runs as one pass forward and one pass backward (:func:`bam_zoo.layers.native.native_kernels_available`); any
 other case, or an install without them, takes the ATen path above. ``BAM_ZOO_NATIVE_GATE=0`` turns them off.
 
 Traced, scripted, compiled and exported graphs get the reference definition instead (a custom
@@ -31,18 +31,12 @@ from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from . import native
 
 __all__ = [
-    "bam_gate", "bam_gate_reference", "BamGateFunction", "native_gate_available",
-    "reference_kernels", "use_reference_gate",
+    "bam_gate", "bam_gate_reference", "BamGateFunction", "reference_kernels", "use_reference_gate",
 ]
 
 # The native kernels compute sigmoid(Mc + Ms) as 1 / (1 + exp(-Mc) * exp(-Ms)); with both logits within this
 # bound the product stays finite in float32. Larger logits (a saturated gate) take the ATen path.
 _NATIVE_MAX_LOGIT = 40.0
-
-
-def native_gate_available() -> bool:
-    """Whether the fused one-pass kernels of ``bam_zoo._native`` are loaded (see ``setup.py``)."""
-    return native.NATIVE
 
 
 def _native_factors(
