@@ -18,7 +18,7 @@ from .analysis import capture_attention, count_macs, count_params
 from .errors import UnknownModelError, UnknownPretrainedTagError
 from .fuse import fuse_for_inference
 from .layers import BAM
-from .models import BAM_ARCHS, BAM_PLACEMENT, bam_modules
+from .models import BAM_ARCHS, BAM_PLACEMENT, bam_modules, list_pretrained
 
 __version__ = "0.1.0"
 
@@ -42,18 +42,13 @@ def list_models(pattern: str = "*", include_baselines: bool = False) -> List[str
     return sorted(fnmatch.filter(names, pattern))
 
 
-def list_pretrained(pattern: str = "*") -> List[Any]:
-    """Shipped pretrained tags (``arch.tag``) with their metrics; see :func:`bam_zoo.hub.list_pretrained`."""
-    from .hub import list_pretrained as _list_pretrained
-    return _list_pretrained(pattern)
-
-
 def create_model(model_name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """Create a model by name: bam-zoo's, any timm model, ``arch.tag``, or ``hf-hub:ORG/NAME``.
 
     Args:
         model_name: e.g. ``"bam_resnet50"``, ``"bam_resnet20.fmnist"``, ``"resnet50"``, ``"hf-hub:org/repo"``.
-        pretrained: Load the tag's weights (from the Hub, else the repository's offline mirror).
+        pretrained: Load the weights: a tag's from the Hub, else the repository's offline mirror; an
+            ``hf-hub:`` repo's ``model.safetensors`` (never a pickle), at its ``@revision`` if given.
         **kwargs: Passed to timm (``num_classes``, ``in_chans``, ``features_only``, ``drop_path_rate``,
             ``bam_args=dict(fusion="product")`` for BAM models, ...).
 
@@ -61,10 +56,7 @@ def create_model(model_name: str, pretrained: bool = False, **kwargs: Any) -> nn
         UnknownModelError: ``model_name`` names no registered architecture (closest names suggested).
         UnknownPretrainedTagError: the architecture exists but has no such tag.
     """
-    if model_name.startswith(("hf-hub:", "hf_hub:")):
-        from .hub import create_model_from_hub  # safetensors only, bam-zoo errors for every Hub failure
-        return create_model_from_hub(model_name, pretrained=pretrained, **kwargs)
-    if not model_name.startswith("local-dir:"):
+    if ":" not in model_name:  # hf-hub: and local-dir: names are timm's to resolve
         arch, tag = split_model_name_tag(model_name)
         if not is_model(arch):
             candidates = sorted(set(_OWN_MODELS) | set(timm.list_models()))

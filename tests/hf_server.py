@@ -9,16 +9,17 @@ status codes and ``X-Error-Code`` headers, so the client raises its real excepti
 
 Implemented (``{repo}`` is ``org/name``, revisions are URL-quoted branch names or 40-hex commit ids):
 
-* ``GET  /api/whoami-v2``: the token's user (401 for an unknown token).
 * ``POST /api/repos/create`` / ``DELETE /api/repos/delete``: 409 if it exists, 403 without write
   access to the namespace. A new repo gets an initial commit with ``.gitattributes``, as on the Hub.
 * ``GET  /api/models/{repo}[/revision/{rev}]``: ``model_info`` / ``repo_info`` with ``sha`` and ``siblings``.
-* ``GET  /api/models/{repo}/refs``, ``POST|DELETE /api/models/{repo}/branch/{branch}``.
+* ``POST|DELETE /api/models/{repo}/branch/{branch}``.
 * ``POST /api/validate-yaml``: accepts any YAML (the client calls it before committing a README).
-* ``POST /api/models/{repo}/preupload/{rev}``: answers ``uploadMode: regular`` for every file, so the
-  client sends contents inline (base64) in the commit and neither LFS nor Xet is needed.
-* ``POST /api/models/{repo}/commit/{rev}``: NDJSON ``header`` / ``file`` / ``deletedFile`` /
-  ``deletedFolder`` lines applied atomically (all or nothing), ``parentCommit`` checked (412).
+* ``POST /api/models/{repo}/preupload/{rev}``: ``uploadMode: lfs`` for binary files and the
+  ``.gitattributes`` LFS patterns (``*.safetensors``, ``*.bin``), ``regular`` otherwise, as the Hub decides.
+* ``POST /{repo}.git/info/lfs/objects/batch`` and ``PUT /lfs-upload/{sha256}``: git-lfs "basic" transfer
+  (with ``HF_HUB_DISABLE_XET=1`` the client uses it); stored objects are recorded in ``lfs_objects``.
+* ``POST /api/models/{repo}/commit/{rev}``: NDJSON ``header`` / ``file`` (base64) / ``lfsFile`` (by sha256) /
+  ``deletedFile`` lines applied atomically (all or nothing), ``parentCommit`` checked (412).
 * ``HEAD|GET /{repo}/resolve/{rev}/{path}``: file bytes with ``ETag``, ``X-Repo-Commit``,
   ``Content-Length`` (and ``Range`` support), 404 with ``RepoNotFound`` / ``RevisionNotFound`` /
   ``EntryNotFound``.
@@ -27,9 +28,10 @@ Auth: ``Authorization: Bearer <token>``; ``tokens`` maps each valid token to the
 write. An unknown token gets 401 ``Invalid credentials in Authorization header`` on every route (as
 the Hub does); private repos are invisible (404 ``RepoNotFound``) without a token that can read them.
 
-Test hooks: :meth:`HubServer.fail_next` makes the next request to a route fail with a given status
-(e.g. to check that a failed push leaves the repo unchanged), :attr:`HubServer.requests` records
-``(method, path)`` of every request, and :meth:`HubServer.files` reads a revision's files directly.
+Test hooks: :meth:`HubServer.fail_next` makes the next request to a route fail with a given status, or
+run a function first (e.g. another client's commit, to race a push), :attr:`HubServer.requests` records
+``(method, path)`` of every request, :meth:`HubServer.files` reads a revision's files and
+:meth:`HubServer.commit` writes one directly.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import json
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -49,6 +52,11 @@ __all__ = ["HubServer"]
 
 _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 _GITATTRIBUTES = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.bin filter=lfs diff=lfs merge=lfs -text\n"
+
+
+def _upload_mode(path: str, sample: bytes) -> str:
+    """The Hub sends binary files (and the LFS patterns of its default .gitattributes) through LFS."""
+    return "lfs" if path.endswith((".safetensors", ".bin")) or b"\0" in sample else "regular"
 
 
 def _git_blob_sha1(data: bytes) -> str:
@@ -99,7 +107,8 @@ class HubServer:
         self.tokens = dict(tokens or {})
         self.repos: dict[str, _Repo] = {}
         self.requests: list[tuple[str, str]] = []
-        self._failures: dict[str, tuple[int, str]] = {}
+        self.lfs_objects: dict[str, bytes] = {}  # sha256 -> contents uploaded through LFS
+        self._failures: dict[str, tuple[int, str] | Callable[[], None]] = {}
         self._lock = threading.RLock()
         self._counter = 0
         self._httpd: ThreadingHTTPServer | None = None
@@ -133,10 +142,21 @@ class HubServer:
         self.stop()
 
     # ------------------------------------------------------------------ test hooks
-    def fail_next(self, route: str, status: int = 500, message: str = "Internal Server Error (injected)") -> None:
-        """Make the next request to ``route`` (``commit``, ``preupload``, ``resolve``, ``create``...) fail."""
+    def fail_next(self, route: str, status: int = 500, message: str = "Internal Server Error (injected)",
+                  *, before: Callable[[], None] | None = None) -> None:
+        """Make the next request to ``route`` (``commit``, ``preupload``, ``resolve``, ``create``) fail, or,
+        with ``before``, run that function first and then serve the request normally."""
         with self._lock:
-            self._failures[route] = (status, message)
+            self._failures[route] = before or (status, message)
+
+    def commit(self, repo_id: str, files: dict[str, bytes], message: str, branch: str = "main") -> str:
+        """Commit ``files`` on top of ``branch`` directly (another client's push); return the commit id."""
+        with self._lock:
+            repo = self.repos[repo_id]
+            commit = self._new_commit(repo, repo.branches[branch], message,
+                                      {**repo.commits[repo.branches[branch]].files, **files})
+            repo.branches[branch] = commit.oid
+            return commit.oid
 
     def head(self, repo_id: str, branch: str = "main") -> str:
         """The commit id a branch points to."""
@@ -232,7 +252,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _injected(self, route: str) -> None:
         failure = self.hub._failures.pop(route, None)
-        if failure:
+        if callable(failure):
+            failure()
+        elif failure:
             raise _HubError(*failure)
 
     # ------------------------------------------------------------------ dispatch
@@ -248,11 +270,14 @@ class _Handler(BaseHTTPRequestHandler):
     def do_DELETE(self) -> None:
         self._dispatch()
 
+    def do_PUT(self) -> None:
+        self._dispatch()
+
     def _dispatch(self) -> None:
         url = urlsplit(self.path)
         path = url.path
         query = parse_qs(url.query)
-        body = self._body() if self.command in ("POST", "DELETE") else b""
+        body = self._body() if self.command in ("POST", "DELETE", "PUT") else b""
         with self.hub._lock:
             self.hub.requests.append((self.command, path))
             try:
@@ -263,12 +288,6 @@ class _Handler(BaseHTTPRequestHandler):
     def _route(self, path: str, query: dict[str, list[str]], body: bytes) -> None:
         namespaces = self._user_namespaces()
         m = self.command
-        if path == "/api/whoami-v2" and m == "GET":
-            if namespaces is None:
-                raise _HubError(401, "You must be authenticated")
-            user = namespaces[0] if namespaces else "anonymous"
-            return self._json({"type": "user", "name": user, "orgs": [{"name": n} for n in namespaces[1:]],
-                               "auth": {"type": "access_token", "accessToken": {"role": "write"}}})
         if path == "/api/validate-yaml" and m == "POST":
             return self._json({"errors": [], "warnings": []})
         if path == "/api/repos/create" and m == "POST":
@@ -281,26 +300,30 @@ class _Handler(BaseHTTPRequestHandler):
             del self.hub.repos[repo_id]
             return self._json({})
 
-        api = re.match(r"^/api/models/([^/]+/[^/]+)(?:/(revision|preupload|commit|branch|refs|tree)(?:/(.*))?)?$", path)
+        lfs = re.match(r"^/([^/]+/[^/]+)\.git/info/lfs/objects/batch$", path)
+        if lfs and m == "POST":
+            self._require_write(namespaces, lfs.group(1))
+            return self._lfs_batch(json.loads(body))
+        upload = re.match(r"^/lfs-upload/([0-9a-f]{64})$", path)
+        if upload and m == "PUT":
+            if hashlib.sha256(body).hexdigest() != upload.group(1):
+                raise _HubError(400, "LFS object does not match its sha256")
+            self.hub.lfs_objects[upload.group(1)] = body
+            return self._json({})
+        api = re.match(r"^/api/models/([^/]+/[^/]+)(?:/(revision|preupload|commit|branch)(?:/(.*))?)?$", path)
         if api:
             repo_id, action, rest = api.group(1), api.group(2), unquote(api.group(3) or "")
             repo = self._repo(repo_id, namespaces)
             if action in (None, "revision") and m == "GET":
                 return self._model_info(repo, rest or "main")
-            if action == "refs" and m == "GET":
-                return self._json({"branches": [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": c}
-                                                for b, c in repo.branches.items()], "tags": [], "converts": []})
-            if action == "tree" and m == "GET":
-                commit = self._commit(repo, rest.split("/")[0] or "main")
-                return self._json([{"type": "file", "path": p, "size": len(d), "oid": _git_blob_sha1(d)}
-                                   for p, d in sorted(commit.files.items())])
             if action == "preupload" and m == "POST":
                 self._require_write(namespaces, repo_id)
                 self._injected("preupload")
                 commit = self._commit(repo, rest)
                 files = json.loads(body)["files"]
                 return self._json({"files": [{
-                    "path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
+                    "path": f["path"], "uploadMode": _upload_mode(f["path"], base64.b64decode(f["sample"])),
+                    "shouldIgnore": False,
                     "oid": _git_blob_sha1(commit.files[f["path"]]) if f["path"] in commit.files else None,
                 } for f in files]})
             if action == "commit" and m == "POST":
@@ -340,6 +363,14 @@ class _Handler(BaseHTTPRequestHandler):
                          for p, d in sorted(commit.files.items())],
         })
 
+    def _lfs_batch(self, payload: dict[str, Any]) -> None:
+        """git-lfs batch API: an upload action for each object the store lacks, none for the others."""
+        base = f"http://{self.headers.get('Host')}"
+        self._json({"transfer": "basic", "objects": [
+            {"oid": o["oid"], "size": o["size"],
+             **({} if o["oid"] in self.hub.lfs_objects else {"actions": {"upload": {"href": f"{base}/lfs-upload/{o['oid']}"}}})}
+            for o in payload["objects"]]})
+
     def _branch(self, repo: _Repo, branch: str, body: bytes) -> None:
         if self.command == "DELETE":
             if branch not in repo.branches or branch == "main":
@@ -355,6 +386,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _apply_commit(self, repo: _Repo, revision: str, body: bytes) -> None:
         if revision not in repo.branches:
             raise _HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+        self._injected("commit")  # before anything is read or stored: a racing commit, or a failure
         head = repo.commits[repo.branches[revision]]
         lines = [json.loads(line) for line in body.splitlines() if line.strip()]
         if not lines or lines[0].get("key") != "header":
@@ -374,14 +406,12 @@ class _Handler(BaseHTTPRequestHandler):
                 if value["path"] not in files:
                     raise _HubError(404, "A file with this name doesn't exist", "EntryNotFound")
                 del files[value["path"]]
-            elif key == "deletedFolder":
-                prefix = value["path"].rstrip("/") + "/"
-                files = {p: d for p, d in files.items() if not p.startswith(prefix)}
             elif key == "lfsFile":
-                raise _HubError(422, "LFS uploads are not supported by this test server (preupload says regular)")
+                if value["oid"] not in self.hub.lfs_objects:
+                    raise _HubError(422, f"LFS object {value['oid']} was not uploaded")
+                files[value["path"]] = self.hub.lfs_objects[value["oid"]]
             else:
                 raise _HubError(400, f"Unknown commit operation {key!r}")
-        self._injected("commit")  # after validation, before anything is stored: the repo stays as it was
         commit = self.hub._new_commit(repo, head.oid, header.get("summary", ""), files)
         repo.branches[revision] = commit.oid
         base = f"http://{self.headers.get('Host')}"

@@ -224,14 +224,24 @@ def test_remote_checkpoint_is_refused(capsys: pytest.CaptureFixture) -> None:
     assert "only read from local paths" in err and "Traceback" not in err
 
 
-def test_push_is_dispatched_to_the_hub(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_push_is_dispatched_to_the_hub(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    import functools
+    import types
+
     import bam_zoo.hub
 
     calls = []
-    monkeypatch.setattr(bam_zoo.hub, "push_main", lambda argv: calls.append(argv) or 3, raising=False)
-    with pytest.raises(SystemExit) as info:
-        main(["push", "--checkpoint", "x.ckpt", "--repo-id", "org/name"])
-    assert info.value.code == 3 and calls == [["--checkpoint", "x.ckpt", "--repo-id", "org/name"]]
+
+    @functools.wraps(bam_zoo.hub.push)  # the parser is built from push's signature
+    def recorded_push(**kwargs):
+        calls.append(kwargs)
+        return types.SimpleNamespace(commit_url="url")
+
+    monkeypatch.setattr(bam_zoo.hub, "push", recorded_push)
+    main(["push", "--checkpoint", "x.ckpt", "--repo-id", "org/name"])
+    assert calls == [{"checkpoint": "x.ckpt", "repo_id": "org/name", "private": False, "revision": None,
+                      "commit_message": None, "metrics": None, "dataset": None}]
+    assert capsys.readouterr().out.strip() == "url"
 
 
 def test_console_script_help_lists_subcommands(capsys: pytest.CaptureFixture) -> None:

@@ -3,9 +3,9 @@ from . import cifar_resnet, bam_models  # noqa: F401  (registers the models in t
 from .bam_models import BAM_ARCHS
 from .cifar_resnet import CifarResNet
 from .placement import BAM_PLACEMENT, BamPlacement, bam_modules, insert_bam
-from .pretrained import FASHION_MNIST_TAGS, WEIGHT_METADATA
+from .pretrained import FASHION_MNIST_TAGS, WEIGHT_METADATA, PretrainedInfo, list_pretrained, mirror_root
 
 __all__ = [
-    "BAM_ARCHS", "BAM_PLACEMENT", "BamPlacement", "CifarResNet", "FASHION_MNIST_TAGS", "WEIGHT_METADATA",
-    "bam_modules", "insert_bam",
+    "BAM_ARCHS", "BAM_PLACEMENT", "BamPlacement", "CifarResNet", "FASHION_MNIST_TAGS", "PretrainedInfo", "WEIGHT_METADATA",
+    "bam_modules", "insert_bam", "list_pretrained", "mirror_root",
 ]

@@ -6,13 +6,38 @@ measured. ``list_pretrained()``, MODEL_CARD.md and the Hub model cards are gener
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+import fnmatch
+import hashlib
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
 
-from timm.models import resolve_pretrained_cfg
+import timm
+import torch.nn as nn
+from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
+from huggingface_hub.errors import (
+    EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
+)
+from timm.models import get_pretrained_cfg, resolve_pretrained_cfg
 
-__all__ = ["FASHION_MNIST_TAGS", "WEIGHT_METADATA", "HF_HUB_ORG", "prepare_pretrained", "pretrained_overlay"]
+from ..errors import ChecksumMismatchError
+
+__all__ = [
+    "FASHION_MNIST_LABELS", "FASHION_MNIST_MEAN", "FASHION_MNIST_STD", "FASHION_MNIST_TAGS", "HF_HUB_ORG",
+    "PretrainedInfo", "WEIGHTS_NAME", "WEIGHT_METADATA", "list_pretrained", "mirror_root", "prepare_pretrained",
+    "resolve_weights", "sha256sum", "strict_keys",
+]
+
+_logger = logging.getLogger(__name__)
 
 HF_HUB_ORG = "bam-zoo"
+WEIGHTS_NAME = "model.safetensors"
+# Fashion-MNIST: the one source of its label names and statistics (training-set mean / std), for the
+# shipped weights' cfgs and for FashionMNISTDataModule.
+FASHION_MNIST_LABELS = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                        "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 FASHION_MNIST_MEAN = (0.2860,)
 FASHION_MNIST_STD = (0.3530,)
 
@@ -24,8 +49,7 @@ def _fmnist_cfg(arch: str, tag: str) -> Dict[str, Any]:
         "num_classes": 10, "input_size": (1, 28, 28), "pool_size": (7, 7), "crop_pct": 1.0,
         "interpolation": "bilinear", "mean": FASHION_MNIST_MEAN, "std": FASHION_MNIST_STD,
         "first_conv": "conv1", "classifier": "fc", "license": "mit",
-        "label_names": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                        "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+        "label_names": FASHION_MNIST_LABELS,
     }
 
 
@@ -58,35 +82,154 @@ WEIGHT_METADATA: Dict[str, Dict[str, Any]] = {
 }
 
 
+def mirror_root() -> Path:
+    """The offline mirror: ``$BAM_ZOO_CHECKPOINTS``, else the repository's ``checkpoints/`` (one ``<arch>.<tag>/`` each)."""
+    env = os.environ.get("BAM_ZOO_CHECKPOINTS")
+    return Path(env).expanduser() if env else Path(__file__).resolve().parents[2] / "checkpoints"
+
+
+def sha256sum(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _verified(path: str | Path, name: str, expected: Optional[str], fix: str) -> str:
+    actual = sha256sum(path) if expected else None
+    if expected and actual != expected:
+        raise ChecksumMismatchError(str(path), name, expected, actual, fix)
+    return str(path)
+
+
+_mirror_notice_given = False
+
+
+def _notice_mirror(error: Exception, repo_id: str) -> None:
+    """Say once per process, in plain words, that weights come from the mirror and why."""
+    global _mirror_notice_given
+    if _mirror_notice_given:
+        return
+    _mirror_notice_given = True
+    why = ("HF_HUB_OFFLINE is set" if constants.is_offline_mode() else
+           "it cannot be reached" if isinstance(error, LocalEntryNotFoundError) else f"{repo_id} does not hold them yet")
+    _logger.warning("bam-zoo loads pretrained weights from its offline copies in %s (sha256-checked): the "
+                    "Hugging Face Hub was not used because %s.", mirror_root(), why)
+
+
+def _hub_unreachable(repo_id: str, revision: Optional[str]) -> bool:
+    """One HEAD request without retries. Why: unreachable, ``hf_hub_download`` retries for ~20 s first."""
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, WEIGHTS_NAME, revision=revision))
+    except HfHubHTTPError:
+        return False  # it answered; hf_hub_download turns the answer into the right error
+    except Exception:  # connection refused, DNS, timeout: the Hub is not there
+        return True
+    return False
+
+
+def resolve_weights(cfg: Dict[str, Any], variant: str) -> Optional[str]:
+    """A local, verified ``model.safetensors`` for a pretrained cfg: the Hub (and its cache), else the mirror.
+
+    Why not timm's own download: it falls back to a pickled ``pytorch_model.bin`` and knows no mirror.
+    A ``file`` in the cfg (``local-dir:``, ``pretrained_file``) is the user's choice and is returned as is.
+    Tags (``arch.tag``) use the revision and sha256 in :data:`WEIGHT_METADATA`; ``hf-hub:`` names use
+    their ``@revision``. Returns ``None`` when the cfg names no weights (timm then says so).
+
+    Raises:
+        ChecksumMismatchError: The file differs from the recorded sha256.
+        huggingface_hub.errors.HfHubHTTPError: and its subclasses, when the Hub fails and nothing is mirrored
+            (a note says where the mirror was looked for).
+    """
+    if cfg.get("file"):
+        path = Path(cfg["file"]).expanduser()
+        return str(path / WEIGHTS_NAME if path.is_dir() else path)
+    if not cfg.get("hf_hub_id"):
+        return None
+    tag = None if cfg.get("source") == "hf-hub" else cfg.get("tag")
+    name = f"{cfg.get('architecture') or variant}.{tag}" if tag else cfg["hf_hub_id"]
+    meta = WEIGHT_METADATA.get(name, {}) if tag else {}
+    repo_id, _, revision = cfg["hf_hub_id"].partition("@")
+    revision = meta.get("hf_hub_revision") or revision or None
+    mirrored = mirror_root() / name / WEIGHTS_NAME if tag else None
+    mirrored = mirrored if mirrored is not None and mirrored.is_file() else None
+    local_only = bool(mirrored) and not constants.is_offline_mode() and _hub_unreachable(repo_id, revision)
+    try:
+        path = hf_hub_download(repo_id, WEIGHTS_NAME, revision=revision, library_name="bam-zoo",
+                               local_files_only=local_only)
+    except (LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as e:
+        if mirrored is None:
+            e.add_note(f"bam-zoo: {name} has no offline copy either (looked in {mirror_root() / name}); "
+                       f"set BAM_ZOO_CHECKPOINTS to a folder holding <arch>.<tag>/{WEIGHTS_NAME}." if tag else
+                       f"bam-zoo reads {WEIGHTS_NAME} only: a repo holding only pytorch_model.bin is refused, "
+                       f"never unpickled.")
+            raise
+        _notice_mirror(e, repo_id)
+        return _verified(mirrored, name, meta.get("sha256"), "the file was changed or is incomplete. These "
+                         "weights are not on the Hub: restore the file from the repository "
+                         f"(`git checkout -- checkpoints/{name}`) or from where BAM_ZOO_CHECKPOINTS was copied.")
+    return _verified(path, name, meta.get("sha256"), f"{repo_id}@{revision or 'main'} holds other weights than "
+                     f"bam-zoo recorded. Pin the recorded hf_hub_revision, or delete {path} to download it again.")
+
+
+def strict_keys(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, Any]:
+    """timm ``pretrained_filter_fn``: weights whose keys differ from the model's fail with torch's strict error.
+
+    Why: timm loads with ``strict=False`` whenever it drops a classifier of another size, which would also let
+    missing or unexpected keys elsewhere pass. Shapes stay torch's to check (it raises on them either way) and
+    the stem is adapted by timm after this filter, so only the head and stem adaptation is allowed.
+    """
+    if state_dict.keys() != model.state_dict().keys():
+        model.load_state_dict(state_dict, strict=True)  # raises, listing missing, unexpected, misshaped keys
+    return state_dict
+
+
 def prepare_pretrained(variant: str, kwargs: Dict[str, Any]) -> None:
-    """Builder hook for ``pretrained=True``: fetch the weights, and load them strictly with a clear error.
+    """Builder hook for ``pretrained=True``: hand timm a verified local file, loaded with :func:`strict_keys`.
 
-    ``check_state_dict`` lists missing, unexpected and misshaped keys (timm's deliberate head / ``in_chans``
-    adaptation aside). It is set here, not through ``create_model`` kwargs, which would end up in
-    ``model._model_args`` and break ``save_for_hf``.
+    Set here, not through ``create_model`` kwargs, which would end up in ``model._model_args`` and break
+    ``save_for_hf``. timm's ``load_pretrained`` still adapts the head (``num_classes``) and stem (``in_chans``).
     """
-    from ..hub import check_state_dict
+    overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
+    if overlay.get("state_dict") is None:
+        cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get("pretrained_cfg"),
+                                     pretrained_cfg_overlay=overlay).to_dict()
+        path = resolve_weights(cfg, variant)
+        if path is not None:
+            kwargs["pretrained_cfg_overlay"] = {**overlay, "file": path, "source": ""}
+    kwargs.setdefault("pretrained_filter_fn", strict_keys)
 
-    kwargs["pretrained_cfg_overlay"] = pretrained_overlay(
-        variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
-    kwargs.setdefault("pretrained_filter_fn", check_state_dict)
+
+@dataclass(frozen=True)
+class PretrainedInfo:
+    """One shipped weight: ``name`` (``arch.tag``), where it lives and what it measured (percent)."""
+
+    name: str
+    hf_hub_id: Optional[str]
+    revision: Optional[str]
+    dataset: Optional[str]
+    metrics: Dict[str, float]
+    num_classes: Optional[int]
+    input_size: Optional[tuple]
+    mirrored: bool
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
 
 
-def pretrained_overlay(
-        variant: str,
-        pretrained_cfg: Optional[Any] = None,
-        pretrained_cfg_overlay: Optional[Dict[str, Any]] = None,
-) -> Dict[str, Any]:
-    """Resolve where the weights of ``variant`` come from, as a timm ``pretrained_cfg_overlay``.
-
-    The weights file is fetched by :func:`bam_zoo.hub.resolve_pretrained_file` (the Hub, else the
-    repository's offline mirror; safetensors only), then handed to timm as a local ``file`` so timm's own
-    loader still adapts the classifier and ``in_chans``.
-    """
-    from ..hub import resolve_pretrained_file  # the Hub boundary; imported only when weights are asked for
-
-    if (pretrained_cfg_overlay or {}).get("state_dict") is not None:  # in-memory weights: nothing to fetch
-        return dict(pretrained_cfg_overlay)
-    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=pretrained_cfg_overlay)
-    path = resolve_pretrained_file(cfg.to_dict(), variant=variant)
-    return {**(pretrained_cfg_overlay or {}), "file": str(path), "source": ""}
+def list_pretrained(pattern: str = "*") -> List[PretrainedInfo]:
+    """The tags in :data:`WEIGHT_METADATA` that timm has registered, with their metrics, sorted by name."""
+    out = []
+    for name in timm.list_pretrained(pattern):
+        if name not in WEIGHT_METADATA or not fnmatch.fnmatch(name, pattern):
+            continue
+        meta, cfg = dict(WEIGHT_METADATA[name]), get_pretrained_cfg(name)
+        out.append(PretrainedInfo(
+            name=name, hf_hub_id=cfg.hf_hub_id, revision=meta.pop("hf_hub_revision", None),
+            dataset=meta.pop("dataset", None), metrics={k: meta.pop(k) for k in ("top1", "top5") if k in meta},
+            num_classes=cfg.num_classes, input_size=tuple(cfg.input_size) if cfg.input_size else None,
+            mirrored=(mirror_root() / name / WEIGHTS_NAME).is_file(), extra=meta,
+        ))
+    return sorted(out, key=lambda p: p.name)

@@ -19,6 +19,8 @@ import torch
 import yaml
 from pytorch_lightning.cli import SaveConfigCallback
 
+from bam_zoo.hub import save_pretrained
+
 __all__ = ["HubExport"]
 
 
@@ -65,8 +67,6 @@ class HubExport(pl.Callback):
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.enabled or not trainer.is_global_zero or trainer.sanity_checking:
             return
-        from bam_zoo.hub import save_pretrained
-
         datamodule = trainer.datamodule
         dataset = getattr(datamodule, "name", None) or None
         hp = pl_module.hparams
@@ -80,7 +80,10 @@ class HubExport(pl.Callback):
         cfg["num_classes"] = hp.num_classes
         model.pretrained_cfg = model.default_cfg = cfg
         out = self.export_dir(trainer)
-        weights_name = self.weights_name or (f"{hp.model_name}.{dataset}" if dataset else hp.model_name)
+        # Own name: a fine-tune of a shipped tag is not that tag (bam_resnet20.fmnist -> bam_resnet20.fmnist_ft_cifar10).
+        weights_name = self.weights_name or (
+            f"{hp.model_name}_ft_{dataset}" if "." in hp.model_name and dataset else
+            f"{hp.model_name}.{dataset}" if dataset else hp.model_name)
         card_metrics = {k: 100.0 * record["test"][f"acc{k[-1]}"] for k in ("top1", "top5")
                         if math.isfinite(record["test"].get(f"acc{k[-1]}", math.nan))}
         save_pretrained(
