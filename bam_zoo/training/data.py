@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from bam_zoo.errors import DatasetNotFoundError
+from bam_zoo.models.pretrained import FASHION_MNIST_LABELS, FASHION_MNIST_MEAN, FASHION_MNIST_STD
 
 __all__ = [
     "BatchAugment",
@@ -343,10 +344,9 @@ class FashionMNISTDataModule(_IDXDataModule):
     default_root = FASHION_MNIST_DEBIAN_DIR
     torchvision_folder = "FashionMNIST"
     apt_package = "dataset-fashion-mnist"
-    class_names = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                   "Ankle boot")
-    mean_ = (0.2860,)
-    std_ = (0.3530,)
+    class_names = FASHION_MNIST_LABELS
+    mean_ = FASHION_MNIST_MEAN
+    std_ = FASHION_MNIST_STD
 
 
 class MNISTDataModule(_IDXDataModule):
