@@ -314,12 +314,14 @@ def push(
             if branch != "main" and not api.revision_exists(repo_id, branch):
                 api.create_branch(repo_id, branch=branch)
                 created_branch = True
+            parent = api.repo_info(repo_id, revision=branch).sha
             return api.upload_folder(
-                repo_id=repo_id, folder_path=staging, revision=branch, parent_commit=api.repo_info(repo_id, revision=branch).sha,
+                repo_id=repo_id, folder_path=staging, revision=branch, parent_commit=parent,
                 commit_message=commit_message or f"Upload {export.name or repo_id.split('/')[-1]} with bam-zoo",
                 commit_description=f"Pushed by bam-zoo {__version__} from {Path(checkpoint).name}.")
         except Exception as e:
-            e.add_note(f"bam-zoo: nothing was pushed; the remote repository is unchanged{_undo(api, repo_id, branch, created_repo, created_branch)}.")
+            undone = _undo(api, repo_id, branch, created_repo, created_branch)
+            e.add_note(f"bam-zoo: nothing was pushed; the remote repository is unchanged{undone}.")
             raise
 
 

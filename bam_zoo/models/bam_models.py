@@ -13,7 +13,7 @@ import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from .cifar_resnet import _cfg as _cifar_cfg
+from .cifar_resnet import cifar_cfg
 from .placement import BAM_PLACEMENT, insert_bam
 from .pretrained import FASHION_MNIST_TAGS, prepare_pretrained
 
@@ -93,11 +93,11 @@ default_cfgs = generate_default_cfgs({
     "bam_efficientnet_b0": _imagenet_cfg(**_effnet),
     # Shipped Fashion-MNIST weights come first: the default tag of an arch is its best weights (timm rule).
     **{name: cfg for name, cfg in FASHION_MNIST_TAGS.items() if name.startswith("bam_")},
-    "bam_resnet20": _cifar_cfg(paper_ids="arXiv:1807.06514"),
-    "bam_resnet32": _cifar_cfg(paper_ids="arXiv:1807.06514"),
-    "bam_resnet44": _cifar_cfg(paper_ids="arXiv:1807.06514"),
-    "bam_resnet56": _cifar_cfg(paper_ids="arXiv:1807.06514"),
-    "bam_resnet110": _cifar_cfg(paper_ids="arXiv:1807.06514"),
+    "bam_resnet20": cifar_cfg(paper_ids="arXiv:1807.06514"),
+    "bam_resnet32": cifar_cfg(paper_ids="arXiv:1807.06514"),
+    "bam_resnet44": cifar_cfg(paper_ids="arXiv:1807.06514"),
+    "bam_resnet56": cifar_cfg(paper_ids="arXiv:1807.06514"),
+    "bam_resnet110": cifar_cfg(paper_ids="arXiv:1807.06514"),
 })
 
 

@@ -16,7 +16,7 @@ from timm.models.resnet import BasicBlock
 
 from .pretrained import FASHION_MNIST_TAGS, prepare_pretrained
 
-__all__ = ["CifarResNet"]
+__all__ = ["CifarResNet", "cifar_cfg"]
 
 
 class ZeroPadShortcut(nn.Module):
@@ -159,7 +159,7 @@ def _create_cifar_resnet(variant: str, pretrained: bool = False, **kwargs) -> Ci
     return build_model_with_cfg(CifarResNet, variant, pretrained, feature_cfg=dict(out_indices=(0, 1, 2, 3)), **kwargs)
 
 
-def _cfg(**kwargs) -> Dict[str, Any]:
+def cifar_cfg(**kwargs) -> Dict[str, Any]:
     """CIFAR-10 defaults; Fashion-MNIST tags override input size, mean/std."""
     return {
         "num_classes": 10, "input_size": (3, 32, 32), "pool_size": (8, 8), "crop_pct": 1.0,
@@ -172,11 +172,11 @@ def _cfg(**kwargs) -> Dict[str, Any]:
 
 default_cfgs = generate_default_cfgs({
     **{name: cfg for name, cfg in FASHION_MNIST_TAGS.items() if not name.startswith("bam_")},
-    "resnet20": _cfg(),
-    "resnet32": _cfg(),
-    "resnet44": _cfg(),
-    "resnet56": _cfg(),
-    "resnet110": _cfg(),
+    "resnet20": cifar_cfg(),
+    "resnet32": cifar_cfg(),
+    "resnet44": cifar_cfg(),
+    "resnet56": cifar_cfg(),
+    "resnet110": cifar_cfg(),
 })
 
 
