@@ -11,6 +11,11 @@ What it adds to LightningCLI, and why:
   ``--ckpt_path last`` finds the previous run's ``last.ckpt``) and logs to CSV + TensorBoard under
   ``<trainer.default_root_dir>``.
 * After ``fit`` the best checkpoint is tested (``--test_after_fit``), which triggers the export.
+* One way to choose the optimizer and schedule: ``model.optimizer`` / ``model.scheduler``. LightningCLI's
+  automatic ``--optimizer`` / ``--lr_scheduler`` are off (they silently replaced the recipe's param groups
+  and schedule while the saved config still named the recipe's optimizer), and passing them says so.
+* A wrong option is one line naming the closest valid key, not the ~115-line usage
+  (:class:`BamZooArgumentParser`).
 * ``--trainer.sync_batchnorm true`` without GPUs and remote ``--ckpt_path`` URLs are refused with
   a one-line explanation instead of a stack trace deep inside PyTorch; local checkpoints are read with
   ``--weights_only true`` (PyTorch's restricted unpickler) unless the user says otherwise.
@@ -18,10 +23,16 @@ What it adds to LightningCLI, and why:
 
 from __future__ import annotations
 
+import difflib
+import importlib
+import inspect
+import re
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
+from jsonargparse import ArgumentParser
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
@@ -33,9 +44,58 @@ from bam_zoo.training.callbacks import HubExport
 from bam_zoo.errors import UnsafeCheckpointError
 from bam_zoo.training.module import ImageClassifier
 
-__all__ = ["BamZooCLI", "cli_main", "sync_batchnorm_problem"]
+__all__ = ["BamZooArgumentParser", "BamZooCLI", "cli_main", "sync_batchnorm_problem"]
 
 _SPECIAL_CKPT = {"last", "best", "hpc", "registry"}
+_UNKNOWN_OPTION = (re.compile(r"unrecognized arguments: (--[^\s=]+)"), re.compile(r"does not accept option '([^']+)'"))
+_UNKNOWN_INIT_ARG = re.compile(r"Parser key \"(\w+)\".*?class_path '([\w.]+)'.*?Option '(\w+)' is not accepted", re.S)
+_ONE_OPTIMIZER = (
+    "bam-zoo has one way to choose the optimizer and the schedule: --model.optimizer (a timm name: sgd, "
+    "momentum, adamw ...) with --model.lr, --model.weight_decay, --model.opt_kwargs, and --model.scheduler "
+    "(cosine, step, multistep, onecycle, constant); LightningCLI's --optimizer / --lr_scheduler are not available"
+)
+
+
+def _options(parser: ArgumentParser) -> list[str]:
+    return [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
+
+
+def explain_parse_error(message: str, parser: ArgumentParser) -> str:
+    """One line for a command-line or config error: the unknown key and the closest valid one, if any.
+
+    jsonargparse reports an unknown key in three shapes (a flag, a config key, a DataModule argument);
+    a user needs the key and its likely spelling, not the usage of all ~130 options.
+    """
+    prog = parser.prog.replace(" [options]", "")
+    more = f" (`{prog} --help` lists every option)"
+    key, candidates = None, _options(parser)
+    for pattern in _UNKNOWN_OPTION:
+        if match := pattern.search(message):
+            key = match.group(1) if match.group(1).startswith("--") else f"--{match.group(1)}"
+            break
+    if match := _UNKNOWN_INIT_ARG.search(message):
+        group, class_path, name = match.groups()
+        module, _, class_name = class_path.rpartition(".")
+        init = getattr(importlib.import_module(module), class_name).__init__
+        key = f"--{group}.{name}"
+        candidates = [f"--{group}.{p}" for p in inspect.signature(init).parameters if p != "self"]
+    if key is None:
+        return " ".join(line.strip() for line in message.strip().splitlines()) + more
+    if key.split(".")[0] in ("--optimizer", "--lr_scheduler"):
+        return _ONE_OPTIMIZER
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    return f"unknown option {key}" + (f"; did you mean {close[0]}?" if close else ".") + more
+
+
+class BamZooArgumentParser(LightningArgumentParser):
+    """LightningArgumentParser whose errors are one line with the closest valid key instead of the usage."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error or callable(getattr(self, "_error_handler", None)):
+            super().error(message, ex)  # a caller that handles parse errors itself gets them unchanged
+        parser = getattr(ex, "subcommand_parser", None) or self
+        sys.stderr.write(f"{parser.prog.replace(' [options]', '')}: error: {explain_parse_error(message, parser)}\n")
+        self.exit(2)
 
 
 def sync_batchnorm_problem(sync_batchnorm: bool, accelerator: Any) -> str | None:
@@ -62,6 +122,8 @@ class BamZooCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("auto_configure_optimizers", False)  # model.optimizer / model.scheduler choose them
+        kwargs.setdefault("parser_class", BamZooArgumentParser)
         kwargs.setdefault("parser_kwargs", {"description": (
             "Train and evaluate bam-zoo models (fit / validate / test / predict). "
             "`bam-zoo push --help` uploads exported weights to the Hugging Face Hub."
