@@ -8,15 +8,22 @@ them, instead of a traceback.
 
 from __future__ import annotations
 
+import signal
 import sys
+
+#: exit status after SIGTERM, the shell's convention for "terminated by signal 15"
+SIGTERM_EXIT = 128 + signal.SIGTERM
 
 
 def main(args: list[str] | None = None) -> None:
     """Run the command line; ``args`` replaces ``sys.argv[1:]``.
 
     Raises:
-        SystemExit: with ``push``'s return code, or 1 after printing a bam-zoo error.
+        SystemExit: with ``push``'s return code, 1 after printing a bam-zoo error, or :data:`SIGTERM_EXIT`
+            when SIGTERM stopped training (after ``last.ckpt`` was saved at the current step).
     """
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
     from bam_zoo.errors import BamZooError
     from bam_zoo.runtime import keep_freed_memory
 
@@ -30,6 +37,10 @@ def main(args: list[str] | None = None) -> None:
         from bam_zoo.training.cli import cli_main
 
         cli_main(None if args is None else argv)  # None: LightningCLI reads sys.argv itself, without a warning
+    except SIGTERMException:  # Lightning's is a SystemExit with status 0: a preempted job looked finished
+        print("bam-zoo: stopped by SIGTERM; the current step is in checkpoints/last.ckpt: rerun the same command "
+              "with --ckpt_path last to continue", file=sys.stderr)
+        raise SystemExit(SIGTERM_EXIT) from None
     except BamZooError as error:
         print(f"bam-zoo: error: {error}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import json
 import pickle
+import time
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +164,17 @@ class ResumeRecorder(pl.Callback):
         torch.save({"epoch": trainer.current_epoch, "global_step": trainer.global_step,
                     "scheduler_last_epoch": scheduler.last_epoch},
                    self.out_file.with_name(self.out_file.stem + "_end.pt"))
+
+
+class StepMarker(pl.Callback):
+    """Write the global step after every training batch to ``out_file`` and sleep, so a test can signal mid-epoch."""
+
+    def __init__(self, out_file: str, seconds: float = 0.2) -> None:
+        self.out_file, self.seconds = Path(out_file), seconds
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.out_file.write_text(str(trainer.global_step))
+        time.sleep(self.seconds)
 
 
 class NaNDataModule(pl.LightningDataModule):

@@ -1,4 +1,7 @@
-"""Callbacks: export of the tested weights into a Hub-layout folder, with a machine-readable record.
+"""Callbacks: export of the tested weights into a Hub-layout folder, and the ``last.ckpt`` writer.
+
+``LastCheckpoint`` writes ``last.ckpt`` after every epoch and, when the process gets SIGTERM (a
+preempted or cancelled cluster job), at the current step, so ``--ckpt_path last`` loses nothing.
 
 ``HubExport`` times ``fit`` and, when a test run ends (the CLI tests the best checkpoint right after
 ``fit``), writes ``config.json`` + ``model.safetensors`` + ``README.md`` through
@@ -17,9 +20,28 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import yaml
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import SaveConfigCallback
+from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-__all__ = ["HubExport"]
+__all__ = ["HubExport", "LastCheckpoint"]
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` for ``last.ckpt`` that also saves the current step when the run gets SIGTERM.
+
+    Lightning stops the loops with ``SIGTERMException`` at the next step boundary; this saves there.
+    Other exceptions save nothing: after a NaN loss, ``last.ckpt`` must stay the last good state.
+    """
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException) or trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        if self._last_global_step_saved != trainer.global_step:
+            path = self.format_checkpoint_name(self._monitor_candidates(trainer))
+            self._save_checkpoint(trainer, path)
+            rank_zero_info(f"SIGTERM: saved epoch {trainer.current_epoch}, step {trainer.global_step} to {path}")
 
 
 class HubExport(pl.Callback):

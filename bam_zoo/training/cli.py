@@ -40,7 +40,7 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 import pytorch_lightning as pl
 
 from bam_zoo.training import data as _data  # noqa: F401  (imports every DataModule for short class_path names)
-from bam_zoo.training.callbacks import HubExport
+from bam_zoo.training.callbacks import HubExport, LastCheckpoint
 from bam_zoo.errors import UnsafeCheckpointError
 from bam_zoo.training.module import ImageClassifier
 
@@ -138,8 +138,9 @@ class BamZooCLI(LightningCLI):
         })
         # A separate, unmonitored callback writes last.ckpt every epoch: Lightning 2.6's save_last only
         # saves when the monitored checkpoint was saved too, which would leave last.ckpt stale after
-        # epochs that did not improve val/acc1, and --ckpt_path last would redo them.
-        parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
+        # epochs that did not improve val/acc1, and --ckpt_path last would redo them. It also saves the
+        # current step on SIGTERM.
+        parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
         parser.set_defaults({
             "last_checkpoint.filename": "last", "last_checkpoint.monitor": None, "last_checkpoint.save_top_k": 1,
             "last_checkpoint.enable_version_counter": False,
