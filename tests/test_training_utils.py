@@ -101,8 +101,8 @@ def write_cifar(root: Path, classes: int = 10, n_train: int = 100, n_test: int =
 
 
 def write_imagefolder(root: Path, classes: tuple[str, ...] = ("cat", "dog", "fox"), per_class: int = 4,
-                      size: int = 40) -> Path:
-    """``root/{train,val}/<class>/*.png`` with small random RGB images."""
+                      size: int = 40, channels: int = 3) -> Path:
+    """``root/{train,val}/<class>/*.png`` with small random RGB (or, with ``channels=1``, grey) images."""
     from PIL import Image
 
     gen = torch.Generator().manual_seed(0)
@@ -111,8 +111,8 @@ def write_imagefolder(root: Path, classes: tuple[str, ...] = ("cat", "dog", "fox
             folder = root / split / c
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(per_class):
-                pixels = torch.randint(0, 256, (size, size, 3), generator=gen, dtype=torch.uint8).numpy()
-                Image.fromarray(pixels).save(folder / f"{i}.png")
+                pixels = torch.randint(0, 256, (size, size, channels), generator=gen, dtype=torch.uint8).numpy()
+                Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels).save(folder / f"{i}.png")
     return root
 
 

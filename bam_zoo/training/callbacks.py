@@ -1,4 +1,4 @@
-"""Callbacks: export of the tested weights into a Hub-layout folder, and the ``last.ckpt`` writer.
+"""Callbacks: export of the tested weights into a Hub-layout folder, the ``last.ckpt`` writer, predictions.
 
 ``LastCheckpoint`` writes ``last.ckpt`` after every epoch and, when the process gets SIGTERM (a
 preempted or cancelled cluster job), at the current step, so ``--ckpt_path last`` loses nothing.
@@ -11,6 +11,7 @@ the confusion matrix and the training wall time. Only global rank zero writes.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import time
@@ -25,7 +26,52 @@ from pytorch_lightning.cli import SaveConfigCallback
 from pytorch_lightning.utilities import rank_zero_info
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-__all__ = ["HubExport", "LastCheckpoint"]
+__all__ = ["HubExport", "LastCheckpoint", "PredictionWriter"]
+
+
+class PredictionWriter(pl.Callback):
+    """Write ``predict``'s results, one row per image: its path, the top-k labels and their probabilities.
+
+    CSV (``path, label_1, prob_1, ..., label_k, prob_k``) or, for a ``.json`` file, a list of
+    ``{"path", "labels", "probs"}``, as timm's ``inference.py`` writes them. Images from a DataModule
+    without file names (the in-memory data sets) are named by their position, ``#0``, ``#1`` ...
+
+    Args:
+        file: output file (``.csv`` or ``.json``); ``None`` writes ``<trainer.default_root_dir>/predictions.csv``.
+        topk: labels kept per image (at most the number of classes).
+    """
+
+    def __init__(self, file: str | None = None, topk: int = 5) -> None:
+        self.file, self.topk = file, topk
+        self.rows: list[dict[str, Any]] = []
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.rows = []
+
+    def on_predict_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                             batch_idx: int, dataloader_idx: int = 0) -> None:
+        names = pl_module.hparams.label_names or [str(i) for i in range(outputs.shape[-1])]
+        probs, indices = outputs.float().topk(min(self.topk, outputs.shape[-1]), dim=-1)
+        named = isinstance(batch, (tuple, list)) and len(batch) > 1 and isinstance(batch[1], (tuple, list))
+        paths = list(batch[1]) if named else [f"#{len(self.rows) + i}" for i in range(len(outputs))]
+        for path, p, i in zip(paths, probs.tolist(), indices.tolist()):
+            self.rows.append({"path": path, "labels": [names[j] for j in i], "probs": [round(v, 6) for v in p]})
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        out = Path(self.file) if self.file else Path(trainer.default_root_dir) / "predictions.csv"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.suffix.lower() == ".json":
+            out.write_text(json.dumps(self.rows, indent=1) + "\n")
+        else:
+            k = max((len(r["labels"]) for r in self.rows), default=0)
+            with open(out, "w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(["path"] + [c for n in range(1, k + 1) for c in (f"label_{n}", f"prob_{n}")])
+                for r in self.rows:
+                    writer.writerow([r["path"]] + [v for pair in zip(r["labels"], r["probs"]) for v in pair])
+        rank_zero_info(f"Wrote {len(self.rows)} predictions to {out}")
 
 
 class LastCheckpoint(ModelCheckpoint):

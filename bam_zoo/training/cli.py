@@ -10,6 +10,12 @@ What it adds to LightningCLI, and why:
   Checkpoints default to ``<trainer.default_root_dir>/checkpoints`` (a fixed folder, so
   ``--ckpt_path last`` finds the previous run's ``last.ckpt``) and logs to CSV + TensorBoard under
   ``<trainer.default_root_dir>``.
+* ``predict`` writes one row per image (path, top-k labels and probabilities) to ``--predictions.file``
+  (:class:`~bam_zoo.training.callbacks.PredictionWriter`); ``--data ImageFilesDataModule --data.paths``
+  takes files and flat folders, and a published tag needs no config (classes come from its weights).
+* A ``--ckpt_path`` that does not exist, or ``last`` with nothing to continue, is reported before anything
+  is created: an error, except ``fit --ckpt_path last``, which starts from scratch with a one-line notice
+  (a requeued cluster job sets it from its first submission on).
 * After ``fit`` the best checkpoint is tested (``--test_after_fit``), which triggers the export.
 * One way to choose the optimizer and schedule: ``model.optimizer`` / ``model.scheduler``. LightningCLI's
   automatic ``--optimizer`` / ``--lr_scheduler`` are off (they silently replaced the recipe's param groups
@@ -40,11 +46,11 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 import pytorch_lightning as pl
 
 from bam_zoo.training import data as _data  # noqa: F401  (imports every DataModule for short class_path names)
-from bam_zoo.training.callbacks import HubExport, LastCheckpoint
-from bam_zoo.errors import UnsafeCheckpointError
+from bam_zoo.training.callbacks import HubExport, LastCheckpoint, PredictionWriter
+from bam_zoo.errors import TrainingError, UnsafeCheckpointError
 from bam_zoo.training.module import ImageClassifier
 
-__all__ = ["BamZooArgumentParser", "BamZooCLI", "cli_main", "sync_batchnorm_problem"]
+__all__ = ["BamZooArgumentParser", "BamZooCLI", "CheckpointNotFoundError", "cli_main", "sync_batchnorm_problem"]
 
 _SPECIAL_CKPT = {"last", "best", "hpc", "registry"}
 _UNKNOWN_OPTION = (re.compile(r"unrecognized arguments: (--[^\s=]+)"), re.compile(r"does not accept option '([^']+)'"))
@@ -85,6 +91,16 @@ def explain_parse_error(message: str, parser: ArgumentParser) -> str:
         return _ONE_OPTIMIZER
     close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
     return f"unknown option {key}" + (f"; did you mean {close[0]}?" if close else ".") + more
+
+
+class CheckpointNotFoundError(TrainingError, FileNotFoundError):
+    """``--ckpt_path`` names no checkpoint; raised before the run creates its folders.
+
+    Message::
+
+        --ckpt_path runs/x/last.ckpt: no such file. Pass a .ckpt a run wrote (<default_root_dir>/checkpoints/
+        last.ckpt or best-*.ckpt), or --ckpt_path last to continue the run in --trainer.default_root_dir.
+    """
 
 
 class BamZooArgumentParser(LightningArgumentParser):
@@ -147,6 +163,7 @@ class BamZooCLI(LightningCLI):
         })
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.add_lightning_class_args(HubExport, "export")
+        parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="test the best checkpoint after fit (this also writes the export)")
         for source, target in (("num_classes", "num_classes"), ("in_chans", "in_chans"), ("classes", "label_names")):
@@ -169,12 +186,28 @@ class BamZooCLI(LightningCLI):
         for key in ("checkpoint", "last_checkpoint"):
             if config.get(key) is not None and config[key].get("dirpath") is None:
                 config[key].dirpath = str(root / "checkpoints")
+        if ckpt_path == "last" and config.get("last_checkpoint") is not None:
+            folder = Path(config.last_checkpoint.dirpath)
+            if not (folder.is_dir() and any(folder.glob("last*.ckpt"))):
+                if subcommand != "fit":
+                    raise CheckpointNotFoundError(f"--ckpt_path last: {folder} holds no last.ckpt. Pass the "
+                                                  "--trainer.default_root_dir of the run that wrote it, or a .ckpt path.")
+                print(f"bam-zoo: --ckpt_path last: no last.ckpt in {folder} yet, so training starts from scratch",
+                      file=sys.stderr)
+                config.ckpt_path = None
+        elif ckpt_path and str(ckpt_path) not in _SPECIAL_CKPT and not Path(ckpt_path).expanduser().is_file():
+            raise CheckpointNotFoundError(
+                f"--ckpt_path {ckpt_path}: no such file. Pass a .ckpt a run wrote (<default_root_dir>/checkpoints/"
+                "last.ckpt or best-*.ckpt), or --ckpt_path last to continue the run in --trainer.default_root_dir.")
         if config.get("export") is not None and config.export.get("dirpath") is None:
             config.export.dirpath = str(root / "export")
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         """Log to CSV and TensorBoard under ``default_root_dir`` unless the config names loggers."""
         trainer_config = self._get(self.config_init, "trainer", default={})
+        if self.subcommand == "predict" and trainer_config.get("logger") in (None, True):
+            kwargs.setdefault("logger", False)  # predict logs nothing: no empty csv/ and tensorboard/ folders
+            self.save_config_callback = None  # nor a config.yaml in the working directory
         if trainer_config.get("logger") in (None, True) and "logger" not in kwargs:
             root = trainer_config.get("default_root_dir") or "."
             kwargs["logger"] = [TensorBoardLogger(root, name="tensorboard"), CSVLogger(root, name="csv")]
