@@ -89,3 +89,23 @@ def test_rgb_imagefolder_still_three_channels(tmp_path: Path) -> None:
     dm = ImageFolderDataModule(str(root), img_size=8, num_workers=0)
     assert dm.in_chans == 3 and dm.mean == (0.485, 0.456, 0.406)
     assert ImageFolderDataModule(str(root), in_chans=1).input_size[0] == 1
+
+
+def test_predict_with_a_checkpoint(tmp_path: Path) -> None:
+    """A fine-tuned 3-class checkpoint predicts its own classes on plain files; the checkpoint is all it needs."""
+    from test_training_utils import write_fashion_mnist
+
+    data, run = write_fashion_mnist(tmp_path / "data", n_train=40, n_test=8), tmp_path / "run"
+    config = str(REPO / "configs" / "fashion_mnist" / "resnet20.yaml")
+    cli_main(["fit", "--config", config, "--data.root", str(data), "--data.val_size", "8", "--data.batch_size", "8",
+              "--data.class_subset", "[7, 8, 9]", "--trainer.max_steps", "1", "--test_after_fit", "false",
+              "--trainer.default_root_dir", str(run), "--trainer.enable_progress_bar", "false"])
+    from PIL import Image
+
+    Image.new("L", (28, 28), 90).save(tmp_path / "x.png")
+    out = tmp_path / "p.csv"
+    main(["predict", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
+          "--data", "ImageFilesDataModule", "--data.paths", str(tmp_path / "x.png"), "--predictions.file", str(out),
+          "--trainer.enable_progress_bar", "false"])
+    (row,) = list(csv.DictReader(out.open()))
+    assert {row[f"label_{k}"] for k in (1, 2, 3)} == {"Sneaker", "Bag", "Ankle boot"} and "label_4" not in row

@@ -202,6 +202,13 @@ class BamZooCLI(LightningCLI):
         if config.get("export") is not None and config.export.get("dirpath") is None:
             config.export.dirpath = str(root / "export")
 
+    def after_instantiate_classes(self) -> None:
+        """Predict with the checkpoint's own network when the data names no classes (``ImageFilesDataModule``)."""
+        ckpt_path = self._get(self.config, "ckpt_path")
+        if getattr(self.datamodule, "num_classes", 0) is None and ckpt_path and Path(ckpt_path).is_file():
+            weights_only = self._get(self.config, "weights_only", True)
+            self.model = ImageClassifier.load_from_checkpoint(ckpt_path, weights_only=weights_only)
+
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         """Log to CSV and TensorBoard under ``default_root_dir`` unless the config names loggers."""
         trainer_config = self._get(self.config_init, "trainer", default={})
