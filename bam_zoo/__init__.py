@@ -18,6 +18,7 @@ from .analysis import capture_attention, count_macs, count_params
 from .errors import UnknownModelError, UnknownPretrainedTagError
 from .fuse import fuse_for_inference
 from .layers import BAM
+from .model_args import check_model_args
 from .models import BAM_ARCHS, BAM_PLACEMENT, bam_modules, list_pretrained
 
 __version__ = "0.1.0"
@@ -55,7 +56,9 @@ def create_model(model_name: str, pretrained: bool = False, **kwargs: Any) -> nn
     Raises:
         UnknownModelError: ``model_name`` names no registered architecture (closest names suggested).
         UnknownPretrainedTagError: the architecture exists but has no such tag.
+        InvalidModelArgumentError: ``num_classes`` / ``in_chans`` is not a whole number in range.
     """
+    check_model_args(kwargs)
     if ":" not in model_name:  # hf-hub: and local-dir: names are timm's to resolve
         arch, tag = split_model_name_tag(model_name)
         if not is_model(arch):

@@ -8,6 +8,7 @@ their message instead of a traceback.
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Any
 
@@ -51,13 +52,19 @@ def _run_push(argv: list[str]) -> None:
             _exit(error)
         raise
 
+#: exit status after SIGTERM, the shell's convention for "terminated by signal 15"
+SIGTERM_EXIT = 128 + signal.SIGTERM
+
 
 def main(args: list[str] | None = None) -> None:
     """Run the command line; ``args`` replaces ``sys.argv[1:]``.
 
     Raises:
-        SystemExit: 1 after printing an error's message; jsonargparse's status for bad arguments.
+        SystemExit: 1 after printing an error's message; jsonargparse's status for bad arguments;
+            :data:`SIGTERM_EXIT` when SIGTERM stopped training (after ``last.ckpt`` was saved).
     """
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
     from bam_zoo.runtime import keep_freed_memory
 
     keep_freed_memory()  # CPU steps stop re-faulting their tensors (bam_zoo/runtime.py); BAM_ZOO_MALLOC=default skips
@@ -66,6 +73,10 @@ def main(args: list[str] | None = None) -> None:
         return _run_push(argv[1:])
     try:
         ZooCLI(args=None if args is None else argv)  # None: LightningCLI reads sys.argv itself, without a warning
+    except SIGTERMException:  # Lightning's is a SystemExit with status 0: a preempted job looked finished
+        print("bam-zoo: stopped by SIGTERM; the current step is in checkpoints/last.ckpt: rerun the same command "
+              "with --ckpt_path last to continue", file=sys.stderr)
+        raise SystemExit(SIGTERM_EXIT) from None
     except BamZooError as error:
         _exit(error)
 

@@ -64,3 +64,36 @@ def test_killed_run_resumes_from_last(tmp_path: Path) -> None:
     # wall time up to the killed run's last checkpoint is carried into the total
     before = saved["callbacks"]["HubExport"]["fit_seconds"]
     assert checkpoint(last)["callbacks"]["HubExport"]["fit_seconds"] > before > 0
+
+
+def test_sigterm_saves_the_current_step_exits_nonzero_and_resumes_there(tmp_path: Path) -> None:
+    from bam_zoo.cli import SIGTERM_EXIT
+
+    data = write_fashion_mnist(tmp_path / "data", n_train=160, n_test=20)
+    run, marker = tmp_path / "run", tmp_path / "step.txt"
+    env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}", "OMP_NUM_THREADS": "1"}
+    args = common(data, run)[:-2] + ["--trainer.max_epochs", "2", "--trainer.enable_model_summary", "false"]
+    proc = subprocess.Popen([sys.executable, "cli.py", *args, "--trainer.callbacks+=test_training_utils.StepMarker",
+                             "--trainer.callbacks.out_file", str(marker)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline and int(marker.read_text() if marker.exists()
+                                                                            and marker.read_text() else 0) < 3:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)  # mid-epoch 0: its 8 steps take >= 1.6 s with the marker's sleeps
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == SIGTERM_EXIT == 143, stderr[-3000:]
+    assert "--ckpt_path last" in stderr and "Traceback" not in stderr
+    saved = checkpoint(run / "checkpoints" / "last.ckpt")
+    assert saved["epoch"] == 0 and 3 <= saved["global_step"] < STEPS_PER_EPOCH, saved["global_step"]
+
+    probe = tmp_path / "resume.pt"
+    cli_main([*args, "--ckpt_path", "last", "--trainer.callbacks+=test_training_utils.ResumeRecorder",
+              "--trainer.callbacks.out_file", str(probe)])
+    start, end = torch.load(probe, weights_only=True), torch.load(tmp_path / "resume_end.pt", weights_only=True)
+    assert start["global_step"] == saved["global_step"] and start["epoch"] == 0
+    assert end["global_step"] == 2 * STEPS_PER_EPOCH  # the interrupted epoch finished, no step redone or lost
+    assert start["lr"] == saved["lr_schedulers"][0]["_last_lr"][0]

@@ -54,6 +54,27 @@ def test_separate_backbone_lr() -> None:
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
 
 
+class OptimizerProbe(pl.Callback):
+    """Keep the optimizer the Trainer got from ``configure_optimizers``."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.optimizer = trainer.optimizers[0]
+
+
+@pytest.mark.parametrize("backbone_lr_scale", [1.0, 0.1])
+def test_configure_optimizers_uses_the_no_decay_groups(fmnist: Path, tmp_path: Path, backbone_lr_scale: float) -> None:
+    model = ImageClassifier("bam_resnet20", num_classes=10, in_chans=1, weight_decay=5e-4,
+                            backbone_lr_scale=backbone_lr_scale)
+    probe = OptimizerProbe()
+    pl.Trainer(max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, callbacks=[probe], default_root_dir=tmp_path).fit(
+        model, datamodule=FashionMNISTDataModule(root=str(fmnist), val_size=32, batch_size=16))
+    decay = {id(p): g["weight_decay"] for g in probe.optimizer.param_groups for p in g["params"]}
+    assert len(decay) == sum(1 for _ in model.model.parameters())
+    for name, p in model.model.named_parameters():
+        assert decay[id(p)] == (0.0 if p.ndim <= 1 else 5e-4), name
+
+
 def lrs(name: str, steps: int = 100, per_epoch: int = 10, **kwargs: float) -> list[float]:
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1, momentum=0.9)
     sched = create_lr_scheduler(opt, name, total_steps=steps, steps_per_epoch=per_epoch, **kwargs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import json
 import pickle
+import time
 from pathlib import Path
 from typing import Any
 
@@ -100,8 +101,8 @@ def write_cifar(root: Path, classes: int = 10, n_train: int = 100, n_test: int =
 
 
 def write_imagefolder(root: Path, classes: tuple[str, ...] = ("cat", "dog", "fox"), per_class: int = 4,
-                      size: int = 40) -> Path:
-    """``root/{train,val}/<class>/*.png`` with small random RGB images."""
+                      size: int = 40, channels: int = 3) -> Path:
+    """``root/{train,val}/<class>/*.png`` with small random RGB (or, with ``channels=1``, grey) images."""
     from PIL import Image
 
     gen = torch.Generator().manual_seed(0)
@@ -110,8 +111,8 @@ def write_imagefolder(root: Path, classes: tuple[str, ...] = ("cat", "dog", "fox
             folder = root / split / c
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(per_class):
-                pixels = torch.randint(0, 256, (size, size, 3), generator=gen, dtype=torch.uint8).numpy()
-                Image.fromarray(pixels).save(folder / f"{i}.png")
+                pixels = torch.randint(0, 256, (size, size, channels), generator=gen, dtype=torch.uint8).numpy()
+                Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels).save(folder / f"{i}.png")
     return root
 
 
@@ -163,6 +164,17 @@ class ResumeRecorder(pl.Callback):
         torch.save({"epoch": trainer.current_epoch, "global_step": trainer.global_step,
                     "scheduler_last_epoch": scheduler.last_epoch},
                    self.out_file.with_name(self.out_file.stem + "_end.pt"))
+
+
+class StepMarker(pl.Callback):
+    """Write the global step after every training batch to ``out_file`` and sleep, so a test can signal mid-epoch."""
+
+    def __init__(self, out_file: str, seconds: float = 0.2) -> None:
+        self.out_file, self.seconds = Path(out_file), seconds
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.out_file.write_text(str(trainer.global_step))
+        time.sleep(self.seconds)
 
 
 class NaNDataModule(pl.LightningDataModule):

@@ -1,4 +1,6 @@
 """The shipped zoo: every weight loads by name from the offline mirror and measures what its card says."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -8,10 +10,12 @@ from bam_zoo.model_card import render_model_card
 from bam_zoo.models.pretrained import FASHION_MNIST_TAGS, WEIGHT_METADATA
 
 FMNIST = "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"
+MODEL_CARD = Path(__file__).resolve().parents[1] / "MODEL_CARD.md"
 
 
-def test_model_card_is_rendered_from_the_weight_table():
-    with open("MODEL_CARD.md") as f:
+def test_model_card_is_rendered_from_the_weight_table(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the check must not depend on where pytest was started
+    with open(MODEL_CARD) as f:
         assert f.read() == render_model_card(), "MODEL_CARD.md is stale: python -m bam_zoo.model_card > MODEL_CARD.md"
 
 

@@ -6,6 +6,7 @@ from bam_zoo.training.data import (
     CIFAR10DataModule,
     CIFAR100DataModule,
     FashionMNISTDataModule,
+    ImageFilesDataModule,
     ImageFolderDataModule,
     InMemoryDataModule,
     MNISTDataModule,
@@ -15,6 +16,6 @@ from bam_zoo.training.module import ImageClassifier, create_model
 
 __all__ = [
     "BatchAugment", "CIFAR10DataModule", "CIFAR100DataModule", "DatasetNotFoundError", "FashionMNISTDataModule",
-    "HubExport", "ImageClassifier", "ImageFolderDataModule", "InMemoryDataModule", "MNISTDataModule",
+    "HubExport", "ImageClassifier", "ImageFilesDataModule", "ImageFolderDataModule", "InMemoryDataModule", "MNISTDataModule",
     "NonFiniteLossError", "UnsafeCheckpointError", "create_model",
 ]

@@ -1,4 +1,7 @@
-"""Callbacks: export of the tested weights into a Hub-layout folder, with a machine-readable record.
+"""Callbacks: export of the tested weights into a Hub-layout folder, the ``last.ckpt`` writer, predictions.
+
+``LastCheckpoint`` writes ``last.ckpt`` after every epoch and, when the process gets SIGTERM (a
+preempted or cancelled cluster job), at the current step, so ``--ckpt_path last`` loses nothing.
 
 ``HubExport`` times ``fit`` and, when a test run ends (the CLI tests the best checkpoint right after
 ``fit``), writes ``config.json`` + ``model.safetensors`` + ``README.md`` through
@@ -8,6 +11,7 @@ the confusion matrix and the training wall time. Only global rank zero writes.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import time
@@ -17,11 +21,75 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import yaml
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import SaveConfigCallback
+from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from bam_zoo.hub import save_pretrained
 
-__all__ = ["HubExport"]
+__all__ = ["HubExport", "LastCheckpoint", "PredictionWriter"]
+
+
+class PredictionWriter(pl.Callback):
+    """Write ``predict``'s results, one row per image: its path, the top-k labels and their probabilities.
+
+    CSV (``path, label_1, prob_1, ..., label_k, prob_k``) or, for a ``.json`` file, a list of
+    ``{"path", "labels", "probs"}``, as timm's ``inference.py`` writes them. Images from a DataModule
+    without file names (the in-memory data sets) are named by their position, ``#0``, ``#1`` ...
+
+    Args:
+        file: output file (``.csv`` or ``.json``); ``None`` writes ``<trainer.default_root_dir>/predictions.csv``.
+        topk: labels kept per image (at most the number of classes).
+    """
+
+    def __init__(self, file: str | None = None, topk: int = 5) -> None:
+        self.file, self.topk = file, topk
+        self.rows: list[dict[str, Any]] = []
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.rows = []
+
+    def on_predict_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                             batch_idx: int, dataloader_idx: int = 0) -> None:
+        names = pl_module.hparams.label_names or [str(i) for i in range(outputs.shape[-1])]
+        probs, indices = outputs.float().topk(min(self.topk, outputs.shape[-1]), dim=-1)
+        named = isinstance(batch, (tuple, list)) and len(batch) > 1 and isinstance(batch[1], (tuple, list))
+        paths = list(batch[1]) if named else [f"#{len(self.rows) + i}" for i in range(len(outputs))]
+        for path, p, i in zip(paths, probs.tolist(), indices.tolist()):
+            self.rows.append({"path": path, "labels": [names[j] for j in i], "probs": [round(v, 6) for v in p]})
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        out = Path(self.file) if self.file else Path(trainer.default_root_dir) / "predictions.csv"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.suffix.lower() == ".json":
+            out.write_text(json.dumps(self.rows, indent=1) + "\n")
+        else:
+            k = max((len(r["labels"]) for r in self.rows), default=0)
+            with open(out, "w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(["path"] + [c for n in range(1, k + 1) for c in (f"label_{n}", f"prob_{n}")])
+                for r in self.rows:
+                    writer.writerow([r["path"]] + [v for pair in zip(r["labels"], r["probs"]) for v in pair])
+        rank_zero_info(f"Wrote {len(self.rows)} predictions to {out}")
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` for ``last.ckpt`` that also saves the current step when the run gets SIGTERM.
+
+    Lightning stops the loops with ``SIGTERMException`` at the next step boundary; this saves there.
+    Other exceptions save nothing: after a NaN loss, ``last.ckpt`` must stay the last good state.
+    """
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException) or trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        if self._last_global_step_saved != trainer.global_step:
+            path = self.format_checkpoint_name(self._monitor_candidates(trainer))
+            self._save_checkpoint(trainer, path)
+            rank_zero_info(f"SIGTERM: saved epoch {trainer.current_epoch}, step {trainer.global_step} to {path}")
 
 
 class HubExport(pl.Callback):

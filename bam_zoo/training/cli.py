@@ -10,7 +10,18 @@ What it adds to LightningCLI, and why:
   Checkpoints default to ``<trainer.default_root_dir>/checkpoints`` (a fixed folder, so
   ``--ckpt_path last`` finds the previous run's ``last.ckpt``) and logs to CSV + TensorBoard under
   ``<trainer.default_root_dir>``.
+* ``predict`` writes one row per image (path, top-k labels and probabilities) to ``--predictions.file``
+  (:class:`~bam_zoo.training.callbacks.PredictionWriter`); ``--data ImageFilesDataModule --data.paths``
+  takes files and flat folders, and a published tag needs no config (classes come from its weights).
+* A ``--ckpt_path`` that does not exist, or ``last`` with nothing to continue, is reported before anything
+  is created: an error, except ``fit --ckpt_path last``, which starts from scratch with a one-line notice
+  (a requeued cluster job sets it from its first submission on).
 * After ``fit`` the best checkpoint is tested (``--test_after_fit``), which triggers the export.
+* One way to choose the optimizer and schedule: ``model.optimizer`` / ``model.scheduler``. LightningCLI's
+  automatic ``--optimizer`` / ``--lr_scheduler`` are off (they silently replaced the recipe's param groups
+  and schedule while the saved config still named the recipe's optimizer), and passing them says so.
+* A wrong option is one line naming the closest valid key, not the ~115-line usage
+  (:class:`BamZooArgumentParser`).
 * ``--trainer.sync_batchnorm true`` without GPUs and remote ``--ckpt_path`` URLs are refused with
   a one-line explanation instead of a stack trace deep inside PyTorch; local checkpoints are read with
   ``--weights_only true`` (PyTorch's restricted unpickler) unless the user says otherwise.
@@ -18,10 +29,16 @@ What it adds to LightningCLI, and why:
 
 from __future__ import annotations
 
+import difflib
+import importlib
+import inspect
+import re
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
+from jsonargparse import ArgumentParser
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
@@ -29,13 +46,72 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 import pytorch_lightning as pl
 
 from bam_zoo.training import data as _data  # noqa: F401  (imports every DataModule for short class_path names)
-from bam_zoo.training.callbacks import HubExport
-from bam_zoo.errors import UnsafeCheckpointError
+from bam_zoo.training.callbacks import HubExport, LastCheckpoint, PredictionWriter
+from bam_zoo.errors import TrainingError, UnsafeCheckpointError
 from bam_zoo.training.module import ImageClassifier
 
-__all__ = ["BamZooCLI", "cli_main", "sync_batchnorm_problem"]
+__all__ = ["BamZooArgumentParser", "BamZooCLI", "CheckpointNotFoundError", "cli_main", "sync_batchnorm_problem"]
 
 _SPECIAL_CKPT = {"last", "best", "hpc", "registry"}
+_UNKNOWN_OPTION = (re.compile(r"unrecognized arguments: (--[^\s=]+)"), re.compile(r"does not accept option '([^']+)'"))
+_UNKNOWN_INIT_ARG = re.compile(r"Parser key \"(\w+)\".*?class_path '([\w.]+)'.*?Option '(\w+)' is not accepted", re.S)
+_ONE_OPTIMIZER = (
+    "bam-zoo has one way to choose the optimizer and the schedule: --model.optimizer (a timm name: sgd, "
+    "momentum, adamw ...) with --model.lr, --model.weight_decay, --model.opt_kwargs, and --model.scheduler "
+    "(cosine, step, multistep, onecycle, constant); LightningCLI's --optimizer / --lr_scheduler are not available"
+)
+
+
+def _options(parser: ArgumentParser) -> list[str]:
+    return [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
+
+
+def explain_parse_error(message: str, parser: ArgumentParser) -> str:
+    """One line for a command-line or config error: the unknown key and the closest valid one, if any.
+
+    jsonargparse reports an unknown key in three shapes (a flag, a config key, a DataModule argument);
+    a user needs the key and its likely spelling, not the usage of all ~130 options.
+    """
+    prog = parser.prog.replace(" [options]", "")
+    more = f" (`{prog} --help` lists every option)"
+    key, candidates = None, _options(parser)
+    for pattern in _UNKNOWN_OPTION:
+        if match := pattern.search(message):
+            key = match.group(1) if match.group(1).startswith("--") else f"--{match.group(1)}"
+            break
+    if match := _UNKNOWN_INIT_ARG.search(message):
+        group, class_path, name = match.groups()
+        module, _, class_name = class_path.rpartition(".")
+        init = getattr(importlib.import_module(module), class_name).__init__
+        key = f"--{group}.{name}"
+        candidates = [f"--{group}.{p}" for p in inspect.signature(init).parameters if p != "self"]
+    if key is None:
+        return " ".join(line.strip() for line in message.strip().splitlines()) + more
+    if key.split(".")[0] in ("--optimizer", "--lr_scheduler"):
+        return _ONE_OPTIMIZER
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    return f"unknown option {key}" + (f"; did you mean {close[0]}?" if close else ".") + more
+
+
+class CheckpointNotFoundError(TrainingError, FileNotFoundError):
+    """``--ckpt_path`` names no checkpoint; raised before the run creates its folders.
+
+    Message::
+
+        --ckpt_path runs/x/last.ckpt: no such file. Pass a .ckpt a run wrote (<default_root_dir>/checkpoints/
+        last.ckpt or best-*.ckpt), or --ckpt_path last to continue the run in --trainer.default_root_dir.
+    """
+
+
+class BamZooArgumentParser(LightningArgumentParser):
+    """LightningArgumentParser whose errors are one line with the closest valid key instead of the usage."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error or callable(getattr(self, "_error_handler", None)):
+            super().error(message, ex)  # a caller that handles parse errors itself gets them unchanged
+        parser = getattr(ex, "subcommand_parser", None) or self
+        sys.stderr.write(f"{parser.prog.replace(' [options]', '')}: error: {explain_parse_error(message, parser)}\n")
+        self.exit(2)
 
 
 def sync_batchnorm_problem(sync_batchnorm: bool, accelerator: Any) -> str | None:
@@ -62,6 +138,8 @@ class BamZooCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("auto_configure_optimizers", False)  # model.optimizer / model.scheduler choose them
+        kwargs.setdefault("parser_class", BamZooArgumentParser)
         kwargs.setdefault("parser_kwargs", {"description": (
             "Train and evaluate bam-zoo models (fit / validate / test / predict). "
             "`bam-zoo push --help` uploads exported weights to the Hugging Face Hub."
@@ -76,14 +154,16 @@ class BamZooCLI(LightningCLI):
         })
         # A separate, unmonitored callback writes last.ckpt every epoch: Lightning 2.6's save_last only
         # saves when the monitored checkpoint was saved too, which would leave last.ckpt stale after
-        # epochs that did not improve val/acc1, and --ckpt_path last would redo them.
-        parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
+        # epochs that did not improve val/acc1, and --ckpt_path last would redo them. It also saves the
+        # current step on SIGTERM.
+        parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
         parser.set_defaults({
             "last_checkpoint.filename": "last", "last_checkpoint.monitor": None, "last_checkpoint.save_top_k": 1,
             "last_checkpoint.enable_version_counter": False,
         })
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.add_lightning_class_args(HubExport, "export")
+        parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="test the best checkpoint after fit (this also writes the export)")
         for source, target in (("num_classes", "num_classes"), ("in_chans", "in_chans"), ("classes", "label_names")):
@@ -106,12 +186,35 @@ class BamZooCLI(LightningCLI):
         for key in ("checkpoint", "last_checkpoint"):
             if config.get(key) is not None and config[key].get("dirpath") is None:
                 config[key].dirpath = str(root / "checkpoints")
+        if ckpt_path == "last" and config.get("last_checkpoint") is not None:
+            folder = Path(config.last_checkpoint.dirpath)
+            if not (folder.is_dir() and any(folder.glob("last*.ckpt"))):
+                if subcommand != "fit":
+                    raise CheckpointNotFoundError(f"--ckpt_path last: {folder} holds no last.ckpt. Pass the "
+                                                  "--trainer.default_root_dir of the run that wrote it, or a .ckpt path.")
+                print(f"bam-zoo: --ckpt_path last: no last.ckpt in {folder} yet, so training starts from scratch",
+                      file=sys.stderr)
+                config.ckpt_path = None
+        elif ckpt_path and str(ckpt_path) not in _SPECIAL_CKPT and not Path(ckpt_path).expanduser().is_file():
+            raise CheckpointNotFoundError(
+                f"--ckpt_path {ckpt_path}: no such file. Pass a .ckpt a run wrote (<default_root_dir>/checkpoints/"
+                "last.ckpt or best-*.ckpt), or --ckpt_path last to continue the run in --trainer.default_root_dir.")
         if config.get("export") is not None and config.export.get("dirpath") is None:
             config.export.dirpath = str(root / "export")
+
+    def after_instantiate_classes(self) -> None:
+        """Predict with the checkpoint's own network when the data names no classes (``ImageFilesDataModule``)."""
+        ckpt_path = self._get(self.config, "ckpt_path")
+        if getattr(self.datamodule, "num_classes", 0) is None and ckpt_path and Path(ckpt_path).is_file():
+            weights_only = self._get(self.config, "weights_only", True)
+            self.model = ImageClassifier.load_from_checkpoint(ckpt_path, weights_only=weights_only)
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         """Log to CSV and TensorBoard under ``default_root_dir`` unless the config names loggers."""
         trainer_config = self._get(self.config_init, "trainer", default={})
+        if self.subcommand == "predict" and trainer_config.get("logger") in (None, True):
+            kwargs.setdefault("logger", False)  # predict logs nothing: no empty csv/ and tensorboard/ folders
+            self.save_config_callback = None  # nor a config.yaml in the working directory
         if trainer_config.get("logger") in (None, True) and "logger" not in kwargs:
             root = trainer_config.get("default_root_dir") or "."
             kwargs["logger"] = [TensorBoardLogger(root, name="tensorboard"), CSVLogger(root, name="csv")]

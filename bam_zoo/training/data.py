@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from bam_zoo.errors import DatasetNotFoundError
+from bam_zoo.errors import DatasetNotFoundError, TrainingError
 from bam_zoo.models.pretrained import FASHION_MNIST_LABELS, FASHION_MNIST_MEAN, FASHION_MNIST_STD
 
 __all__ = [
@@ -35,10 +35,46 @@ __all__ = [
     "CIFAR10DataModule",
     "CIFAR100DataModule",
     "ImageFolderDataModule",
+    "ImageFilesDataModule",
+    "DatasetDownloadError",
+    "NoImagesError",
     "read_idx",
 ]
 
 FASHION_MNIST_DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+class DatasetDownloadError(TrainingError, ConnectionError):
+    """``--data.download true`` could not fetch the data set (no network, proxy, server down).
+
+    Message::
+
+        Could not download CIFAR-10 into data: <urlopen error [Errno -3] Temporary failure in name resolution>.
+        Without internet, copy the files there from a machine that has it (python -c "import torchvision;
+        torchvision.datasets.CIFAR10('data', download=True)") and drop --data.download.
+    """
+
+    def __init__(self, dataset: str, root: Path, reason: BaseException, fetch: str) -> None:
+        self.dataset, self.root = dataset, root
+        super().__init__(
+            f"Could not download {dataset} into {root}: {reason}. Without internet, copy the files there from a "
+            f"machine that has it ({fetch}) and drop --data.download."
+        )
+
+
+class NoImagesError(TrainingError, ValueError):
+    """An image folder (or one of its class folders) holds no image files.
+
+    Message::
+
+        ImageFolder data: /data/pets/train/cat holds no images (.jpg .jpeg .png .ppm .bmp .pgm .tif .tiff .webp);
+        add images to it or remove the folder.
+    """
+
+    def __init__(self, problem: str) -> None:
+        from torchvision.datasets.folder import IMG_EXTENSIONS
+
+        super().__init__(f"{problem} (image files end in {' '.join(IMG_EXTENSIONS)})")
 
 
 class BatchAugment(nn.Module):
@@ -232,11 +268,20 @@ class InMemoryDataModule(pl.LightningDataModule):
     def _exists(self) -> bool:
         raise NotImplementedError
 
+    def _torchvision_class(self) -> str:
+        """Name of the torchvision data set class that downloads these files."""
+        raise NotImplementedError
+
     # LightningDataModule API
     def prepare_data(self) -> None:
         """Download on one process per node; nothing to do when the files are there."""
         if self.download and not self._exists():
-            self._download()
+            try:
+                self._download()
+            except (OSError, RuntimeError) as error:  # urllib's URLError is an OSError; torchvision's mirrors raise RuntimeError
+                fetch = (f"python -c \"import torchvision; torchvision.datasets.{self._torchvision_class()}"
+                         f"('{self.root}', download=True)\"")
+                raise DatasetDownloadError(self.human_name, self.root, getattr(error, "reason", error), fetch) from None
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -324,6 +369,9 @@ class _IDXDataModule(InMemoryDataModule):
         images, labels = read_idx(paths[0]), read_idx(paths[1])
         return images.unsqueeze(1), labels.long()
 
+    def _torchvision_class(self) -> str:
+        return self.torchvision_folder
+
     def _download(self) -> None:
         import torchvision.datasets
 
@@ -388,6 +436,9 @@ class _CIFARDataModule(InMemoryDataModule):
             labels.append(torch.as_tensor(entry[self.label_key], dtype=torch.long))
         return torch.cat(images), torch.cat(labels)
 
+    def _torchvision_class(self) -> str:
+        return self.torchvision_name
+
     def _download(self) -> None:
         import torchvision.datasets
 
@@ -431,12 +482,48 @@ class CIFAR100DataModule(_CIFARDataModule):
     std_ = (0.2673, 0.2564, 0.2762)
 
 
+def _image_files(folder: Path) -> list[Path]:
+    """Image files under ``folder`` (recursively), sorted, as torchvision's ImageFolder would find them."""
+    from torchvision.datasets.folder import is_image_file
+
+    return sorted(Path(d) / f for d, _, files in os.walk(folder) for f in files if is_image_file(f))
+
+
+def _has_image(folder: Path) -> bool:
+    from torchvision.datasets.folder import is_image_file
+
+    return any(is_image_file(f) for _, _, files in os.walk(folder) for f in files)
+
+
+def _open_grey(path: str) -> Any:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.convert("L")
+
+
+def _open_rgb(path: str) -> Any:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def image_loader(in_chans: int) -> Any:
+    """PIL loader that converts every image to the model's channel count (1: ``L``, 3: ``RGB``)."""
+    if in_chans not in (1, 3):
+        raise ValueError(f"in_chans must be 1 (grey) or 3 (RGB) for image files, got {in_chans}")
+    return _open_grey if in_chans == 1 else _open_rgb
+
+
 class ImageFolderDataModule(pl.LightningDataModule):
     """Images in class folders (ImageNet layout: ``root/train/<class>/*.JPEG``, ``root/val/<class>/*``).
 
     Transforms come from timm's ``create_transform``: RandomResizedCrop + flip for training (the
     BAM paper's ImageNet recipe at ``img_size=224``), resize + centre crop for evaluation. ImageNet has
-    no labelled test split, so ``test_split`` defaults to the validation folder.
+    no labelled test split, so ``test_split`` defaults to the validation folder. Grey images train a
+    1-channel model: ``in_chans`` is read from the first training image unless given, and every image is
+    converted to it, so a folder mixing modes still gives tensors of one shape.
 
     Args:
         root: folder holding the split folders.
@@ -452,8 +539,9 @@ class ImageFolderDataModule(pl.LightningDataModule):
         color_jitter: colour jitter strength (0 disables it; the paper used none).
         auto_augment: timm auto-augment policy such as ``rand-m9-mstd0.5`` (``None`` disables it).
         interpolation: resize interpolation.
-        mean: normalisation mean (ImageNet's by default).
-        std: normalisation std (ImageNet's by default).
+        in_chans: 1 (grey) or 3 (RGB); ``None`` reads it from the first training image (``L``/``I``/``1``: 1).
+        mean: normalisation mean; ``None``: ImageNet's, or their average (0.449) for grey images.
+        std: normalisation std; ``None``: ImageNet's, or their average (0.226) for grey images.
     """
 
     name = "imagefolder"
@@ -473,8 +561,9 @@ class ImageFolderDataModule(pl.LightningDataModule):
         color_jitter: float = 0.0,
         auto_augment: str | None = None,
         interpolation: str = "bilinear",
-        mean: tuple[float, float, float] = (0.485, 0.456, 0.406),
-        std: tuple[float, float, float] = (0.229, 0.224, 0.225),
+        in_chans: int | None = None,
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
     ) -> None:
         super().__init__()
         self.root = Path(root).expanduser()
@@ -488,25 +577,41 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self.color_jitter = color_jitter
         self.auto_augment = auto_augment
         self.interpolation = interpolation
-        self._mean, self._std = tuple(mean), tuple(std)
+        self._in_chans = in_chans
+        self._mean_arg, self._std_arg = mean, std
         self._classes: list[str] | None = None
         self.datasets: dict[str, Dataset] = {}
 
     def _split_dir(self, split: str) -> Path:
+        """The split's folder, checked: it exists, holds class folders, and each of them holds images."""
         path = self.root / self.splits[split]
         if not path.is_dir():
             raise DatasetNotFoundError(
                 "ImageFolder data", [self.root], f"the folder '{self.splits[split]}/<class>/<images>'",
                 can_download=False,
             )
+        classes = sorted(d for d in path.iterdir() if d.is_dir())
+        if not classes:
+            raise NoImagesError(f"ImageFolder data: {path} holds no class folders; put each class's images in "
+                                f"{path}/<class>/")
+        empty = [d.name for d in classes if not _has_image(d)]
+        if empty:
+            raise NoImagesError(f"ImageFolder data: class folder(s) {', '.join(empty)} in {path} hold no images; "
+                                "add images to them or remove them")
         return path
 
     @property
     def classes(self) -> list[str]:
-        """Class folder names of the training split, sorted (torchvision's label order)."""
+        """Class folder names of the training split, sorted (torchvision's label order).
+
+        Every split is checked here, when the CLI links the class count into the model, so a bad folder
+        stops the run before anything is written.
+        """
         if self._classes is None:
             from torchvision.datasets.folder import find_classes
 
+            for split in dict.fromkeys(self.splits):
+                self._split_dir(split)
             self._classes = find_classes(str(self._split_dir("train")))[0]
         return self._classes
 
@@ -516,26 +621,36 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
     @property
     def in_chans(self) -> int:
-        return 3
+        if self._in_chans is None:
+            from PIL import Image
+
+            first = next(iter(_image_files(self._split_dir("train"))))
+            with Image.open(first) as image:
+                self._in_chans = 1 if image.mode in ("L", "I", "I;16", "F", "1", "LA") else 3
+        return self._in_chans
 
     @property
     def mean(self) -> tuple[float, ...]:
-        return self._mean
+        if self._mean_arg is not None:
+            return tuple(self._mean_arg)
+        return (0.449,) if self.in_chans == 1 else (0.485, 0.456, 0.406)
 
     @property
     def std(self) -> tuple[float, ...]:
-        return self._std
+        if self._std_arg is not None:
+            return tuple(self._std_arg)
+        return (0.226,) if self.in_chans == 1 else (0.229, 0.224, 0.225)
 
     @property
     def input_size(self) -> tuple[int, int, int]:
-        return (3, self.img_size, self.img_size)
+        return (self.in_chans, self.img_size, self.img_size)
 
     def _transform(self, training: bool) -> Any:
         from timm.data import create_transform
 
         return create_transform(
             self.input_size, is_training=training, scale=self.scale, color_jitter=self.color_jitter,
-            auto_augment=self.auto_augment, interpolation=self.interpolation, mean=self._mean, std=self._std,
+            auto_augment=self.auto_augment, interpolation=self.interpolation, mean=self.mean, std=self.std,
             crop_pct=self.crop_pct,
         )
 
@@ -545,7 +660,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
         for split in ("train", "val", "test"):
             if split not in self.datasets:
                 transform = self._transform(training=split == "train")
-                self.datasets[split] = ImageFolder(str(self._split_dir(split)), transform=transform)
+                self.datasets[split] = ImageFolder(str(self._split_dir(split)), transform=transform,
+                                                   loader=image_loader(self.in_chans))
 
     def _loader(self, split: str, batch_size: int) -> DataLoader:
         train = split == "train"
@@ -565,3 +681,67 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()
+
+
+class _ImageFiles(Dataset):
+    """Unlabelled image files; an item is ``(image tensor, path)`` so predictions keep their file."""
+
+    def __init__(self, files: list[Path], transform: Any, loader: Any) -> None:
+        self.files, self.transform, self.loader = files, transform, loader
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        return self.transform(self.loader(str(self.files[index]))), str(self.files[index])
+
+
+class ImageFilesDataModule(pl.LightningDataModule):
+    """Image files to ``predict`` on: any mix of files and folders (searched recursively), no labels needed.
+
+    The images are transformed as the model expects, the way timm's ``inference.py`` does: its
+    ``pretrained_cfg`` (input size, crop, interpolation, mean/std; an export's own data set
+    normalisation) through ``resolve_data_config`` and ``create_transform``, each image converted to
+    the model's channel count. The number of classes and the label names come from the model (the
+    pretrained weights or the checkpoint), so nothing about the data needs to be configured.
+
+    Args:
+        paths: an image file or folder, or a list of them (`--data.paths "[a.png, more/]"`).
+        batch_size: images per batch.
+        num_workers: decoding worker processes.
+    """
+
+    name = "images"
+    num_classes = None  # taken from the model: its weights define the classes
+    in_chans = None
+    classes = None
+
+    def __init__(self, paths: list[str] | str, batch_size: int = 32, num_workers: int = 0) -> None:
+        super().__init__()
+        self.files: list[Path] = []
+        for entry in [paths] if isinstance(paths, str) else paths:
+            path = Path(entry).expanduser()
+            if path.is_dir():
+                found = _image_files(path)
+                if not found:
+                    raise NoImagesError(f"--data.paths: {path} holds no images")
+                self.files += found
+            elif path.is_file():
+                self.files.append(path)
+            else:
+                raise DatasetNotFoundError("Images to predict on", [str(path.parent)], f"'{path.name}'",
+                                           can_download=False)
+        if not self.files:
+            raise NoImagesError("--data.paths is empty; name image files or folders")
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.dataset: _ImageFiles | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        from timm.data import create_transform, resolve_data_config
+
+        model = self.trainer.lightning_module.eval_model
+        config = resolve_data_config({}, model=model)
+        self.dataset = _ImageFiles(self.files, create_transform(**config), image_loader(config["input_size"][0]))
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.num_workers)

@@ -27,6 +27,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from bam_zoo.errors import NonFiniteLossError
+from bam_zoo.model_args import check_input_channels
 from bam_zoo.training.optim import SchedulerName, create_lr_scheduler, param_groups
 
 __all__ = ["ImageClassifier", "create_model"]
@@ -65,19 +66,31 @@ def _pretrained_overlay(pretrained_file: str) -> dict[str, Any]:
     return {**overlay, "file": str(path)}
 
 
+def _input_channels(model: nn.Module) -> int:
+    """Input channels of a timm network: those of its ``first_conv`` (else of its first convolution)."""
+    first = model.pretrained_cfg.get("first_conv") if hasattr(model, "pretrained_cfg") else None
+    first = first[0] if isinstance(first, (list, tuple)) else first
+    try:
+        return int(model.get_submodule(first).in_channels)
+    except (AttributeError, TypeError):
+        return next(m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d))
+
+
 class ImageClassifier(pl.LightningModule):
     """Image classification with any bam-zoo or timm network.
 
     Args:
         model_name: architecture name for ``create_model`` (``bam_resnet20``, ``resnet20``, ``bam_resnet50`` ...).
             A ``name.tag`` picks pretrained weights when ``pretrained`` is true.
-        num_classes: classifier outputs; linked from the DataModule by the CLI.
-        in_chans: input channels; linked from the DataModule by the CLI.
+        num_classes: classifier outputs; linked from the DataModule by the CLI. ``None``: the network's own
+            (its pretrained weights' head, or the architecture's default), e.g. to predict with a published tag.
+        in_chans: input channels; linked from the DataModule by the CLI. ``None``: the network's own.
         pretrained: load the registry's pretrained weights (fine-tuning). The classifier is re-initialised
             when ``num_classes`` differs and the stem is adapted when ``in_chans`` differs (timm).
         pretrained_file: load pretrained weights from a local ``model.safetensors`` or export folder instead.
         model_kwargs: extra ``create_model`` arguments (``drop_rate``, ``drop_path_rate`` ...).
-        label_names: class names stored with the weights; linked from the DataModule by the CLI.
+        label_names: class names stored with the weights; linked from the DataModule by the CLI. ``None`` with
+            ``num_classes=None`` takes the pretrained weights' names.
         label_smoothing: label smoothing of the cross-entropy (also applied to mixed targets).
         mixup_alpha: timm Mixup alpha; 0 disables mixup.
         cutmix_alpha: timm CutMix alpha; 0 disables cutmix.
@@ -106,8 +119,8 @@ class ImageClassifier(pl.LightningModule):
     def __init__(
         self,
         model_name: str = "bam_resnet20",
-        num_classes: int = 10,
-        in_chans: int = 3,
+        num_classes: int | None = None,
+        in_chans: int | None = None,
         pretrained: bool = False,
         pretrained_file: str | None = None,
         model_kwargs: dict[str, Any] | None = None,
@@ -141,8 +154,15 @@ class ImageClassifier(pl.LightningModule):
         if pretrained_file:
             pretrained = True
             kwargs["pretrained_cfg_overlay"] = _pretrained_overlay(pretrained_file)
-        self.model = create_model(model_name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans,
-                                  **kwargs)
+        kwargs.update({k: v for k, v in (("num_classes", num_classes), ("in_chans", in_chans)) if v is not None})
+        self.model = create_model(model_name, pretrained=pretrained, **kwargs)
+        # record what None resolved to, so checkpoints and exports rebuild this exact network
+        if label_names is None and num_classes is None:
+            names = self.model.pretrained_cfg.get("label_names")
+            if names and len(names) == self.model.num_classes:
+                self.hparams.label_names = list(names)
+        self.hparams.num_classes = num_classes = self.model.num_classes
+        self.hparams.in_chans = in_chans if in_chans is not None else _input_channels(self.model)
         if freeze_backbone:
             head = {id(p) for p in self.model.get_classifier().parameters()}
             for p in self.model.parameters():
@@ -191,11 +211,13 @@ class ImageClassifier(pl.LightningModule):
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input_channels(x, self.hparams.in_chans, self.hparams.model_name)
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x)
 
     def _eval_forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input_channels(x, self.hparams.in_chans, self.hparams.model_name)
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.eval_model(x)
