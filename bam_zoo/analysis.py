@@ -8,7 +8,6 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .layers.gate import reference_kernels
 from .models.placement import bam_modules
 
 __all__ = ["capture_attention", "count_params", "count_macs"]
@@ -66,16 +65,16 @@ def count_macs(model: nn.Module, input_size: Sequence[int]) -> int:
     """Multiply-accumulates of one forward pass on a single image of ``input_size`` (C, H, W).
 
     Counted by PyTorch's own ``FlopCounterMode`` (convolutions and matrix products; element-wise ops are
-    not counted, as in the papers' numbers), in eval mode, then divided by two (1 MAC = 2 FLOPs). BAM runs
-    its plain definition here (:func:`~bam_zoo.layers.gate.reference_kernels`), so its fast eager paths,
-    which trade convolutions for element-wise work, do not hide MACs.
+    not counted, as in the papers' numbers), in eval mode, then divided by two (1 MAC = 2 FLOPs). Under the
+    counter BAM runs its plain definition (its CPU speed layer steps aside for any dispatch mode), so the fast
+    paths, which trade convolutions for element-wise work, do not hide MACs.
     """
     was_training = model.training
     model.eval()
     param = next(model.parameters())
     x = torch.zeros(1, *input_size, device=param.device, dtype=param.dtype)
     try:
-        with reference_kernels(), FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False) as counter:
             model(x)
     finally:
         model.train(was_training)

@@ -18,7 +18,7 @@ Why it is built this way:
 * Inference compares ``fuse_for_inference(bam_X)`` (BAM's branch BatchNorms folded; the backbone untouched)
   with the plain ``X``; ``--no-fuse`` measures the unfused BAM model.
 * ``block-*`` cases time one BAM alone against the straightforward unfused implementation of the same math
-  (the branches as plain ``nn.Sequential`` calls, then :func:`~bam_zoo.layers.gate.bam_gate_reference`).
+  (the branches as plain ``nn.Sequential`` calls, then the gate as written in the paper).
 * ``pipeline`` measures the real Fashion-MNIST training loop (``FashionMNISTDataModule``'s loader and batch
   augmentation, then the training step) against the same steps on a ready-made batch.
 * Allocator: by default the benchmark runs as ``cli.py`` trains, with glibc keeping freed memory
@@ -73,7 +73,7 @@ CASES: Dict[str, Case] = {c.name: c for c in [
     Case("infer-resnet18", "resnet18", "bam_resnet18", "infer", (8, 3, 224, 224)),
     Case("train-resnet18", "resnet18", "bam_resnet18", "train", (16, 3, 224, 224)),
     Case("infer-resnet20", "resnet20", "bam_resnet20", "infer", (256, 1, 28, 28), _FMNIST),
-    Case("train-resnet20", "resnet20", "bam_resnet20", "train", (256, 1, 28, 28), _FMNIST),
+    Case("train-resnet20", "resnet20", "bam_resnet20", "train", (128, 1, 28, 28), _FMNIST),  # the zoo recipe's batch
     # The block alone, at ResNet-50's first BAM (stage 1 output at 224 px, batch 8).
     Case("block-infer", "block", "block", "infer", (8, 256, 56, 56)),
     Case("block-train", "block", "block", "train", (8, 256, 56, 56)),
@@ -93,7 +93,7 @@ QUICK_CASES: Dict[str, Case] = {c.name: c for c in [
 
 
 class ReferenceBAM(nn.Module):
-    """The straightforward unfused BAM: its branches run as written, then :func:`bam_gate_reference`.
+    """The straightforward unfused BAM: its branches run as written, then ``x * (1 + sigmoid(Mc + Ms))``.
 
     Holds its own copy of the BAM's weights, so both sides of the block benchmark start identical.
     """
@@ -103,16 +103,18 @@ class ReferenceBAM(nn.Module):
         self.bam = copy.deepcopy(bam)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .layers.gate import bam_gate_reference
-
         channel = self.bam.channel_attn
         pooled = x.mean((2, 3))
         channel_logits = channel.fc2(channel.act(channel.bn(channel.fc1(pooled))))[:, :, None, None]
         spatial_logits = self.bam.spatial_attn.body(x)
-        return bam_gate_reference(x, channel_logits, spatial_logits, self.bam.fusion == "product")
+        logits = channel_logits * spatial_logits if self.bam.fusion == "product" else channel_logits + spatial_logits
+        return x * (1 + torch.sigmoid(logits))
 
 
-def _build_pair(case: Case, fuse: bool) -> Tuple[nn.Module, nn.Module]:
+MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def _build_pair(case: Case, fuse: bool, memory_format: str = "contiguous") -> Tuple[nn.Module, nn.Module]:
     """(baseline, candidate) models with the same random weights wherever they share structure."""
     import bam_zoo
     from .fuse import fuse_for_inference
@@ -133,13 +135,14 @@ def _build_pair(case: Case, fuse: bool) -> Tuple[nn.Module, nn.Module]:
     else:
         baseline.train()
         candidate.train()
-    return baseline, candidate
+    fmt = MEMORY_FORMATS[memory_format]
+    return baseline.to(memory_format=fmt), candidate.to(memory_format=fmt)
 
 
-def _make_step(model: nn.Module, case: Case) -> Callable[[], None]:
+def _make_step(model: nn.Module, case: Case, memory_format: str = "contiguous") -> Callable[[], None]:
     """A closure running one inference call or one full training step on a fixed batch."""
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(case.input_shape, generator=g)
+    x = torch.randn(case.input_shape, generator=g).contiguous(memory_format=MEMORY_FORMATS[memory_format])
     if case.mode == "infer":
         def infer() -> None:
             with torch.no_grad():
@@ -239,7 +242,8 @@ def _interleaved(baseline: Callable[[], None], candidate: Callable[[], None], ru
     return base_t, cand_t
 
 
-def run_case(case: Case, runs: int = 7, warmup: int = 2, repeats: int = 1, fuse: bool = True) -> Result:
+def run_case(case: Case, runs: int = 7, warmup: int = 2, repeats: int = 1, fuse: bool = True,
+             memory_format: str = "contiguous") -> Result:
     """Measure one case: ``repeats`` interleaved measurements of ``runs`` rounds each, then peak memory.
 
     Args:
@@ -248,9 +252,11 @@ def run_case(case: Case, runs: int = 7, warmup: int = 2, repeats: int = 1, fuse:
         warmup: Untimed rounds first (oneDNN primitive creation, allocator warm-up).
         repeats: Independent measurements; the reported ratio is the median of their ratios.
         fuse: Fold BAM's branch BatchNorms for inference cases (:func:`bam_zoo.fuse.fuse_for_inference`).
+        memory_format: ``"contiguous"`` or ``"channels_last"``, for both models and the batch.
     """
-    baseline_model, candidate_model = _build_pair(case, fuse)
-    baseline, candidate = _make_step(baseline_model, case), _make_step(candidate_model, case)
+    baseline_model, candidate_model = _build_pair(case, fuse, memory_format)
+    baseline = _make_step(baseline_model, case, memory_format)
+    candidate = _make_step(candidate_model, case, memory_format)
     ratios, base_ms, cand_ms = [], [], []
     for _ in range(repeats):
         base_t, cand_t = _interleaved(baseline, candidate, runs, warmup)
@@ -260,12 +266,14 @@ def run_case(case: Case, runs: int = 7, warmup: int = 2, repeats: int = 1, fuse:
     # Memory is deterministic; step once more (warm) and record.
     base_mem = peak_memory(baseline) + _state_bytes(baseline_model, baseline)
     cand_mem = peak_memory(candidate) + _state_bytes(candidate_model, candidate)
-    return Result(case.name, statistics.median(base_ms), statistics.median(cand_ms), statistics.median(ratios),
+    name = case.name + ("/cl" if memory_format == "channels_last" else "")
+    return Result(name, statistics.median(base_ms), statistics.median(cand_ms), statistics.median(ratios),
                   base_mem / 2 ** 20, cand_mem / 2 ** 20, cand_mem / base_mem, ratios)
 
 
-def run_pipeline(runs: int = 5, steps: int = 4, batch_size: int = 256, model_name: str = "bam_resnet20",
-                 limit_train: Optional[int] = None) -> Tuple[float, float, float]:
+def run_pipeline(runs: int = 5, steps: int = 4, batch_size: int = 128, model_name: str = "bam_resnet20",
+                 limit_train: Optional[int] = None, memory_format: str = "channels_last"
+                 ) -> Tuple[float, float, float]:
     """Fashion-MNIST end to end: images/s of (loader + augmentation + step) against (step on a ready batch).
 
     The loop is what training runs: ``FashionMNISTDataModule.train_dataloader()`` batches, augmented with the
@@ -281,12 +289,14 @@ def run_pipeline(runs: int = 5, steps: int = 4, batch_size: int = 256, model_nam
     dm = FashionMNISTDataModule(batch_size=batch_size, limit_train=limit_train)
     dm.setup("fit")
     torch.manual_seed(0)
+    fmt = MEMORY_FORMATS[memory_format]
     model = bam_zoo.create_model(model_name, in_chans=dm.in_chans, num_classes=dm.num_classes).train()
+    model.to(memory_format=fmt)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        F.cross_entropy(model(x.contiguous(memory_format=fmt)), y).backward()  # as ImageClassifier does
         optimizer.step()
 
     def batches():
@@ -316,7 +326,7 @@ def run_pipeline(runs: int = 5, steps: int = 4, batch_size: int = 256, model_nam
 
 def _native_status() -> str:
     """Whether BAM runs its compiled kernels here (they decide most of the numbers), and the buffer cache."""
-    from .layers.native import buffer_cache_info, native_kernels_available
+    from .layers.bam_cpu import buffer_cache_info, native_kernels_available
 
     if not native_kernels_available():
         return "not loaded (ATen fallback; build them with `pip install --no-build-isolation -e .`)"
@@ -350,6 +360,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Result]:
                         help="'keep' (as cli.py trains): glibc keeps freed memory for reuse instead of returning it "
                              "to the OS (bam_zoo.runtime.keep_freed_memory); 'default': glibc's stock behaviour, "
                              "where page faults on re-allocated tensors add several percent of drift")
+    parser.add_argument("--memory-format", choices=["contiguous", "channels_last", "both"], default="both",
+                        help="memory format of both models and the batch (default: both, one row each)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.malloc == "keep" and not keep_freed_memory():
@@ -359,21 +371,30 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Result]:
     if not args.quick and runs < 5:
         parser.error("--runs must be >= 5 for a median that means something (use --quick for a smoke test)")
     names = args.case or list(table)
+    formats = ["contiguous", "channels_last"] if args.memory_format == "both" else [args.memory_format]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {runs} interleaved rounds "
-          f"after {warmup} warm-up, {args.repeats} repeat(s); ratio = BAM / plain", flush=True)
+          f"after {warmup} warm-up, {args.repeats} repeat(s); ratio = BAM / plain in the same memory format "
+          f"(case/cl: channels_last)", flush=True)
     print(f"bam_zoo compiled kernels: {_native_status()}; malloc: {args.malloc}", flush=True)
     results = []
     for name in names:
         if name == "pipeline":
             continue
-        results.append(run_case(table[name], runs, warmup, args.repeats, fuse=not args.no_fuse))
-        print(_format(results[-1:]).splitlines()[-1] if len(results) > 1 else _format(results), flush=True)
+        for fmt in formats:
+            results.append(run_case(table[name], runs, warmup, args.repeats, fuse=not args.no_fuse,
+                                    memory_format=fmt))
+            print(_format(results[-1:]).splitlines()[-1] if len(results) > 1 else _format(results), flush=True)
     if "pipeline" in names:
-        e2e, pure, ratio = run_pipeline(
-            runs=runs, steps=1 if args.quick else 4, batch_size=16 if args.quick else 256,
-            limit_train=256 if args.quick else None)
-        print(f"pipeline (bam_resnet20, Fashion-MNIST): end-to-end {e2e:.0f} img/s, pure step {pure:.0f} img/s, "
-              f"throughput ratio {ratio:.3f} (data pipeline cost {100 * (1 - ratio):.1f}%)", flush=True)
+        # The zoo recipe: configs/fashion_mnist/*.yaml, batch 128, channels_last, 55k training images per epoch.
+        steps_per_epoch = -(-55_000 // 128)
+        for model_name in ("bam_resnet20", "resnet20"):
+            e2e, pure, ratio = run_pipeline(
+                runs=runs, steps=1 if args.quick else 4, batch_size=16 if args.quick else 128,
+                model_name=model_name, limit_train=256 if args.quick else None)
+            batch = 16 if args.quick else 128
+            print(f"pipeline ({model_name}, Fashion-MNIST, channels_last, batch {batch}): end-to-end {e2e:.0f} img/s, "
+                  f"pure step {pure:.0f} img/s, data pipeline cost {100 * (1 - ratio):.1f}%; one training epoch "
+                  f"of the zoo recipe ({steps_per_epoch} steps of 128) ~ {steps_per_epoch * 128 / e2e:.0f} s", flush=True)
     return results
 
 

@@ -102,16 +102,25 @@ def save_pretrained(
     meta = {k: v for k, v in {"model_name": model_name, "dataset": dataset, "metrics": metrics}.items() if v}
     folder = Path(save_directory)
     model.pretrained_cfg = {k: v for k, v in source_cfg.items() if k not in ("tag", "label_names", "label_descriptions")}
+    # safetensors stores contiguous tensors only: a model trained channels_last exports the same weights, NCHW
+    contiguous = model.register_state_dict_post_hook(_contiguous_state)
     try:
         save_for_hf(model, str(folder), model_config={"label_names": [str(n) for n in labels or []], "bam_zoo": meta},
                     model_args=dict(model_args) if model_args else None, safe_serialization=True)
     finally:
         model.pretrained_cfg = source_cfg
+        contiguous.remove()
     (folder / RECIPE_NAME).unlink(missing_ok=True)
     if recipe:
         (folder / RECIPE_NAME).write_text(yaml.safe_dump(_plain(recipe), sort_keys=False))
     write_card(folder, num_params=sum(p.numel() for p in model.parameters()), repo_id=repo_id)
     return folder
+
+
+def _contiguous_state(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    for key, value in state_dict.items():
+        if isinstance(value, torch.Tensor) and not value.is_contiguous():
+            state_dict[key] = value.contiguous()
 
 
 def write_card(folder: Path, *, num_params: int, repo_id: str | None = None) -> None:

@@ -58,6 +58,7 @@ def fashion_mnist(arch: str) -> tuple[str, dict[str, Any]]:
             "scheduler": "cosine",
             "warmup_epochs": 1.0,
             "label_smoothing": 0.1,
+            "channels_last": True,
         },
         "data": {
             "class_path": DATA + "FashionMNISTDataModule",
@@ -92,6 +93,7 @@ def cifar100(arch: str) -> tuple[str, dict[str, Any]]:
             "scheduler": "multistep",
             "decay_milestones": [82, 123],
             "decay_rate": 0.1,
+            "channels_last": True,
         },
         "data": {
             "class_path": DATA + "CIFAR100DataModule",

@@ -9,4 +9,4 @@ apt-get install -y -qq dataset-fashion-mnist
 python -m pip install -q torch==2.14.1 torchvision==0.29.1
 # --no-build-isolation: the fused CPU kernels (setup.py) compile against the torch installed above
 python -m pip install -q --no-build-isolation -e ".[test]"
-python -c "import bam_zoo.layers.native as n; print('bam_zoo fused CPU kernels:', 'built' if n.native_kernels_available() else 'NOT built (ATen fallback)')"
+python -c "import bam_zoo.layers.bam_cpu as n; print('bam_zoo fused CPU kernels:', 'built' if n.native_kernels_available() else 'NOT built (ATen fallback)')"

@@ -1,4 +1,5 @@
 """The BAM block: paper semantics, the edge cases the official code gets wrong, export paths, bad input."""
+import copy
 import io
 
 import pytest
@@ -9,38 +10,72 @@ import torch.nn.functional as F
 
 import bam_zoo
 from _helpers import randomise_bn
-from bam_zoo.layers import BAM, SingleSampleSafeBatchNorm1d, SingleSampleSafeBatchNorm2d
+from bam_zoo.layers import BAM, SingleSampleSafeBatchNorm1d, SingleSampleSafeBatchNorm2d, bam_cpu
 
 
-def _independent_bam(bam: BAM, x: torch.Tensor) -> torch.Tensor:
-    """The paper's equations written out from the block's own parameters (eval mode)."""
+def _independent_bam(bam: BAM, x: torch.Tensor, training: bool = False) -> torch.Tensor:
+    """The paper's equations written out from the block's own parameters: BatchNorm with batch statistics in
+    training (biased variance), running ones in eval; any dilation and number of dilated convolutions."""
     ca, body = bam.channel_attn, bam.spatial_attn.body
 
     def bn(m, t):
         shape = (1, -1) + (1,) * (t.dim() - 2)
-        return (t - m.running_mean.view(shape)) / torch.sqrt(m.running_var.view(shape) + m.eps) \
-            * m.weight.view(shape) + m.bias.view(shape)
+        dims = [d for d in range(t.dim()) if d != 1]
+        mean, var = ((t.mean(dims), t.var(dims, unbiased=False)) if training
+                     else (m.running_mean, m.running_var))
+        return (t - mean.view(shape)) / torch.sqrt(var.view(shape) + m.eps) * m.weight.view(shape) + m.bias.view(shape)
 
     pooled = x.flatten(2).mean(-1)
     mc = F.linear(torch.relu(bn(ca.bn, F.linear(pooled, ca.fc1.weight, ca.fc1.bias))), ca.fc2.weight, ca.fc2.bias)
     h = torch.relu(bn(body.bn_reduce, F.conv2d(x, body.conv_reduce.weight)))
-    for i in range(2):
+    i = 0
+    while hasattr(body, f"conv{i}"):
         conv = getattr(body, f"conv{i}")
-        h = torch.relu(bn(getattr(body, f"bn{i}"), F.conv2d(h, conv.weight, padding=4, dilation=4)))
+        h = torch.relu(bn(getattr(body, f"bn{i}"), F.conv2d(h, conv.weight, padding=conv.dilation,
+                                                            dilation=conv.dilation)))
+        i += 1
     ms = F.conv2d(h, body.conv_final.weight, body.conv_final.bias)
     mc = mc[:, :, None, None]
     logits = mc * ms if bam.fusion == "product" else mc + ms
     return x + x * torch.sigmoid(logits)
 
 
+@pytest.mark.parametrize("dilation,num_dilated_convs", [(4, 2), (2, 1), (2, 3)])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("fusion", ["sum", "product"])
 @pytest.mark.parametrize("hw", [(12, 12), (9, 14)])
-def test_matches_paper_equations(fusion, hw):
+def test_matches_paper_equations(fusion, hw, training, dilation, num_dilated_convs):
     torch.manual_seed(0)
-    bam = BAM(32, fusion=fusion).eval()
+    bam = BAM(32, fusion=fusion, dilation=dilation, num_dilated_convs=num_dilated_convs).train(training)
     randomise_bn(bam)
+    assert len([m for m in bam.spatial_attn.body if isinstance(m, nn.Conv2d)]) == num_dilated_convs + 2
     x = torch.randn(3, 32, *hw)
-    torch.testing.assert_close(bam(x), _independent_bam(bam, x), rtol=1e-5, atol=1e-5)
+    expected = _independent_bam(bam, x, training)
+    torch.testing.assert_close(bam(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("fusion", ["sum", "product"])
+@pytest.mark.parametrize("gate_layer", ["hard_sigmoid", "tanh", "sigmoid"])
+def test_output_is_x_times_one_plus_gate_of_the_branches(gate_layer, fusion, training):
+    """``y = x * (1 + gate(Mc (+ or *) Ms))`` from the block's own branches, for any gate: the sigmoid gate on the
+    CPU fast path, other gates (hard_sigmoid's values cross 0.5 and stay in [0, 1]) on the definition."""
+    torch.manual_seed(0)
+    bam = BAM(16, gate_layer=gate_layer, fusion=fusion).train(training)
+    randomise_bn(bam)
+    with torch.no_grad():  # logits of a few units, so the gate spans its range
+        bam.channel_attn.fc2.weight.mul_(4)
+        bam.spatial_attn.body.conv_final.weight.mul_(4)
+    x = torch.randn(2, 16, 7, 9)
+    assert bam_cpu.cpu_fast_path_applies(bam, x) == (gate_layer == "sigmoid")
+    branches = copy.deepcopy(bam)  # the branches update their running statistics in training too
+    mc, ms = branches.channel_attn(x), branches.spatial_attn(x)
+    assert mc.shape == (2, 16, 1, 1) and ms.shape == (2, 1, 7, 9)
+    gate = branches.gate(mc * ms if fusion == "product" else mc + ms)
+    assert gate.std() > 0.05  # the gate varies over the map: a wrong formula cannot hide in a constant
+    torch.testing.assert_close(bam(x), x * (1 + gate), rtol=1e-5, atol=1e-5)
+    for (name, b), b_ref in zip(bam.named_buffers(), branches.buffers()):
+        torch.testing.assert_close(b, b_ref, msg=name)
 
 
 def test_structure_follows_arguments():

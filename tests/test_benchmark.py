@@ -14,10 +14,10 @@ def test_quick_run_prints_ratios(capsys):
     results = benchmark.main(["--quick", "--threads", str(torch.get_num_threads()), "--case", "block-train",
                               "--case", "infer-resnet20"])
     out = capsys.readouterr().out
-    assert [r.case for r in results] == ["block-train", "infer-resnet20"]
+    assert [r.case for r in results] == ["block-train", "block-train/cl", "infer-resnet20", "infer-resnet20/cl"]
     for r in results:
         assert r.time_ratio > 0 and r.mem_ratio > 0 and r.baseline_mib > 0
-        assert re.search(rf"^{r.case}\s+[\d.]+\s+[\d.]+\s+[\d.]+\s", out, re.M)
+        assert re.search(rf"^{re.escape(r.case)}\s+[\d.]+\s+[\d.]+\s+[\d.]+\s", out, re.M)
     assert "ratio = BAM / plain" in out
 
 
@@ -55,4 +55,6 @@ def test_pipeline_case_runs_as_module():
     proc = subprocess.run([sys.executable, "-m", "bam_zoo.benchmark", "--quick", "--case", "pipeline"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert re.search(r"throughput ratio [\d.]+", proc.stdout)
+    for model in ("bam_resnet20", "resnet20"):  # both twins, with the absolute epoch time of the zoo recipe
+        assert re.search(rf"pipeline \({model},.*data pipeline cost [\d.]+%; one training epoch .* ~ \d+ s",
+                         proc.stdout), proc.stdout

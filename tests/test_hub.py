@@ -159,6 +159,25 @@ def test_save_pretrained_writes_timm_layout_with_model_card(tmp_path):
     assert f"local-dir:{folder.resolve()}" in card.text  # not pushed yet: the card names this folder
 
 
+def test_channels_last_model_exports_contiguous_weights_and_reloads_into_either_format(tmp_path):
+    """A run trained channels_last (the configs' default) exports; safetensors stores NCHW weights."""
+    model = fmnist_model().to(memory_format=torch.channels_last)
+    def channels_last_params() -> int:
+        return sum(not p.is_contiguous() for p in model.parameters())
+
+    before = channels_last_params()
+    assert before > 0
+    folder = export(model, tmp_path / "out")
+    assert channels_last_params() == before  # the model itself keeps its format
+    saved = safetensors.torch.load_file(folder / "model.safetensors")
+    assert all(t.is_contiguous() for t in saved.values())
+    assert_same_weights(saved, model)
+    x = torch.randn(2, 1, 28, 28)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        again = bam_zoo.create_model(f"local-dir:{folder}", pretrained=True).eval().to(memory_format=fmt)
+        torch.testing.assert_close(again(x.contiguous(memory_format=fmt)), model(x))
+
+
 def test_save_pretrained_refuses_what_was_not_measured_in_percent(tmp_path):
     with pytest.raises(ValueError, match="finite"):
         export(fmnist_model(), tmp_path, metrics={"top1": float("nan")})

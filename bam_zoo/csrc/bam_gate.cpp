@@ -1,4 +1,5 @@
-// Fused CPU kernels of bam_zoo: BAM's gate and its few-channel convolutions (float32, NCHW).
+// Fused CPU kernels of bam_zoo: BAM's gate (float32, NCHW or channels_last) and its few-channel convolutions
+// (float32, NCHW).
 //
 // The gate  y = x * (1 + sigmoid(Mc + Ms))  (sum fusion).
 //
@@ -159,10 +160,10 @@ class BufferCache final : public c10::Allocator {
   size_t limit_bytes_ = size_t(256) << 20;
 };
 
-// A contiguous float32 tensor of x's shape from the cache.
-at::Tensor cached_empty_like(const at::Tensor& x) {
+// A float32 tensor of x's shape and memory format (contiguous or channels_last) from the cache.
+at::Tensor cached_empty_like(const at::Tensor& x, c10::MemoryFormat format) {
   return at::detail::empty_generic(x.sizes(), &BufferCache::instance(), c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                   x.scalar_type(), c10::MemoryFormat::Contiguous);
+                                   x.scalar_type(), format);
 }
 
 void buffer_cache_set_limit(int64_t bytes) { BufferCache::instance().set_limit(bytes); }
@@ -197,14 +198,58 @@ float gate_backward_row(const float* __restrict dy, const float* __restrict x, c
   return dc;
 }
 
-void check_inputs(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b) {
-  TORCH_CHECK(x.dim() == 4 && x.is_contiguous() && x.scalar_type() == at::kFloat && x.device().is_cpu(),
-              "bam_gate: x must be a contiguous 4-D float32 CPU tensor");
+// Channels-last: `pixels` rows of C values. out[p, i] = x[p, i] * (1 + g) with g = 1 / (1 + a[i] * b[p])
+BAM_ZOO_CLONES
+void gate_forward_pixels(const float* __restrict x, const float* __restrict a, const float* __restrict b,
+                         float* __restrict out, int64_t pixels, int64_t c) {
+  for (int64_t p = 0; p < pixels; ++p) {
+    const float bp = b[p];
+    const float* xr = x + p * c;
+    float* orow = out + p * c;
+    for (int64_t i = 0; i < c; ++i) {
+      const float g = 1.f / (1.f + a[i] * bp);
+      orow[i] = xr[i] + xr[i] * g;
+    }
+  }
+}
+
+// Channels-last backward of `pixels` rows: dx = dy * (1 + g), dz = dy * x * g * (1 - g); dc[i] += dz over the
+// rows, ds[p] = sum of dz over the row's channels (its spatial-logit gradient).
+BAM_ZOO_CLONES
+void gate_backward_pixels(const float* __restrict dy, const float* __restrict x, const float* __restrict a,
+                          const float* __restrict b, float* __restrict dx, float* __restrict dc,
+                          float* __restrict ds, int64_t pixels, int64_t c) {
+  for (int64_t p = 0; p < pixels; ++p) {
+    const float bp = b[p];
+    const int64_t off = p * c;
+    float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t i = 0; i < c; ++i) {
+      const float ab = a[i] * bp;
+      const float g = 1.f / (1.f + ab);
+      const float d = dy[off + i];
+      const float dz = d * x[off + i] * (ab * g) * g;
+      dx[off + i] = d + d * g;
+      dc[i] += dz;
+      acc += dz;
+    }
+    ds[p] = acc;
+  }
+}
+
+// The layout of x: Contiguous (NCHW) or ChannelsLast (NHWC); anything else is refused.
+c10::MemoryFormat check_inputs(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
+              "bam_gate: x must be a 4-D float32 CPU tensor");
+  const bool nchw = x.is_contiguous();
+  TORCH_CHECK(nchw || x.is_contiguous(c10::MemoryFormat::ChannelsLast),
+              "bam_gate: x must be contiguous or channels_last contiguous");
   const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
   TORCH_CHECK(a.is_contiguous() && a.scalar_type() == at::kFloat && a.numel() == n * c,
               "bam_gate: a must hold N*C contiguous float32 values");
   TORCH_CHECK(b.is_contiguous() && b.scalar_type() == at::kFloat && b.numel() == n * hw,
               "bam_gate: b must hold N*H*W contiguous float32 values");
+  return nchw ? c10::MemoryFormat::Contiguous : c10::MemoryFormat::ChannelsLast;
 }
 
 // Rows of this many elements or more are split into chunks so small batches still use every thread.
@@ -215,13 +260,24 @@ int64_t num_chunks(int64_t n, int64_t hw) {
 }
 
 at::Tensor gate_forward(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b) {
-  check_inputs(x, a, b);
+  const c10::MemoryFormat format = check_inputs(x, a, b);
   const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
-  at::Tensor out = cached_empty_like(x);
+  at::Tensor out = cached_empty_like(x, format);
   const float* xp = x.data_ptr<float>();
   const float* ap = a.data_ptr<float>();
   const float* bp = b.data_ptr<float>();
   float* op = out.data_ptr<float>();
+  if (format == c10::MemoryFormat::ChannelsLast) {  // rows are pixels: N*HW rows of C values
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(c, 1));
+    at::parallel_for(0, n * hw, grain, [&](int64_t begin, int64_t end) {
+      while (begin < end) {  // one call per run of pixels of one sample
+        const int64_t sample = begin / hw, stop = std::min(end, (sample + 1) * hw);
+        gate_forward_pixels(xp + begin * c, ap + sample * c, bp + begin, op + begin * c, stop - begin, c);
+        begin = stop;
+      }
+    });
+    return out;
+  }
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(hw, 1));
   at::parallel_for(0, n * c, grain, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
@@ -234,15 +290,18 @@ at::Tensor gate_forward(const at::Tensor& x, const at::Tensor& a, const at::Tens
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_backward(const at::Tensor& grad_out, const at::Tensor& x,
                                                              const at::Tensor& a, const at::Tensor& b) {
-  check_inputs(x, a, b);
-  TORCH_CHECK(grad_out.sizes() == x.sizes() && grad_out.is_contiguous() && grad_out.scalar_type() == at::kFloat,
-              "bam_gate: grad_out must be contiguous float32 with x's shape");
+  const c10::MemoryFormat format = check_inputs(x, a, b);
+  TORCH_CHECK(grad_out.sizes() == x.sizes() && grad_out.is_contiguous(format) &&
+                  grad_out.scalar_type() == at::kFloat,
+              "bam_gate: grad_out must be float32 with x's shape and memory format");
   const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
   const int64_t chunks = num_chunks(n, hw);
   const int64_t chunk_len = (hw + chunks - 1) / chunks;
-  at::Tensor grad_x = cached_empty_like(x);
+  at::Tensor grad_x = cached_empty_like(x, format);
   at::Tensor grad_s = at::zeros({n, hw}, x.options());
-  at::Tensor grad_c_parts = at::empty({n, chunks, c}, x.options());
+  const bool nhwc = format == c10::MemoryFormat::ChannelsLast;
+  // One partial channel-logit gradient per task, summed at the end (tasks split each sample's pixels).
+  at::Tensor grad_c_parts = nhwc ? at::zeros({n, chunks, c}, x.options()) : at::empty({n, chunks, c}, x.options());
   const float* dyp = grad_out.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
   const float* ap = a.data_ptr<float>();
@@ -254,6 +313,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_backward(const at::Tensor& g
     for (int64_t task = begin; task < end; ++task) {
       const int64_t sample = task / chunks, chunk = task % chunks;
       const int64_t start = chunk * chunk_len, len = std::min(hw, start + chunk_len) - start;
+      if (nhwc) {
+        const int64_t first = sample * hw + start;
+        if (len > 0)
+          gate_backward_pixels(dyp + first * c, xp + first * c, ap + sample * c, bp + first, dxp + first * c,
+                               dcp + task * c, dsp + first, len, c);
+        continue;
+      }
       for (int64_t ch = 0; ch < c; ++ch) {
         const int64_t offset = (sample * c + ch) * hw + start;
         dcp[task * c + ch] = len > 0 ? gate_backward_row(dyp + offset, xp + offset, bp + sample * hw + start,

@@ -1,8 +1,8 @@
-"""Building blocks: the BAM attention module and its branches."""
+"""Building blocks: the BAM attention module (``bam.py``, the definition) and its CPU speed layer (``bam_cpu.py``)."""
 from .bam import BAM, ChannelAttn, SingleSampleSafeBatchNorm1d, SingleSampleSafeBatchNorm2d, SpatialAttn
-from .gate import bam_gate, bam_gate_reference
+from .bam_cpu import disable_cpu_fast_path, empty_buffer_cache, native_kernels_available
 
 __all__ = [
     "BAM", "ChannelAttn", "SpatialAttn", "SingleSampleSafeBatchNorm1d", "SingleSampleSafeBatchNorm2d",
-    "bam_gate", "bam_gate_reference",
+    "disable_cpu_fast_path", "empty_buffer_cache", "native_kernels_available",
 ]

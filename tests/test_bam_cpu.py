@@ -1,0 +1,592 @@
+"""BAM's CPU speed layer (layers/bam_cpu.py) computes what the definition (layers/bam.py) computes.
+
+Every block check runs the same step twice: through the fast path in float32 (asserting it ran, and which of its
+paths), and through a float64 deep copy, which the fast path never takes, so it runs the plain definition. Then it
+compares the output, the input gradient, every parameter gradient and every BatchNorm buffer, in both memory
+formats. Tests of the compiled kernels skip where they are not built (``BAM_ZOO_NATIVE_GATE=0``, no compiler);
+everything else passes either way.
+"""
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import bam_zoo
+import bam_zoo.layers.bam as bam_def
+from _helpers import randomise_bn
+from bam_zoo import fuse_for_inference
+from bam_zoo.layers import BAM, bam_cpu
+from bam_zoo.layers.bam_cpu import (
+    BamGateFunction, bam_gate, buffer_cache_info, cpu_fast_path_applies, disable_cpu_fast_path,
+    empty_buffer_cache, few_channel_conv, native_kernels_available)
+
+needs_native = pytest.mark.skipif(not native_kernels_available(), reason="bam_zoo._native not built")
+
+FORMATS = [torch.contiguous_format, torch.channels_last]
+FORMAT_IDS = ["nchw", "channels_last"]
+NODE = "BamBlockFunctionBackward"
+
+
+def _assert_close(got, want, tol, name="", floor=1.0):
+    """``got`` (float32) against ``want`` (float64) within ``tol`` relative to max(|want|, ``floor``): float32
+    rounding scales with the values' size. ``floor`` is the block's largest gradient for gradients that are exactly
+    0 in theory (fc1.bias before BatchNorm): their float32 rounding scales with the terms that cancel."""
+    assert got.shape == want.shape, name
+    scale = max(want.detach().abs().max().item(), floor) if want.numel() else floor
+    torch.testing.assert_close(got.detach().double(), want.detach().double(), rtol=tol, atol=tol * scale,
+                               msg=lambda m: f"{name}: {m}")
+
+
+def _gate_reference(x, channel_logits, spatial_logits, product=False):
+    """The definition's gate, written out."""
+    logits = channel_logits * spatial_logits if product else channel_logits + spatial_logits
+    return x * (1 + torch.sigmoid(logits))
+
+
+@pytest.fixture
+def fast_calls(monkeypatch):
+    """Counts the fast path's runs (BAM.forward calls bam.py's binding of ``bam_cpu_forward``)."""
+    calls = []
+
+    def spy(bam, x):
+        calls.append(bam)
+        return bam_cpu.bam_cpu_forward(bam, x)
+
+    monkeypatch.setattr(bam_def, "bam_cpu_forward", spy)
+    return calls
+
+
+def _spy(fn, calls):
+    def wrapper(*args):
+        result = fn(*args)
+        calls.append(result)
+        return result
+    return wrapper
+
+
+# ---- The gate ------------------------------------------------------------------------------------------------------
+
+# (x, channel logits, spatial logits): BAM's shapes, batch 1, 1x1 maps, non-square maps, one channel, rows long
+# enough to be split across threads, a large batch of tiny maps.
+GATE_SHAPES = [(2, 6, 5, 7), (1, 4, 3, 3), (3, 5, 1, 1), (1, 1, 9, 4), (2, 8, 40, 40), (16, 3, 2, 2)]
+
+
+def _gate_inputs(shape, dtype=torch.float32, fmt=torch.contiguous_format, scale=2.0, seed=0):
+    n, c, h, w = shape
+    g = torch.Generator().manual_seed(seed)
+    x, cl, sl, dy = (torch.randn(s, generator=g, dtype=dtype) for s in (shape, (n, c, 1, 1), (n, 1, h, w), shape))
+    return x.contiguous(memory_format=fmt), cl * scale, sl * scale, dy
+
+
+@pytest.mark.parametrize("product", [False, True])
+@pytest.mark.parametrize("shape", GATE_SHAPES[:4])
+def test_gate_gradcheck_float64(shape, product):
+    """float64 takes the ATen gate (same node, same formulas as the kernels' fallback)."""
+    x, c, s, _ = _gate_inputs(shape, torch.float64)
+    leaves = [t.requires_grad_() for t in (x, c, s)]
+    assert torch.autograd.gradcheck(lambda *a: BamGateFunction.apply(*a, product), leaves)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)
+@pytest.mark.parametrize("product", [False, True])
+@pytest.mark.parametrize("scale", [2.0, 30.0, 1e4], ids=["plain", "saturated", "huge"])
+@pytest.mark.parametrize("shape", GATE_SHAPES)
+def test_gate_matches_float64_reference(shape, scale, product, fmt, monkeypatch):
+    """float32 gate (kernels where built, else ATen) against the reference in float64: output and all three
+    gradients. Logits beyond +-40 would overflow exp(-Mc) * exp(-Ms): those take the ATen gate and still match."""
+    calls = []
+    monkeypatch.setattr(bam_cpu, "_native_factors", _spy(bam_cpu._native_factors, calls))
+    x, c, s, dy = _gate_inputs(shape, fmt=fmt, scale=scale)
+    leaves = [t.clone(memory_format=torch.preserve_format).requires_grad_() for t in (x, c, s)]
+    y = bam_gate(*leaves, product)
+    grads = torch.autograd.grad(y, leaves, dy)
+    ref_leaves = [t.double().requires_grad_() for t in (x, c, s)]
+    y_ref = _gate_reference(*ref_leaves, product)
+    grads_ref = torch.autograd.grad(y_ref, ref_leaves, dy.double())
+    within = max(c.abs().max().item(), s.abs().max().item()) <= 40
+    assert within == (scale == 2.0)
+    expect_native = native_kernels_available() and not product and within
+    assert calls and (calls[0] is not None) == expect_native, "the kernels ran where they should not, or not"
+    assert y.is_contiguous(memory_format=fmt)
+    for name, a, b in zip(["y", "dx", "dMc", "dMs"], (y, *grads), (y_ref, *grads_ref)):
+        assert a.dtype == torch.float32
+        _assert_close(a, b, 1e-5, name)
+
+
+def test_gate_backward_accepts_a_non_contiguous_gradient():
+    x, c, s, _ = _gate_inputs((2, 3, 5, 5))
+    leaves = [t.requires_grad_() for t in (x, c, s)]
+    dy = torch.randn(5, 5, 3, 2).permute(3, 2, 1, 0)  # x's shape, transposed strides
+    grads = torch.autograd.grad(bam_gate(*leaves), leaves, dy)
+    ref = [t.detach().double().requires_grad_() for t in leaves]
+    grads_ref = torch.autograd.grad(_gate_reference(*ref), ref, dy.double())
+    for a, b in zip(grads, grads_ref):
+        _assert_close(a, b, 1e-5)
+
+
+@pytest.mark.parametrize("product", [False, True])
+def test_gate_inference_needs_no_autograd_and_never_writes_its_input(product):
+    x, c, s, _ = _gate_inputs((2, 6, 5, 7))
+    x_before = x.clone()
+    with torch.no_grad():
+        y = bam_gate(x, c, s, product)
+    assert y.grad_fn is None
+    _assert_close(y, _gate_reference(x.double(), c.double(), s.double(), product), 1e-5)
+    y_train = bam_gate(x.clone().requires_grad_(), c, s, product)
+    torch.testing.assert_close(y, y_train.detach(), rtol=0, atol=0)  # inference and training paths agree
+    assert torch.equal(x, x_before)
+
+
+def test_gate_propagates_nan_like_the_reference():
+    x, c, s, _ = _gate_inputs((1, 3, 4, 4))
+    c[0, 1] = float("nan")
+    y = bam_gate(x, c, s)
+    assert torch.isnan(y[0, 1]).all() and not torch.isnan(y[0, [0, 2]]).any()
+
+
+def test_gate_saves_only_input_and_logits():
+    """Training memory: the gate keeps x (alive anyway) and the small logit maps, nothing full-size new."""
+    x, c, s, _ = _gate_inputs((2, 16, 8, 8))
+    leaves = [t.requires_grad_() for t in (x, c, s)]
+
+    def saved(fn):
+        packed = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+            fn(*leaves)
+        return packed
+
+    fused = saved(bam_gate)
+    assert any(t is x for t in fused)
+    # besides x: the logits, or (kernels) their exp(-logit) factors; never anything full-size
+    assert all(t is x or t.numel() <= max(c.numel(), s.numel()) for t in fused)
+    full_size_ref = [t for t in saved(_gate_reference) if t.numel() == x.numel() and t is not x]
+    assert len(full_size_ref) >= 2  # what the fast gate avoids keeping
+
+
+@needs_native
+def test_native_ops_reject_bad_input_with_a_message():
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(RuntimeError, match="4-D float32 CPU"):
+        torch.ops.bam_zoo.gate_forward(x.double(), torch.ones(2, 3), torch.ones(2, 16))
+    with pytest.raises(RuntimeError, match="N\\*C"):
+        torch.ops.bam_zoo.gate_forward(x, torch.ones(2, 4), torch.ones(2, 16))
+    with pytest.raises(RuntimeError, match="contiguous or channels_last"):
+        torch.ops.bam_zoo.gate_forward(x[..., :2], torch.ones(2, 3), torch.ones(2, 8))
+
+
+# ---- Few-channel convolutions --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)
+@pytest.mark.parametrize("in_ch,out_ch,kernel,dilation,size,bias", [
+    (1, 1, 1, 1, (6, 5), True), (1, 1, 1, 1, (6, 5), False), (16, 1, 1, 1, (6, 5), True),
+    (32, 2, 1, 1, (6, 5), False), (16, 8, 1, 1, (6, 5), False), (32, 8, 1, 1, (20, 21), False),  # >= 400 px
+    (1, 1, 3, 4, (9, 7), False),   # bam_resnet20's first BAM
+    (2, 2, 3, 4, (6, 5), False),   # its second
+    (1, 1, 3, 4, (6, 5), True), (1, 2, 3, 2, (5, 5), True), (1, 1, 5, 4, (6, 5), True),
+    (4, 1, 1, 1, (4, 6), True),
+    (2, 2, 3, 4, (3, 3), False),   # map smaller than the dilation: only the centre tap ever overlaps
+    (1, 1, (2, 3), (1, 2), (5, 6), True),  # non-square kernel, unequal dilation
+    (4, 4, 3, 4, (6, 5), False),   # oneDNN's
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_few_channel_convs_match_float64_conv2d(in_ch, out_ch, kernel, dilation, size, bias, fmt, dtype):
+    """The spatial branch's rewrites (direct loops, element-wise, shifted adds, matrix products) give conv2d's
+    outputs and gradients, against conv2d in float64."""
+    torch.manual_seed(0)
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    dh, dw = (dilation, dilation) if isinstance(dilation, int) else dilation
+    conv = nn.Conv2d(in_ch, out_ch, (kh, kw), padding=((kh // 2) * dh, (kw // 2) * dw), dilation=(dh, dw),
+                     bias=bias).to(dtype)
+    conv64 = copy.deepcopy(conv).double()
+    x = torch.randn(3, in_ch, *size, dtype=dtype).contiguous(memory_format=fmt).requires_grad_()
+    y = few_channel_conv(conv, x)
+    x64 = x.detach().double().requires_grad_()
+    y_ref = conv64(x64)
+    _assert_close(y, y_ref, 1e-5, "y")
+    dy = torch.randn(y.shape, dtype=dtype)
+    got = torch.autograd.grad(y, [x] + list(conv.parameters()), dy)
+    want = torch.autograd.grad(y_ref, [x64] + list(conv64.parameters()), dy.double())
+    for name, a, b in zip(["dx", "dw", "db"], got, want):
+        assert a.dtype == dtype
+        _assert_close(a, b, 1e-5, name)
+    with torch.no_grad():  # inference skips autograd, same numbers
+        torch.testing.assert_close(few_channel_conv(conv, x), y.detach())
+
+
+# ---- Whole blocks against the definition in float64 ---------------------------------------------------------------
+
+def _step(bam, x, dy):
+    """One forward/backward; returns (output, input grad, {param: grad}, {buffer: value}, grad_fn name)."""
+    y = bam(x)
+    y.backward(dy.to(y.dtype).contiguous(memory_format=torch.preserve_format))
+    return (y.detach(), x.grad, {n: p.grad for n, p in bam.named_parameters()},
+            {n: b.clone() for n, b in bam.named_buffers()}, type(y.grad_fn).__name__)
+
+
+def _compare(bam, x, fmt=torch.contiguous_format, path="modules", tol=1e-4, monkeypatch=None, calls=None):
+    """The fast path's step against the float64 definition's; ``path`` is the fast path that must have run."""
+    monkeypatch.setattr(bam_cpu, "_NODE_MIN_PIXELS", 1 if path == "node" else 10 ** 9)
+    if fmt == torch.channels_last:
+        bam = bam.to(memory_format=torch.channels_last)
+    reference = copy.deepcopy(bam).double()
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    x32 = x.detach().clone().contiguous(memory_format=fmt).requires_grad_(x.requires_grad)
+    x64 = x.detach().double().contiguous(memory_format=fmt).requires_grad_(x.requires_grad)
+    assert cpu_fast_path_applies(bam, x32) and not cpu_fast_path_applies(reference, x64)
+    got = _step(bam, x32, dy)
+    assert len(calls) == 1, "the fast path did not run"
+    want = _step(reference, x64, dy.double())
+    assert len(calls) == 1, "the float64 reference took the fast path"
+    any_grad = x.requires_grad or any(p.requires_grad for p in bam.parameters())
+    if path == "node":
+        assert got[4] == NODE, "the one-node path was not taken"
+    else:
+        assert got[4] != NODE and (got[4] == "BamGateFunctionBackward" or not any_grad), got[4]
+    assert got[0].is_contiguous(memory_format=fmt)
+    _assert_close(got[0], want[0], tol, "output")
+    if x.requires_grad:
+        _assert_close(got[1], want[1], tol, "input grad")
+    assert got[2].keys() == want[2].keys() and got[3].keys() == want[3].keys()
+    block_scale = max([1.0] + [g.abs().max().item() for g in want[2].values() if g is not None])
+    for name in got[2]:
+        if want[2][name] is None:
+            assert got[2][name] is None, name
+        else:
+            zero_in_theory = want[2][name].abs().max().item() < 1e-9 * block_scale
+            _assert_close(got[2][name], want[2][name], tol, name, block_scale if zero_in_theory else 1.0)
+    for name in got[3]:
+        _assert_close(got[3][name], want[3][name], tol, name)
+
+
+PATHS = [("sum", "node"), ("sum", "modules"), ("product", "modules")]
+
+
+def _path_params():
+    return [pytest.param(fusion, path, marks=[needs_native] if path == "node" else [], id=f"{fusion}-{path}")
+            for fusion, path in PATHS]
+
+
+@pytest.mark.parametrize("fusion,path", _path_params())
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)
+@pytest.mark.parametrize("channels,shape", [
+    (16, (4, 16, 12, 12)),    # rd_channels 1 (bam_resnet20's first BAM): few-channel convs
+    (32, (3, 32, 9, 11)),     # rd_channels 2, non-square
+    (64, (2, 64, 7, 7)),      # rd_channels 4, map smaller than twice the dilation
+    (128, (2, 128, 6, 6)),    # rd_channels 8 on a small map: conv_reduce through oneDNN, not a matmul
+    (256, (2, 256, 20, 20)),  # rd_channels 16, ResNet-50's first BAM: conv_reduce on a >= 400-pixel map
+    (32, (2, 32, 1, 1)),      # 1x1 maps
+    (32, (1, 32, 6, 6)),      # batch 1: the channel branch's BatchNorm takes running stats
+], ids=["rd1", "rd2-nonsquare", "rd4", "rd8", "rd16-400px", "1x1", "batch1"])
+def test_block_matches_float64_definition(channels, shape, fmt, train, fusion, path, monkeypatch, fast_calls):
+    torch.manual_seed(0)
+    bam = BAM(channels, fusion=fusion).train(train)
+    randomise_bn(bam)
+    _compare(bam, torch.randn(shape, requires_grad=True), fmt, path, monkeypatch=monkeypatch, calls=fast_calls)
+
+
+@pytest.mark.parametrize("fusion,path", _path_params())
+@pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)
+@pytest.mark.parametrize("num_dilated_convs", [0, 1, 3])
+def test_block_of_any_depth(num_dilated_convs, fmt, fusion, path, monkeypatch, fast_calls):
+    torch.manual_seed(0)
+    bam = BAM(32, num_dilated_convs=num_dilated_convs, dilation=2, fusion=fusion).train()
+    _compare(bam, torch.randn(2, 32, 8, 8, requires_grad=True), fmt, path, monkeypatch=monkeypatch,
+             calls=fast_calls)
+
+
+@pytest.mark.parametrize("fusion,path", _path_params())
+@pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)
+def test_folded_block_in_eval_mode(fmt, fusion, path, monkeypatch, fast_calls):
+    """After fuse_for_inference conv_reduce has a bias and act_reduce follows it directly (in place);
+    gradients in eval mode (e.g. saliency maps) still take the fast path and match."""
+    torch.manual_seed(0)
+    bam = BAM(32, num_dilated_convs=0, fusion=fusion)
+    randomise_bn(bam)
+    fuse_for_inference(bam)
+    assert bam.spatial_attn.body.conv_reduce.bias is not None
+    _compare(bam, torch.randn(2, 32, 5, 5, requires_grad=True), fmt, path, monkeypatch=monkeypatch,
+             calls=fast_calls)
+
+
+@pytest.mark.parametrize("fusion,path", _path_params())
+@pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)
+def test_saturated_logits(fmt, fusion, path, monkeypatch, fast_calls):
+    """Logits beyond the kernels' +-40 take the ATen gate, inside the node too; the block still matches."""
+    torch.manual_seed(0)
+    bam = BAM(32, fusion=fusion).train()
+    with torch.no_grad():
+        bam.channel_attn.fc2.bias.fill_(60.0)
+    _compare(bam, torch.randn(2, 32, 6, 6, requires_grad=True), fmt, path, monkeypatch=monkeypatch,
+             calls=fast_calls)
+
+
+@pytest.mark.parametrize("fusion,path", _path_params())
+@pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)
+def test_frozen_parameters_and_input_without_grad(fmt, fusion, path, monkeypatch, fast_calls):
+    """Fine-tuning with part of the block frozen, and an input that needs no gradient."""
+    torch.manual_seed(0)
+    bam = BAM(32, fusion=fusion).train()
+    for p in bam.channel_attn.parameters():
+        p.requires_grad_(False)
+    bam.spatial_attn.body.conv_reduce.weight.requires_grad_(False)
+    _compare(bam, torch.randn(2, 32, 6, 6), fmt, path, monkeypatch=monkeypatch, calls=fast_calls)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)
+def test_whole_model_training_step(fmt, fast_calls):
+    """A whole bam_resnet20 step at 28 px (layer1's BAM takes the node, layer2's the modules): every gradient and
+    running statistic equals the float64 definition's."""
+    torch.manual_seed(0)
+    model = bam_zoo.create_model("bam_resnet20", in_chans=1, num_classes=10).train()
+    model = model.to(memory_format=fmt)
+    reference = copy.deepcopy(model).double()
+    x, target = torch.randn(4, 1, 28, 28).contiguous(memory_format=fmt), torch.tensor([0, 3, 5, 9])
+    F.cross_entropy(model(x), target).backward()
+    assert len(fast_calls) == 2
+    F.cross_entropy(reference(x.double()), target).backward()
+    assert len(fast_calls) == 2
+    for (name, p), p_ref in zip(model.named_parameters(), reference.parameters()):
+        _assert_close(p.grad, p_ref.grad, 1e-3, name)
+    for (name, b), b_ref in zip(model.named_buffers(), reference.buffers()):
+        _assert_close(b, b_ref, 1e-4, name)
+
+
+# ---- Where the fast path runs, and where it must not ---------------------------------------------------------------
+
+@pytest.mark.parametrize("gate_layer", ["sigmoid", nn.Sigmoid, torch.sigmoid])
+@pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)
+def test_fast_path_runs_by_default(gate_layer, fmt, fast_calls):
+    """float32 CPU maps in either format, any spelling of the sigmoid gate: no switch needed."""
+    bam = BAM(16, gate_layer=gate_layer).train()
+    x = torch.randn(2, 16, 8, 8).contiguous(memory_format=fmt)
+    assert cpu_fast_path_applies(bam, x)
+    bam(x)
+    assert len(fast_calls) == 1
+
+
+def test_fast_path_does_not_run_on_other_strides(fast_calls):
+    bam = BAM(16)
+    x = torch.randn(2, 16, 8, 16)[..., ::2]
+    assert not cpu_fast_path_applies(bam, x)
+    torch.testing.assert_close(bam(x), bam(x.contiguous()))
+    assert len(fast_calls) == 1
+
+
+def _plain_runs(name, bam, x):
+    """Run ``bam`` on ``x`` under the setting ``name``; returns the output."""
+    if name == "float64":
+        return bam.double()(x.double())
+    if name == "autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return bam(x).float()
+    if name == "flop_counter":
+        from torch.utils.flop_counter import FlopCounterMode
+        with FlopCounterMode(display=False):
+            return bam(x)
+    if name == "jit_script":
+        return torch.jit.script(bam)(x)
+    if name == "jit_trace":
+        return torch.jit.trace(bam, x, check_trace=False)(x)  # the check reruns it eagerly
+    if name == "fx_trace":
+        return torch.fx.symbolic_trace(bam)(x)
+    if name == "compile":
+        return torch.compile(bam, backend="eager", fullgraph=True)(x)
+    if name == "store_attention":
+        bam.store_attention = True
+        return bam(x)
+    if name == "capture_attention":
+        with bam_zoo.capture_attention(bam):
+            return bam(x)
+    if name == "hook":
+        bam.channel_attn.register_forward_hook(lambda m, i, o: None)
+        return bam(x)
+    if name == "hard_sigmoid_gate":
+        bam.gate = bam_def.get_act_layer("hard_sigmoid")()
+        return bam(x)
+    if name == "disable_cpu_fast_path":
+        disable_cpu_fast_path(bam)
+        return bam(x)
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("name", [
+    "float64", "autocast", "flop_counter", "jit_script", "jit_trace", "fx_trace", "compile", "store_attention",
+    "capture_attention", "hook", "hard_sigmoid_gate", "disable_cpu_fast_path"])
+def test_plain_definition_runs_where_the_fast_path_was_not_measured(name, monkeypatch):
+    monkeypatch.setattr(bam_def, "bam_cpu_forward", _forbidden)
+    torch.manual_seed(0)
+    bam = BAM(16).eval()
+    randomise_bn(bam)
+    x = torch.randn(2, 16, 8, 8)
+    expected = BAM.forward(copy.deepcopy(bam).double(), x.double())  # the float64 definition
+    if name == "hard_sigmoid_gate":
+        expected = None
+    y = _plain_runs(name, bam, x)
+    assert y.shape == x.shape
+    if expected is not None:
+        _assert_close(y, expected, 2e-2 if name == "autocast" else 1e-5)
+
+
+def _forbidden(bam, x):
+    raise AssertionError("the fast path ran")
+
+
+def test_disable_cpu_fast_path_can_be_undone(fast_calls):
+    model = bam_zoo.create_model("bam_resnet20", in_chans=1).eval()
+    x = torch.randn(1, 1, 16, 16)
+    assert disable_cpu_fast_path(model) is model
+    model(x)
+    assert fast_calls == []
+    disable_cpu_fast_path(model, False)
+    model(x)
+    assert len(fast_calls) == 2
+
+
+# ---- The training node ------------------------------------------------------------------------------------------
+
+@needs_native
+def test_autograd_grad_sees_every_parameter(monkeypatch):
+    """The parameters are inputs of the node, so the functional API (and DDP's graph walk) finds them."""
+    monkeypatch.setattr(bam_cpu, "_NODE_MIN_PIXELS", 1)
+    bam = BAM(16).train()
+    x = torch.randn(2, 16, 6, 6, requires_grad=True)
+    y = bam(x)
+    assert type(y.grad_fn).__name__ == NODE
+    grads = torch.autograd.grad(y.square().sum(), [x] + list(bam.parameters()))
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert all(p.grad is None for p in bam.parameters())  # nothing accumulated behind the caller's back
+
+
+@needs_native
+def test_double_backward_says_how(monkeypatch):
+    """create_graph=True (gradient penalties) gets a message naming the fix, and the fix works."""
+    monkeypatch.setattr(bam_cpu, "_NODE_MIN_PIXELS", 1)
+    bam = BAM(16).train()
+    x = torch.randn(2, 16, 4, 4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="disable_cpu_fast_path"):
+        torch.autograd.grad(bam(x).square().sum(), x, create_graph=True)
+    disable_cpu_fast_path(bam)
+    (grad_x,) = torch.autograd.grad(bam(x).square().sum(), x, create_graph=True)
+    grad_x.square().sum().backward()
+    assert all(p.grad is not None for p in bam.parameters())
+
+
+def test_hooks_on_the_branches_run_the_definition(fast_calls):
+    bam = BAM(16).train()
+    seen = []
+    bam.channel_attn.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    x = torch.randn(2, 16, 20, 20, requires_grad=True)
+    assert not cpu_fast_path_applies(bam, x)
+    y = bam(x)
+    assert seen == [torch.Size([2, 16, 1, 1])] and fast_calls == []
+    assert type(y.grad_fn).__name__ != NODE
+
+
+@needs_native
+def test_small_maps_take_the_modules(fast_calls):
+    """Below _NODE_MIN_PIXELS the node costs more than it saves (measured), so the modules run."""
+    assert bam_cpu._NODE_MIN_PIXELS == 400
+    bam = BAM(16).train()
+    small = bam(torch.randn(2, 16, 14, 14, requires_grad=True))
+    large = bam(torch.randn(2, 16, 20, 20, requires_grad=True))
+    assert type(small.grad_fn).__name__ == "BamGateFunctionBackward"
+    assert type(large.grad_fn).__name__ == NODE
+    assert len(fast_calls) == 2
+
+
+# ---- DDP: gradients in the parameters' own layout ----------------------------------------------------------------
+
+@pytest.mark.parametrize("path", [pytest.param("node", marks=needs_native), "modules"])
+@pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)
+@pytest.mark.parametrize("channels", [16, 32, 64, 256])
+def test_gradients_have_the_parameters_strides(channels, fmt, path, monkeypatch, fast_calls):
+    """DDP copies a gradient whose strides differ from its parameter's (and warns `Grad strides do not match
+    bucket view strides`); every gradient the fast path produces has exactly its parameter's strides.
+
+    Model and input share a memory format, as ImageClassifier(channels_last=...) arranges (with mixed formats
+    oneDNN's own convolutions return gradients in the input's format, in the plain definition too)."""
+    model_fmt = fmt
+    monkeypatch.setattr(bam_cpu, "_NODE_MIN_PIXELS", 1 if path == "node" else 10 ** 9)
+    bam = BAM(channels).train().to(memory_format=model_fmt)
+    x = torch.randn(2, channels, 9, 9).contiguous(memory_format=fmt).requires_grad_()
+    y = bam(x)
+    assert len(fast_calls) == 1 and (type(y.grad_fn).__name__ == NODE) == (path == "node")
+    y.square().sum().backward()
+    bad = {n: (tuple(p.shape), p.stride(), p.grad.stride()) for n, p in bam.named_parameters()
+           if p.grad.stride() != p.stride()}
+    assert not bad, f"gradient strides differ from the parameter's (shape, param, grad): {bad}"
+
+
+# ---- The buffer cache ----------------------------------------------------------------------------------------------
+
+@needs_native
+def test_gate_buffers_are_reused_and_accounted():
+    """The gate's full-size outputs come from a cache: freed blocks are handed out again, the profiler's
+    memory view still counts them, and empty_buffer_cache releases them."""
+    x, c, s, _ = _gate_inputs((2, 8, 16, 16))
+    empty_buffer_cache()
+    before = buffer_cache_info()
+    y = bam_gate(x, c, s)
+    nbytes = y.numel() * 4
+    assert buffer_cache_info().allocated == before.allocated + nbytes
+    ptr = y.data_ptr()
+    del y
+    assert buffer_cache_info().cached == before.cached + nbytes
+    y2 = bam_gate(x, c, s)
+    assert y2.data_ptr() == ptr  # the same block, no fresh pages
+    _assert_close(y2, _gate_reference(x.double(), c.double(), s.double()), 1e-5)
+    y2.resize_(4, 8, 16, 16)  # still an ordinary, resizable tensor
+    del y2
+    empty_buffer_cache()
+    assert buffer_cache_info().cached == 0
+
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        bam_gate(x, c, s)
+    reported = [e.cpu_memory_usage for e in prof.events() if e.name == "bam_zoo::gate_forward"]
+    assert reported and reported[0] >= nbytes
+
+
+def test_buffer_cache_without_kernels_is_empty_and_harmless():
+    empty_buffer_cache()
+    if not native_kernels_available():
+        assert buffer_cache_info() == (0, 0, 0)
+    else:
+        assert buffer_cache_info().cached == 0
+
+
+def _python(code, **env):
+    return subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("value,native,message", [
+    ("lots", "0", "BAM_ZOO_BUFFER_CACHE_MB must be a whole number"),  # also where the kernels are missing
+    ("-1", "1", "BAM_ZOO_BUFFER_CACHE_MB must be >= 0"),
+])
+def test_buffer_cache_limit_is_validated(value, native, message):
+    out = _python("import bam_zoo", BAM_ZOO_BUFFER_CACHE_MB=value, BAM_ZOO_NATIVE_GATE=native)
+    assert out.returncode != 0 and message in out.stderr, out.stderr[-2000:]
+
+
+def test_native_kernels_can_be_switched_off():
+    """BAM_ZOO_NATIVE_GATE=0 gives the ATen paths (for A/B timing, and as an install without a compiler runs)."""
+    code = ("import torch, bam_zoo; from bam_zoo.layers import bam_cpu; m = bam_zoo.BAM(16).train(); "
+            "x = torch.randn(2, 16, 20, 20, requires_grad=True); y = m(x); y.sum().backward(); "
+            "print(bam_cpu.native_kernels_available(), type(y.grad_fn).__name__, bam_cpu.buffer_cache_info())")
+    out = _python(code, BAM_ZOO_NATIVE_GATE="0")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[:2] == ["False", "BamGateFunctionBackward"]
+
+
+def test_native_kernels_are_built_where_ci_runs():
+    """.ci/run sets BAM_ZOO_REQUIRE_NATIVE=1: a build that silently fell back to ATen would hide a regression."""
+    if os.environ.get("BAM_ZOO_REQUIRE_NATIVE") != "1":
+        pytest.skip("only enforced where BAM_ZOO_REQUIRE_NATIVE=1 (CI)")
+    assert native_kernels_available()
