@@ -40,6 +40,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import bam_zoo
+
 from .runtime import keep_freed_memory
 
 __all__ = ["Case", "CASES", "QUICK_CASES", "Result", "run_case", "peak_memory", "main"]
@@ -116,7 +118,6 @@ MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.
 
 def _build_pair(case: Case, fuse: bool, memory_format: str = "contiguous") -> Tuple[nn.Module, nn.Module]:
     """(baseline, candidate) models with the same random weights wherever they share structure."""
-    import bam_zoo
     from .fuse import fuse_for_inference
     from .layers import BAM
 
@@ -283,7 +284,6 @@ def run_pipeline(runs: int = 5, steps: int = 4, batch_size: int = 128, model_nam
     Returns:
         (end-to-end images/s, pure-step images/s, median per-round throughput ratio end-to-end / pure).
     """
-    import bam_zoo
     from .training.data import FashionMNISTDataModule
 
     dm = FashionMNISTDataModule(batch_size=batch_size, limit_train=limit_train)

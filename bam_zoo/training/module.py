@@ -26,6 +26,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+import bam_zoo  # for create_model; bam_zoo itself never imports training, so no cycle
 from bam_zoo.errors import NonFiniteLossError
 from bam_zoo.model_args import check_input_channels
 from bam_zoo.training.optim import SchedulerName, create_lr_scheduler, param_groups
@@ -38,8 +39,6 @@ def create_model(model_name: str, pretrained: bool = False, **kwargs: Any) -> nn
 
     The single place where the training stack builds networks, so they all come from the same registry.
     """
-    import bam_zoo
-
     return bam_zoo.create_model(model_name, pretrained=pretrained, **kwargs)
 
 
