@@ -66,18 +66,16 @@ FASHION_MNIST_TAGS: Dict[str, Dict[str, Any]] = {
 # (of model.safetensors, checked on every load). Entries are printed by scripts/ship_weights.py.
 WEIGHT_METADATA: Dict[str, Dict[str, Any]] = {
     "bam_resnet20.fmnist": {
-        "dataset": "fashion_mnist", "top1": 92.24, "top5": 99.85, "num_params": 269844, "macs": 30875896,
-        "epochs": 8, "train_time_s": 3159, "recipe": "configs/fashion_mnist/bam_resnet20.yaml",
-        "command": "OMP_NUM_THREADS=1 python cli.py fit --config configs/fashion_mnist/bam_resnet20.yaml "
-                   "--trainer.max_epochs 8",
-        "sha256": "d9031fea5858e60cb1c9c87ff6dfff908d047693a5291cbd08c1e38d1ed0a166",
+        "dataset": "fashion_mnist", "top1": 93.14, "top5": 99.89, "num_params": 269844, "macs": 30875896,
+        "epochs": 15, "train_time_s": 1457, "recipe": "configs/fashion_mnist/bam_resnet20.yaml",
+        "command": "OMP_NUM_THREADS=1 python cli.py fit --config configs/fashion_mnist/bam_resnet20.yaml",
+        "sha256": "a9ce83f8bc81dab25ac12f4d00e0cb1ca4547c749228dccf9ffd99069eb79011",
     },
     "resnet20.fmnist": {
-        "dataset": "fashion_mnist", "top1": 92.34, "top5": 99.83, "num_params": 269434, "macs": 30821248,
-        "epochs": 8, "train_time_s": 2999, "recipe": "configs/fashion_mnist/resnet20.yaml",
-        "command": "OMP_NUM_THREADS=1 python cli.py fit --config configs/fashion_mnist/resnet20.yaml "
-                   "--trainer.max_epochs 8",
-        "sha256": "308b55ce7fa9cb5ade8de206b337cea66cf255117bb80f3bf5e50e35b1802b7e",
+        "dataset": "fashion_mnist", "top1": 93.08, "top5": 99.89, "num_params": 269434, "macs": 30821248,
+        "epochs": 15, "train_time_s": 1403, "recipe": "configs/fashion_mnist/resnet20.yaml",
+        "command": "OMP_NUM_THREADS=1 python cli.py fit --config configs/fashion_mnist/resnet20.yaml",
+        "sha256": "dbb47f773ca5b5c41e536c5914a2140dc07237e3c2dd681de40e53721f2cdc5c",
     },
 }
 
