@@ -156,10 +156,14 @@ def bam_cpu_forward(bam: "BAM", x: torch.Tensor) -> torch.Tensor:
         conv = bam.spatial_attn.body.conv_reduce
         others = [p for name, p in bam.named_parameters() if not name.startswith("spatial_attn.body.conv_reduce.")]
         return BamBlockFunction.apply(x, conv.weight, conv.bias, bam, *others)
-    channel_logits = bam.channel_attn.fc2(bam.channel_attn.act(bam.channel_attn.bn(
-        bam.channel_attn.fc1(global_avg_pool(x)))))[:, :, None, None]
+    channel_logits = _channel_logits(bam.channel_attn, global_avg_pool(x))
     spatial_logits = _spatial_logits(bam.spatial_attn.body, x)
     return bam_gate(x, channel_logits, spatial_logits, bam.fusion == "product")
+
+
+def _channel_logits(channel_attn: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
+    """``ChannelAttn``'s MLP on already pooled N x C values, as N x C x 1 x 1 logits."""
+    return channel_attn.fc2(channel_attn.act(channel_attn.bn(channel_attn.fc1(pooled))))[:, :, None, None]
 
 
 def global_avg_pool(x: torch.Tensor) -> torch.Tensor:
@@ -198,10 +202,10 @@ def few_channel_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         return conv(x)
     n, c, h, w = x.shape
     weight, bias = conv.weight, conv.bias
-    if weight.requires_grad and torch.is_grad_enabled():
-        weight = KeepGradStrides.apply(weight)  # the rewrites below reshape it: keep its gradient's strides
     if NATIVE and c * conv.out_channels <= _SMALL_CONV_MAX_CHANNEL_PAIRS and weight.dtype == x.dtype == torch.float32:
         return _small_conv(conv, x.contiguous())  # a one- or two-channel map: the copy is negligible
+    if weight.requires_grad and torch.is_grad_enabled():
+        weight = KeepGradStrides.apply(weight)  # the rewrites below reshape it: keep its gradient's strides
     one_by_one = conv.kernel_size == (1, 1) and conv.padding == (0, 0)
     if one_by_one and c == 1 and conv.out_channels == 1:
         y = x * weight.view(1, 1, 1, 1)
@@ -417,7 +421,7 @@ class BamBlockFunction(torch.autograd.Function):
     ``autograd.grad``, DDP and gradient hooks see them all. The forward pools and reduces ``x`` outside autograd
     and records the two small branches on their own; the backward runs the gate's kernel, differentiates the
     branches with ``autograd.grad``, and adds the pool's and the reduction's input gradients into ``dx`` in place
-    with one batched matrix product: ``dx += [dred | 1] @ [W ; dpool / HW]`` (rows are pixels channels_last).
+    with batched matrix products: ``dx += W^T dred + dpool / HW`` (rows are channels in NCHW, pixels channels_last).
     """
 
     @staticmethod
@@ -427,8 +431,7 @@ class BamBlockFunction(torch.autograd.Function):
         pooled = global_avg_pool(x).requires_grad_()
         reduced = few_channel_conv(bam.spatial_attn.body.conv_reduce, x).requires_grad_()
         with torch.enable_grad():
-            channel = bam.channel_attn
-            channel_logits = channel.fc2(channel.act(channel.bn(channel.fc1(pooled))))[:, :, None, None]
+            channel_logits = _channel_logits(bam.channel_attn, pooled)
             body = bam.spatial_attn.body
             first = next((m for m in list(body)[1:] if not isinstance(m, nn.Identity)), None)
             # an in-place first layer (bn_reduce folded away) must not write over the leaf
@@ -467,7 +470,8 @@ class BamBlockFunction(torch.autograd.Function):
         rd = reduce_weight.shape[0]
         weight = reduce_weight.reshape(rd, c)
         grad_pooled = grad_pooled / (h * w)
-        if _channels_last(x):  # rows are pixels: dX (N x HW x C) += [dred | 1] @ [W ; dpool / HW]
+        pixel_rows = _channels_last(x)
+        if pixel_rows:  # dX (N x HW x C) += dred (N x HW x rd) @ W (rd x C), then + dpool / HW
             rows = x.permute(0, 2, 3, 1).reshape(n, h * w, c)
             grad_rows = grad_reduced.permute(0, 2, 3, 1).reshape(n, h * w, rd)
             grad_x.permute(0, 2, 3, 1).view(n, h * w, c).baddbmm_(grad_rows, weight.expand(n, -1, -1)).add_(
@@ -481,5 +485,5 @@ class BamBlockFunction(torch.autograd.Function):
             grad_x.view(n, c, h * w).baddbmm_(lhs, rhs)
             grad_weight = torch.bmm(grad_rows, x.view(n, c, h * w).transpose(1, 2)).sum(0)
         grad_weight = torch.empty_like(reduce_weight).copy_(grad_weight.view(reduce_weight.shape))  # its strides
-        grad_bias = grad_rows.sum((0, 1) if _channels_last(x) else (0, 2)) if ctx.has_bias else None
+        grad_bias = grad_rows.sum((0, 1) if pixel_rows else (0, 2)) if ctx.has_bias else None
         return (grad_x, grad_weight, grad_bias, None, *grad_params)
