@@ -1,16 +1,18 @@
-"""The ``bam-zoo`` console script (and ``python cli.py``): fit / validate / test / predict, and push.
+"""The ``bam-zoo`` console script (and ``python cli.py``): fit / validate / test / predict, and the tools.
 
-The training subcommands are :class:`~bam_zoo.training.cli.BamZooCLI` (LightningCLI); ``push`` is a
-jsonargparse parser built from :func:`bam_zoo.hub.push`'s signature and docstring, listed beside them in
-``--help``. Errors that say how to fix themselves (bam-zoo's, huggingface_hub's, a bad file) are printed as
-their message instead of a traceback.
+The training subcommands are :class:`~bam_zoo.training.cli.BamZooCLI` (LightningCLI). Each tool in
+:data:`TOOLS` (``push`` ...) is one library function; its jsonargparse parser is built from the function's
+signature and docstring, and it is listed beside the training subcommands in ``--help``. Errors that say
+how to fix themselves (bam-zoo's, huggingface_hub's, a bad file) are printed as their message instead of a
+traceback.
 """
 
 from __future__ import annotations
 
 import signal
 import sys
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from jsonargparse import ArgumentParser
 
@@ -18,35 +20,54 @@ from bam_zoo.errors import BamZooError
 from bam_zoo import hub
 from bam_zoo.training.cli import BamZooCLI
 
-__all__ = ["ZooCLI", "main", "push_parser"]
-
-_PUSH_HELP = "Push a .ckpt from `cli.py fit` or an export folder to a Hugging Face Hub repo, as one commit."
-_DASHED = {"--repo-id": "--repo_id", "--commit-message": "--commit_message"}  # the spellings documented before
+__all__ = ["TOOLS", "Tool", "ZooCLI", "main", "tool_parser"]
 
 
-def push_parser() -> ArgumentParser:
-    """``cli.py push``'s options: :func:`bam_zoo.hub.push`'s arguments (the token comes from HF_TOKEN only)."""
-    parser = ArgumentParser(prog="cli.py push", description=_PUSH_HELP + " The token comes from HF_TOKEN or "
-                            "`hf auth login`; HF_ENDPOINT selects the Hub.")
-    parser.add_function_arguments(hub.push, skip={"token"})
+@dataclass(frozen=True)
+class Tool:
+    """A subcommand that is one library function: its options are the function's arguments and docstring."""
+
+    function: Callable[..., Any]
+    help: str
+    skip: frozenset[str] = frozenset()  #: arguments not offered on the command line
+    show: Callable[[Any], Any] = str  #: what of the function's result to print
+    aliases: dict[str, str] = field(default_factory=dict)  #: option spellings kept from earlier versions
+
+
+#: the subcommands beside LightningCLI's fit / validate / test / predict
+TOOLS: dict[str, Tool] = {
+    "push": Tool(hub.push, "Push a .ckpt from `cli.py fit` or an export folder to a Hugging Face Hub repo, as one "
+                 "commit. The token comes from HF_TOKEN or `hf auth login`; HF_ENDPOINT selects the Hub.",
+                 skip=frozenset({"token"}), show=lambda info: info.commit_url,
+                 aliases={"--repo-id": "--repo_id", "--commit-message": "--commit_message"}),
+}
+
+
+def tool_parser(name: str) -> ArgumentParser:
+    """The jsonargparse parser of the subcommand ``name`` (a key of :data:`TOOLS`)."""
+    tool = TOOLS[name]
+    parser = ArgumentParser(prog=f"cli.py {name}", description=tool.help)
+    parser.add_function_arguments(tool.function, skip=set(tool.skip))
     return parser
 
 
 class ZooCLI(BamZooCLI):
-    """:class:`BamZooCLI` whose usage line and ``--help`` list ``push`` too (:func:`main` runs it)."""
+    """:class:`BamZooCLI` whose usage line and ``--help`` list the :data:`TOOLS` too (:func:`main` runs them)."""
 
     def setup_parser(self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]) -> None:
         super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
         if add_subcommands:  # jsonargparse keeps the subcommands action LightningCLI created on the parser
-            self.parser._subcommands_action.add_subcommand("push", push_parser(), help=_PUSH_HELP)
+            for name, tool in TOOLS.items():
+                self.parser._subcommands_action.add_subcommand(name, tool_parser(name), help=tool.help)
 
 
-def _run_push(argv: list[str]) -> None:
-    argv = [_DASHED.get(a.split("=")[0], a.split("=")[0]) + a[len(a.split("=")[0]):] for a in argv]
+def _run_tool(name: str, argv: list[str]) -> None:
+    tool = TOOLS[name]
+    argv = [tool.aliases.get(a.split("=")[0], a.split("=")[0]) + a[len(a.split("=")[0]):] for a in argv]
     try:
-        print(hub.push(**push_parser().parse_args(argv).as_dict()).commit_url)
+        print(tool.show(tool.function(**tool_parser(name).parse_args(argv).as_dict())))
     except Exception as error:
-        # Bad input and the Hub's answers explain themselves; so does any failure push annotated with the
+        # Bad input and the Hub's answers explain themselves; so does any failure a tool annotated with the
         # remote's state (a connection error of whichever HTTP library huggingface_hub uses, for one).
         if isinstance(error, (OSError, ValueError, RuntimeError)) or getattr(error, "__notes__", None):
             _exit(error)
@@ -69,8 +90,8 @@ def main(args: list[str] | None = None) -> None:
 
     keep_freed_memory()  # CPU steps stop re-faulting their tensors (bam_zoo/runtime.py); BAM_ZOO_MALLOC=default skips
     argv = list(sys.argv[1:] if args is None else args)
-    if argv[:1] == ["push"]:
-        return _run_push(argv[1:])
+    if argv[:1] and argv[0] in TOOLS:
+        return _run_tool(argv[0], argv[1:])
     try:
         ZooCLI(args=None if args is None else argv)  # None: LightningCLI reads sys.argv itself, without a warning
     except SIGTERMException:  # Lightning's is a SystemExit with status 0: a preempted job looked finished

@@ -25,10 +25,34 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import SaveConfigCallback
 from pytorch_lightning.utilities import rank_zero_info
 from pytorch_lightning.utilities.exceptions import SIGTERMException
+from torchmetrics.classification import MulticlassAccuracy
 
 from bam_zoo.hub import save_pretrained
 
-__all__ = ["HubExport", "LastCheckpoint", "PredictionWriter"]
+__all__ = ["EpochTestAccuracy", "HubExport", "LastCheckpoint", "PredictionWriter"]
+
+
+class EpochTestAccuracy(pl.Callback):
+    """Log test top-1 (``test_curve/acc1``) after every validation, for learning curves over seeds.
+
+    Add it with ``--trainer.callbacks+=bam_zoo.training.callbacks.EpochTestAccuracy``. The number is only
+    recorded: checkpoints, the LR schedule and stopping never read it, so the test set stays held out.
+    Every rank evaluates the whole test set (it is small), and rank zero logs it.
+    """
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        datamodule = trainer.datamodule
+        if datamodule is None:
+            raise ValueError("EpochTestAccuracy needs a LightningDataModule (the CLI's --data) to find the test set.")
+        datamodule.setup("test")
+        accuracy = MulticlassAccuracy(pl_module.hparams.num_classes, average="micro").to(pl_module.device)
+        with torch.no_grad():
+            for batch in datamodule.test_dataloader():
+                x, y = datamodule.on_after_batch_transfer(trainer.strategy.batch_to_device(batch), 0)
+                accuracy.update(pl_module.predict_step(x, 0), y)
+        pl_module.log("test_curve/acc1", accuracy.compute(), rank_zero_only=True)
 
 
 class PredictionWriter(pl.Callback):

@@ -142,7 +142,7 @@ class BamZooCLI(LightningCLI):
         kwargs.setdefault("parser_class", BamZooArgumentParser)
         kwargs.setdefault("parser_kwargs", {"description": (
             "Train and evaluate bam-zoo models (fit / validate / test / predict). "
-            "`bam-zoo push --help` uploads exported weights to the Hugging Face Hub."
+            "The other subcommands are tools (push: weights to the Hugging Face Hub); `bam-zoo TOOL --help`."
         )})
         super().__init__(ImageClassifier, pl.LightningDataModule, args=args, run=run, **kwargs)
 
