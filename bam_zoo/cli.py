@@ -18,6 +18,7 @@ from jsonargparse import ArgumentParser
 
 from bam_zoo.errors import BamZooError
 from bam_zoo import hub
+from bam_zoo.explain import explain
 from bam_zoo.training.cli import BamZooCLI
 
 __all__ = ["TOOLS", "Tool", "ZooCLI", "main", "tool_parser"]
@@ -40,6 +41,7 @@ TOOLS: dict[str, Tool] = {
                  "commit. The token comes from HF_TOKEN or `hf auth login`; HF_ENDPOINT selects the Hub.",
                  skip=frozenset({"token"}), show=lambda info: info.commit_url,
                  aliases={"--repo-id": "--repo_id", "--commit-message": "--commit_message"}),
+    "explain": Tool(explain, "Write PNGs of each BAM's attention on images: where it looks, which channels it boosts."),
 }
 
 

@@ -11,12 +11,17 @@ on 2 cores finishes a pair sooner than two 2-thread runs in turn. A run whose re
 
 Each finished run leaves ``results/seed_study/<variant>/seed<S>/`` (``metrics.csv`` with the per-epoch
 curves, ``metrics.json`` with the final test numbers and wall time, ``command.txt``): small files meant to
-be committed. ``python scripts/seed_study.py report`` turns them into the tables and the plot.
+be committed. ``python scripts/seed_study.py report`` turns them into the tables (mean ± std, differences
+with Welch 95% confidence intervals) and the plot ``docs/figures/seed_study.png``.
 """
 from __future__ import annotations
 
 import argparse
+import csv
+import json
+import math
 import os
+import statistics
 import shutil
 import subprocess
 import sys
@@ -94,6 +99,79 @@ def run_study(variants: list[str], seeds: list[int], parallel: int) -> None:
         raise SystemExit(f"failed runs: {failed}")
 
 
+def load(variant: str) -> dict[int, dict]:
+    """seed -> {"top1": final test top-1 (best-by-val checkpoint), "curve": [test top-1 after each epoch]}."""
+    runs = {}
+    for folder in sorted((RESULTS / variant).glob("seed*")):
+        if not (folder / "metrics.json").is_file():
+            continue
+        final = json.loads((folder / "metrics.json").read_text())
+        with open(folder / "metrics.csv") as f:
+            curve = {int(row["epoch"]): 100 * float(row["test_curve/acc1"])
+                     for row in csv.DictReader(f) if row.get("test_curve/acc1")}
+        runs[int(folder.name[4:])] = {"top1": 100 * final["test"]["acc1"], "curve": [curve[e] for e in sorted(curve)],
+                                      "minutes": final["train_wall_time_s"] / 60}
+    return runs
+
+
+def mean_ci(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    """mean(a) - mean(b) and its 95% confidence interval (Welch's t, unequal variances)."""
+    from scipy import stats
+
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    dof = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    diff, half = statistics.mean(a) - statistics.mean(b), stats.t.ppf(0.975, dof) * math.sqrt(va + vb)
+    return diff, diff - half, diff + half
+
+
+def report(plot: Path) -> str:
+    """Markdown tables of the study (and the learning-curve plot); variants with fewer than 2 runs are left out."""
+    data = {v: load(v) for v in VARIANTS}
+    data = {v: runs for v, runs in data.items() if len(runs) >= 2}
+    lines = ["| variant | runs (seeds) | test top-1, mean ± std | per seed | fit time, mean |", "|---|---|---|---|---|"]
+    for variant, runs in data.items():
+        top1 = [r["top1"] for r in runs.values()]
+        lines.append(f"| `{variant}` | {len(runs)} ({', '.join(map(str, runs))}) | {statistics.mean(top1):.2f} ± "
+                     f"{statistics.stdev(top1):.2f} | {', '.join(f'{t:.2f}' for t in top1)} | "
+                     f"{statistics.mean(r['minutes'] for r in runs.values()):.0f} min |")
+    lines += ["", "| comparison | difference in mean top-1 | 95% CI (Welch) |", "|---|---|---|"]
+    for a, b in [("bam_resnet20", "resnet20"), ("bam_resnet20_product", "bam_resnet20")]:
+        if a in data and b in data:
+            diff, low, high = mean_ci([r["top1"] for r in data[a].values()], [r["top1"] for r in data[b].values()])
+            lines.append(f"| `{a}` − `{b}` | {diff:+.2f} points | [{low:+.2f}, {high:+.2f}] |")
+    if data:
+        _plot(data, plot)
+    return "\n".join(lines)
+
+
+def _plot(data: dict[str, dict[int, dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (full, zoom) = plt.subplots(1, 2, figsize=(10, 4))
+    last: list[float] = []  # every value shown in the zoomed panel, for its y range
+    for (variant, runs), colour in zip(data.items(), ["tab:red", "tab:blue", "tab:green"]):
+        epochs = min(len(r["curve"]) for r in runs.values())
+        curves = [r["curve"][:epochs] for r in runs.values()]
+        x = range(1, epochs + 1)
+        mean = [statistics.mean(c[e] for c in curves) for e in range(epochs)]
+        last += [c[e] for c in curves for e in range(max(0, epochs - 6), epochs)]
+        for ax in (full, zoom):
+            ax.fill_between(x, [min(c[e] for c in curves) for e in range(epochs)],
+                            [max(c[e] for c in curves) for e in range(epochs)], color=colour, alpha=0.2, lw=0)
+            ax.plot(x, mean, color=colour, label=f"{variant} (mean of {len(runs)}, band: min-max)")
+    for ax in (full, zoom):
+        ax.set_xlabel("epoch"), ax.set_ylabel("test top-1 (%)"), ax.grid(alpha=0.3)
+    zoom.set_xlim(max(1, epochs - 5), epochs), zoom.set_ylim(min(last) - 0.2, max(last) + 0.2), zoom.set_title("last epochs")
+    full.set_title("Fashion-MNIST test top-1 after each epoch"), full.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="action", required=True)
@@ -101,9 +179,13 @@ def main() -> None:
     run.add_argument("--study", choices=sorted(STUDIES), required=True)
     run.add_argument("--seeds", type=int, nargs="+", required=True)
     run.add_argument("--parallel", type=int, default=2, help="runs at once (each gets OMP_NUM_THREADS=1)")
+    show = sub.add_parser("report", help="print the tables and write the plot")
+    show.add_argument("--plot", type=Path, default=ROOT / "docs" / "figures" / "seed_study.png")
     args = parser.parse_args()
     if args.action == "run":
         run_study(STUDIES[args.study], args.seeds, args.parallel)
+    else:
+        print(report(args.plot))
 
 
 if __name__ == "__main__":
