@@ -5,7 +5,7 @@
 
 Weights come through the same path users take (``bam_zoo.create_model(name, pretrained=True)``: the Hub,
 else the repository's offline mirror). For each weight it prints parameters, MACs, top-1/top-5 and the
-top-1 recorded in the weight's metadata, and exits non-zero when a measurement disagrees with the record.
+top-1 recorded in the weight's metadata, and exits non-zero when a measurement (top-1, or a class's top-1) disagrees with the record.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ __all__ = ["evaluate", "main"]
 
 @torch.no_grad()
 def evaluate(name: str, root: Optional[str] = None, batch_size: int = 500) -> Dict[str, float]:
-    """Top-1/top-5 (percent) of pretrained ``name`` on the official Fashion-MNIST test set (10k images).
+    """Top-1/top-5 and per-class top-1 (percent) of pretrained ``name`` on the official Fashion-MNIST test set.
 
     Args:
         name: A pretrained tag, e.g. ``"bam_resnet20.fmnist"``.
@@ -41,17 +41,21 @@ def evaluate(name: str, root: Optional[str] = None, batch_size: int = 500) -> Di
     mean = torch.tensor(cfg["mean"]).view(1, -1, 1, 1)
     std = torch.tensor(cfg["std"]).view(1, -1, 1, 1)
     correct1 = correct5 = 0
+    class_correct = torch.zeros(len(cfg["label_names"]))
     start = time.perf_counter()
     for i in range(0, len(labels), batch_size):
         x = (images[i:i + batch_size].float() / 255 - mean) / std
         y = labels[i:i + batch_size]
         top5 = model(x).topk(5, dim=1).indices
         correct1 += (top5[:, 0] == y).sum().item()
+        class_correct += torch.bincount(y[top5[:, 0] == y], minlength=len(class_correct))
         correct5 += (top5 == y[:, None]).any(1).sum().item()
     seconds = time.perf_counter() - start
     n = len(labels)
     return {
         "top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "images": n,
+        "per_class": {label: round(100.0 * c / t, 2) for label, c, t in
+                      zip(cfg["label_names"], class_correct.tolist(), torch.bincount(labels).tolist())},
         "params": bam_zoo.count_params(model), "macs": bam_zoo.count_macs(model, cfg["input_size"]),
         "images_per_s": n / seconds,
     }
@@ -72,11 +76,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     failures = []
     for name in names:
         result = evaluate(name, root=args.root)
-        recorded = WEIGHT_METADATA.get(name, {}).get("top1")
+        record = WEIGHT_METADATA.get(name, {})
+        recorded = record.get("top1")
         print(f"{name:<24}{result['params'] / 1e6:>9.3f}M{result['macs'] / 1e6:>9.2f}{result['top1']:>9.2f}"
               f"{result['top5']:>9.2f}{recorded if recorded is not None else '-':>10}{result['images_per_s']:>9.0f}")
         if recorded is not None and abs(result["top1"] - recorded) > args.tolerance:
             failures.append(f"{name}: measured top-1 {result['top1']:.2f} but its metadata records {recorded}")
+        failures += [f"{name}: measured {label} top-1 {value:.2f} but its metadata records {record['per_class'][label]}"
+                     for label, value in result["per_class"].items()
+                     if "per_class" in record and abs(value - record["per_class"][label]) > args.tolerance]
     for failure in failures:
         print(f"MISMATCH {failure}", file=sys.stderr)
     return 1 if failures else 0

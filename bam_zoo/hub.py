@@ -33,7 +33,7 @@ from .errors import CorruptCheckpointError, MetricConflictError
 from .models.pretrained import WEIGHTS_NAME
 
 __all__ = ["CONFIG_NAME", "README_NAME", "RECIPE_NAME", "WEIGHTS_NAME", "Export", "load_export", "push",
-           "save_pretrained", "write_card"]
+           "render_details", "save_pretrained", "write_card"]
 
 CONFIG_NAME, README_NAME, RECIPE_NAME = "config.json", "README.md", "recipe.yaml"
 #: Metric keys a card accepts, all accuracies in percent (one unit on every card).
@@ -70,6 +70,7 @@ def save_pretrained(
     recipe: Mapping[str, Any] | None = None,
     model_args: Mapping[str, Any] | None = None,
     repo_id: str | None = None,
+    details: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` in timm's Hub layout, with a card and config that describe these weights only.
 
@@ -88,6 +89,7 @@ def save_pretrained(
         recipe: The training configuration, written to ``recipe.yaml``.
         model_args: JSON-serializable ``create_model`` arguments beyond those timm recorded.
         repo_id: The Hub repo the folder is for, if known; the card's usage example names it.
+        details: Facts about these weights for the card's "Details" section (:func:`render_details`).
 
     Raises:
         ValueError: A metric is not a percentage of a known key, or ``label_names`` does not fit the head.
@@ -99,7 +101,8 @@ def save_pretrained(
         if label_names is not None:
             raise ValueError(f"{len(labels)} label_names for a model with {model.num_classes} classes.")
         labels = None
-    meta = {k: v for k, v in {"model_name": model_name, "dataset": dataset, "metrics": metrics}.items() if v}
+    meta = {k: v for k, v in {"model_name": model_name, "dataset": dataset, "metrics": metrics,
+                              "details": dict(details) if details else None}.items() if v}
     folder = Path(save_directory)
     model.pretrained_cfg = {k: v for k, v in source_cfg.items() if k not in ("tag", "label_names", "label_descriptions")}
     # safetensors stores contiguous tensors only: a model trained channels_last exports the same weights, NCHW
@@ -142,6 +145,7 @@ def write_card(folder: Path, *, num_params: int, repo_id: str | None = None) -> 
     recipe = (f"`{RECIPE_NAME}` (in this repository) holds the configuration these weights were trained with"
               + (": `python cli.py fit --config recipe.yaml` reruns it.\n" if _runnable(folder) else ".\n")
               if (folder / RECIPE_NAME).is_file() else "No training configuration was recorded.\n")
+    details = f"## Details\n\n{render_details(meta['details'])}\n" if meta.get("details") else ""
     text = f"""
 # {name}
 
@@ -168,13 +172,40 @@ transform = timm.data.create_transform(**timm.data.resolve_data_config({{}}, mod
 ## Training recipe
 
 {recipe}
-## Citation
+{details}## Citation
 
 ```bibtex
 {BAM_CITATION}
 ```
 """
     ModelCard(f"---\n{data.to_yaml()}\n---\n{text}").save(folder / README_NAME)
+
+
+def render_details(details: Mapping[str, Any]) -> str:
+    """Markdown of one checkpoint's facts; MODEL_CARD.md and the checkpoint's Hub README both use it.
+
+    Keys (each optional): ``architecture``, ``num_params``, ``macs`` (per image at ``input_size``), ``data``,
+    ``recipe``, ``command``, ``epochs``, ``train_time_s``, ``seed``, ``top1``, ``top5``, ``per_class``.
+    """
+    d = details
+    lines = [f"- Architecture: {d['architecture']}" if "architecture" in d else ""]
+    if "num_params" in d:
+        size = "x".join(map(str, d.get("input_size", ())))
+        macs = f"; {d['macs'] / 1e6:.2f}M MACs per {size} image" if "macs" in d else ""
+        lines.append(f"- Parameters: {d['num_params']:,}{macs}")
+    lines.append(f"- Data: {d['data']}" if "data" in d else "")
+    if "command" in d:
+        lines.append(f"- Trained by: `{d['command']}` (config `{d.get('recipe', 'recipe.yaml')}`): "
+                     f"{d.get('epochs', '?')} epochs, seed {d.get('seed', '?')}"
+                     + (f", {d['train_time_s'] / 60:.0f} min wall clock" if "train_time_s" in d else ""))
+    if "top1" in d:
+        lines.append(f"- Test accuracy: top-1 {d['top1']:.2f}%, top-5 {d.get('top5', float('nan')):.2f}%")
+    text = "\n".join(line for line in lines if line) + "\n"
+    if d.get("per_class"):
+        names, values = list(d["per_class"]), list(d["per_class"].values())
+        text += ("\nTest top-1 per class (%):\n\n| " + " | ".join(names) + " |\n|" + "---|" * len(names)
+                 + "\n| " + " | ".join(f"{v:.1f}" for v in values) + " |\n")
+    return text
 
 
 def _runnable(folder: Path) -> bool:

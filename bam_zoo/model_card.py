@@ -7,11 +7,19 @@ cards and this file, and a test fails when MODEL_CARD.md falls out of date.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from pathlib import Path
+from typing import Any, Dict, List, Mapping
 
+import torch.nn as nn
+
+import bam_zoo
+from bam_zoo.hub import render_details
 from bam_zoo.models.pretrained import FASHION_MNIST_TAGS, WEIGHT_METADATA
 
-__all__ = ["render_model_card"]
+__all__ = ["checkpoint_details", "describe_architecture", "render_model_card"]
+
+#: the seed study's tables, written by ``python scripts/seed_study.py report``; shown when present
+SEED_STUDY = Path(__file__).resolve().parents[1] / "results" / "seed_study" / "report.md"
 
 _HEADER = """\
 # bam-zoo model card
@@ -71,6 +79,31 @@ Weights and code: MIT. Fashion-MNIST: MIT.
 """
 
 
+def describe_architecture(arch: str, num_classes: int = 10, in_chans: int = 1) -> str:
+    """One line on where the network has BAMs and how they are built, read from the built model itself."""
+    model = bam_zoo.create_model(arch, num_classes=num_classes, in_chans=in_chans)
+    bams = bam_zoo.bam_modules(model)
+    if not bams:
+        return f"`{arch}`, {type(model).__name__} without attention (the plain twin of `bam_{arch}`)"
+    first = bams[0][1]
+    dilated = [m for m in first.spatial_attn.modules() if isinstance(m, nn.Conv2d) and m.dilation[0] > 1]
+    where = ", ".join(f"`{name}` ({bam.channels} ch, {bam.rd_channels} hidden)" for name, bam in bams)
+    return (f"`{arch}`, {type(model).__name__} with a BAM after {where}; {len(dilated)} 3x3 convs of "
+            f"dilation {dilated[0].dilation[0] if dilated else '-'} in the spatial branch, {first.fusion} fusion")
+
+
+def checkpoint_details(name: str, meta: Mapping[str, Any]) -> Dict[str, Any]:
+    """The card facts of a Fashion-MNIST weight (:func:`bam_zoo.hub.render_details` keys) from its metadata."""
+    arch = name.split(".")[0]
+    return {
+        "architecture": describe_architecture(arch), "num_params": meta["num_params"], "macs": meta["macs"],
+        "input_size": [1, 28, 28], "data": "Fashion-MNIST, 55,000 training images (5,000 more held out for "
+        "validation, fixed seed 0), tested on the official 10,000", "recipe": meta["recipe"],
+        "command": meta["command"], "epochs": meta["epochs"], "train_time_s": meta["train_time_s"],
+        "seed": meta["seed"], "top1": meta["top1"], "top5": meta["top5"], "per_class": meta["per_class"],
+    }
+
+
 def _row(name: str, meta: Dict[str, Any]) -> str:
     hub = FASHION_MNIST_TAGS[name]["hf_hub_id"]
     return (f"| `{name}` | {meta['num_params'] / 1e6:.4f}M | {meta['macs'] / 1e6:.2f}M | {meta['top1']:.2f} | "
@@ -98,6 +131,12 @@ def render_model_card() -> str:
     body = "\n".join(lines) + "\n"
     if deltas:
         body += "\nWhat BAM adds over its plain twin (same recipe, same seed):\n\n" + "\n".join(deltas) + "\n"
+    for name in FASHION_MNIST_TAGS:
+        body += (f"\n### `{name}`\n\n{render_details(checkpoint_details(name, WEIGHT_METADATA[name]))}\n"
+                 f"Load: `bam_zoo.create_model(\"{name}\", pretrained=True)`, or `timm.create_model` with the same "
+                 "arguments once `bam_zoo` is imported.\n")
+    if SEED_STUDY.is_file():
+        body += "\n## Does BAM help? Seeds and the fusion ablation\n\n" + SEED_STUDY.read_text()
     return _HEADER + body + _FOOTER
 
 

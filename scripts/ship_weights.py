@@ -1,6 +1,7 @@
 """Turn a training run's export into a shipped weight: the offline mirror folder plus its metadata entry.
 
-    python scripts/ship_weights.py runs/fashion_mnist/bam_resnet20/export bam_resnet20.fmnist
+    python scripts/ship_weights.py runs/fashion_mnist/bam_resnet20/export bam_resnet20.fmnist --command "..."
+    python scripts/ship_weights.py bam_resnet20.fmnist --update-card   # after editing its metadata
 
 Writes ``checkpoints/<arch>.<tag>/`` (config.json, model.safetensors, README.md) with the tag's own
 pretrained cfg (``bam_zoo.models.pretrained._fmnist_cfg``), and prints the ``WEIGHT_METADATA`` entry to
@@ -18,19 +19,35 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 import bam_zoo
-from bam_zoo.hub import save_pretrained
+from bam_zoo.hub import save_pretrained, write_card
+from bam_zoo.model_card import checkpoint_details
+from bam_zoo.models.pretrained import WEIGHT_METADATA
 from bam_zoo.models.pretrained import _fmnist_cfg
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("export_dir", type=Path, help="a run's export folder (with metrics.json)")
+    parser.add_argument("export_dir", type=Path, nargs="?", help="a run's export folder (with metrics.json)")
     parser.add_argument("name", help="arch.tag, e.g. bam_resnet20.fmnist")
-    parser.add_argument("--command", required=True, help="the exact command that trained the run")
+    parser.add_argument("--command", help="the exact command that trained the run (required with export_dir)")
+    parser.add_argument("--update-card", action="store_true",
+                        help="no export_dir: rewrite a shipped weight's card facts (config.json, README.md) from "
+                             "its WEIGHT_METADATA entry, leaving the weights untouched")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "checkpoints")
     args = parser.parse_args()
 
     arch, tag = args.name.split(".", 1)
+    if args.update_card:
+        folder = args.out / args.name
+        config = json.loads((folder / "config.json").read_text())
+        config["bam_zoo"]["details"] = checkpoint_details(args.name, WEIGHT_METADATA[args.name])
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
+        write_card(folder, num_params=WEIGHT_METADATA[args.name]["num_params"],
+                   repo_id=_fmnist_cfg(arch, tag)["hf_hub_id"])
+        print(f"rewrote {folder}/config.json and README.md")
+        return
+    if args.export_dir is None or args.command is None:
+        parser.error("give export_dir and --command (or --update-card for a shipped weight)")
     run = json.loads((args.export_dir / "metrics.json").read_text())
     if run["model_name"] != arch:
         raise SystemExit(f"{args.export_dir} holds a {run['model_name']}, not a {arch}.")
@@ -39,17 +56,18 @@ def main() -> None:
     cfg = _fmnist_cfg(arch, tag)
     model.pretrained_cfg = {**model.pretrained_cfg, **cfg, "architecture": arch, "tag": tag}
     metrics = {"top1": round(100 * run["test"]["acc1"], 2), "top5": round(100 * run["test"]["acc5"], 2)}
+    entry = {
+        "dataset": "fashion_mnist", **metrics,
+        "per_class": {k: round(100 * v, 2) for k, v in run["per_class_acc1"].items()},
+        "num_params": bam_zoo.count_params(model), "macs": bam_zoo.count_macs(model, cfg["input_size"]),
+        "epochs": run["epochs"], "seed": run["recipe"]["seed_everything"], "train_time_s": round(run["train_wall_time_s"]),
+        "recipe": f"configs/fashion_mnist/{arch}.yaml", "command": args.command,
+    }
     out = save_pretrained(
         model, args.out / args.name, model_name=args.name, label_names=list(cfg["label_names"]),
         metrics=metrics, dataset="fashion_mnist", recipe=run.get("recipe"), model_args=run["model_args"],
-        repo_id=cfg["hf_hub_id"])
-    sha256 = hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
-    entry = {
-        "dataset": "fashion_mnist", **metrics,
-        "num_params": bam_zoo.count_params(model), "macs": bam_zoo.count_macs(model, cfg["input_size"]),
-        "epochs": run["epochs"], "train_time_s": round(run["train_wall_time_s"]),
-        "recipe": f"configs/fashion_mnist/{arch}.yaml", "command": args.command, "sha256": sha256,
-    }
+        repo_id=cfg["hf_hub_id"], details=checkpoint_details(args.name, entry))
+    entry["sha256"] = hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
     print(f"wrote {out}\nWEIGHT_METADATA entry:")
     pprint.pprint({args.name: entry}, sort_dicts=False, width=110)
 

@@ -459,7 +459,7 @@ def test_usage_line_and_help_list_push(capsys):
     with pytest.raises(SystemExit) as info:
         main(["--help"])
     assert info.value.code == 0
-    assert "{fit,validate,test,predict,push}" in capsys.readouterr().out.splitlines()[0]
+    assert "{fit,validate,test,predict,push,explain}" in capsys.readouterr().out.splitlines()[0]
     with pytest.raises(SystemExit):
         main(["push", "--help"])
     assert "--repo_id" in capsys.readouterr().out

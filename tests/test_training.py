@@ -249,16 +249,18 @@ def test_push_is_dispatched_to_the_hub(monkeypatch: pytest.MonkeyPatch, capsys: 
     import functools
     import types
 
-    import bam_zoo.hub
+    import dataclasses
+
+    from bam_zoo.cli import TOOLS
 
     calls = []
 
-    @functools.wraps(bam_zoo.hub.push)  # the parser is built from push's signature
+    @functools.wraps(TOOLS["push"].function)  # the parser is built from push's signature
     def recorded_push(**kwargs):
         calls.append(kwargs)
         return types.SimpleNamespace(commit_url="url")
 
-    monkeypatch.setattr(bam_zoo.hub, "push", recorded_push)
+    monkeypatch.setitem(TOOLS, "push", dataclasses.replace(TOOLS["push"], function=recorded_push))
     main(["push", "--checkpoint", "x.ckpt", "--repo-id", "org/name"])
     assert calls == [{"checkpoint": "x.ckpt", "repo_id": "org/name", "private": False, "revision": None,
                       "commit_message": None, "metrics": None, "dataset": None}]
