@@ -37,7 +37,7 @@ def evaluate(name: str, root: Optional[str] = None, batch_size: int = 500) -> Di
     cfg = model.pretrained_cfg
     data = FashionMNISTDataModule(root=root, val_size=0)
     data.setup("test")
-    images, labels = data.test_set.images, data.test_set.labels
+    images, labels = data.test_set.tensors
     mean = torch.tensor(cfg["mean"]).view(1, -1, 1, 1)
     std = torch.tensor(cfg["std"]).view(1, -1, 1, 1)
     correct1 = correct5 = 0
