@@ -3,14 +3,13 @@
     python scripts/ship_weights.py runs/fashion_mnist/bam_resnet20/export bam_resnet20.fmnist
 
 Writes ``checkpoints/<arch>.<tag>/`` (config.json, model.safetensors, README.md) with the tag's own
-pretrained cfg (``bam_zoo.models.pretrained._fmnist_cfg``), and prints the ``WEIGHT_METADATA`` entry to
+pretrained cfg (``bam_zoo.models.pretrained.fashion_mnist_cfg``), and prints the ``WEIGHT_METADATA`` entry to
 paste into ``bam_zoo/models/pretrained.py``: test top-1/top-5 from the run's ``metrics.json``, parameters,
 MACs, sha256 of the weights and the run's training time.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import pprint
 from pathlib import Path
@@ -19,7 +18,7 @@ from safetensors.torch import load_file
 
 import bam_zoo
 from bam_zoo.hub import save_pretrained
-from bam_zoo.models.pretrained import _fmnist_cfg
+from bam_zoo.models.pretrained import fashion_mnist_cfg, sha256sum
 
 
 def main() -> None:
@@ -36,19 +35,19 @@ def main() -> None:
         raise SystemExit(f"{args.export_dir} holds a {run['model_name']}, not a {arch}.")
     model = bam_zoo.create_model(arch, in_chans=1, num_classes=10)
     model.load_state_dict(load_file(args.export_dir / "model.safetensors"), strict=True)
-    cfg = _fmnist_cfg(arch, tag)
+    cfg = fashion_mnist_cfg(arch, tag)
     model.pretrained_cfg = {**model.pretrained_cfg, **cfg, "architecture": arch, "tag": tag}
     metrics = {"top1": round(100 * run["test"]["acc1"], 2), "top5": round(100 * run["test"]["acc5"], 2)}
     out = save_pretrained(
         model, args.out / args.name, model_name=args.name, label_names=list(cfg["label_names"]),
         metrics=metrics, dataset="fashion_mnist", recipe=run.get("recipe"), model_args=run["model_args"],
         repo_id=cfg["hf_hub_id"])
-    sha256 = hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
     entry = {
         "dataset": "fashion_mnist", **metrics,
         "num_params": bam_zoo.count_params(model), "macs": bam_zoo.count_macs(model, cfg["input_size"]),
         "epochs": run["epochs"], "train_time_s": round(run["train_wall_time_s"]),
-        "recipe": f"configs/fashion_mnist/{arch}.yaml", "command": args.command, "sha256": sha256,
+        "recipe": f"configs/fashion_mnist/{arch}.yaml", "command": args.command,
+        "sha256": sha256sum(out / "model.safetensors"),
     }
     print(f"wrote {out}\nWEIGHT_METADATA entry:")
     pprint.pprint({args.name: entry}, sort_dicts=False, width=110)
