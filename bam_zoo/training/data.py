@@ -15,15 +15,19 @@ from __future__ import annotations
 import functools
 import gzip
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from PIL import Image
+from timm.data import create_transform, resolve_data_config
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, default_convert, random_split
 from torchvision import datasets
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, is_image_file
 
 from bam_zoo.errors import DatasetNotFoundError, TrainingError
 from bam_zoo.models.pretrained import FASHION_MNIST_LABELS, FASHION_MNIST_MEAN, FASHION_MNIST_STD
@@ -73,8 +77,6 @@ class NoImagesError(TrainingError, ValueError):
     """
 
     def __init__(self, problem: str) -> None:
-        from torchvision.datasets.folder import IMG_EXTENSIONS
-
         super().__init__(f"{problem} (image files end in {' '.join(IMG_EXTENSIONS)})")
 
 
@@ -190,10 +192,10 @@ class InMemoryDataModule(pl.LightningDataModule):
     default_root: str = "data"
     torchvision_class: type[datasets.VisionDataset]  # the torchvision data set that downloads these files
     class_names: tuple[str, ...] = ()
-    channels: int = 1
+    in_chans: int = 1
     image_size: int = 28
-    mean_: tuple[float, ...] = (0.5,)
-    std_: tuple[float, ...] = (0.5,)
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
     default_hflip: float = 0.5
 
     def __init__(
@@ -221,8 +223,8 @@ class InMemoryDataModule(pl.LightningDataModule):
         self.class_subset = list(class_subset) if class_subset is not None else None
         self.limit_train, self.limit_val, self.limit_test = limit_train, limit_val, limit_test
         hflip = self.default_hflip if hflip is None else hflip
-        self.train_augment = BatchAugment(self.mean_, self.std_, padding=padding, hflip=hflip)
-        self.eval_augment = BatchAugment(self.mean_, self.std_)
+        self.train_augment = BatchAugment(self.mean, self.std, padding=padding, hflip=hflip)
+        self.eval_augment = BatchAugment(self.mean, self.std)
         self.train_set: TensorDataset | None = None
         self.val_set: TensorDataset | None = None
         self.test_set: TensorDataset | None = None
@@ -240,20 +242,8 @@ class InMemoryDataModule(pl.LightningDataModule):
         return len(self.classes)
 
     @property
-    def in_chans(self) -> int:
-        return self.channels
-
-    @property
-    def mean(self) -> tuple[float, ...]:
-        return tuple(self.mean_)
-
-    @property
-    def std(self) -> tuple[float, ...]:
-        return tuple(self.std_)
-
-    @property
     def input_size(self) -> tuple[int, int, int]:
-        return (self.channels, self.image_size, self.image_size)
+        return (self.in_chans, self.image_size, self.image_size)
 
     # to be implemented by subclasses
     def _load(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -373,8 +363,8 @@ class FashionMNISTDataModule(_IDXDataModule):
     torchvision_class = datasets.FashionMNIST
     apt_package = "dataset-fashion-mnist"
     class_names = FASHION_MNIST_LABELS
-    mean_ = FASHION_MNIST_MEAN
-    std_ = FASHION_MNIST_STD
+    mean = FASHION_MNIST_MEAN
+    std = FASHION_MNIST_STD
 
 
 class MNISTDataModule(_IDXDataModule):
@@ -384,8 +374,8 @@ class MNISTDataModule(_IDXDataModule):
     human_name = "MNIST"
     torchvision_class = datasets.MNIST
     class_names = tuple(str(i) for i in range(10))
-    mean_ = (0.1307,)
-    std_ = (0.3081,)
+    mean = (0.1307,)
+    std = (0.3081,)
     default_hflip = 0.0
 
 
@@ -397,7 +387,7 @@ class _CIFARDataModule(InMemoryDataModule):
     which the CLI does before it builds the model.
     """
 
-    channels = 3
+    in_chans = 3
     image_size = 32
 
     @functools.cached_property
@@ -435,8 +425,8 @@ class CIFAR10DataModule(_CIFARDataModule):
     name = "cifar10"
     human_name = "CIFAR-10"
     torchvision_class = datasets.CIFAR10
-    mean_ = (0.4914, 0.4822, 0.4465)
-    std_ = (0.2470, 0.2435, 0.2616)
+    mean = (0.4914, 0.4822, 0.4465)
+    std = (0.2470, 0.2435, 0.2616)
 
 
 class CIFAR100DataModule(_CIFARDataModule):
@@ -445,42 +435,29 @@ class CIFAR100DataModule(_CIFARDataModule):
     name = "cifar100"
     human_name = "CIFAR-100"
     torchvision_class = datasets.CIFAR100
-    mean_ = (0.5071, 0.4865, 0.4409)
-    std_ = (0.2673, 0.2564, 0.2762)
+    mean = (0.5071, 0.4865, 0.4409)
+    std = (0.2673, 0.2564, 0.2762)
 
 
 def _image_files(folder: Path) -> list[Path]:
     """Image files under ``folder`` (recursively), sorted, as torchvision's ImageFolder would find them."""
-    from torchvision.datasets.folder import is_image_file
-
     return sorted(Path(d) / f for d, _, files in os.walk(folder) for f in files if is_image_file(f))
 
 
 def _has_image(folder: Path) -> bool:
-    from torchvision.datasets.folder import is_image_file
-
     return any(is_image_file(f) for _, _, files in os.walk(folder) for f in files)
 
 
-def _open_grey(path: str) -> Any:
-    from PIL import Image
-
+def _open_as(mode: str, path: str) -> Image.Image:
     with Image.open(path) as image:
-        return image.convert("L")
+        return image.convert(mode)
 
 
-def _open_rgb(path: str) -> Any:
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return image.convert("RGB")
-
-
-def image_loader(in_chans: int) -> Any:
+def image_loader(in_chans: int) -> Callable[[str], Image.Image]:
     """PIL loader that converts every image to the model's channel count (1: ``L``, 3: ``RGB``)."""
     if in_chans not in (1, 3):
         raise ValueError(f"in_chans must be 1 (grey) or 3 (RGB) for image files, got {in_chans}")
-    return _open_grey if in_chans == 1 else _open_rgb
+    return functools.partial(_open_as, "L" if in_chans == 1 else "RGB")  # a partial pickles into workers
 
 
 class ImageFolderDataModule(pl.LightningDataModule):
@@ -575,8 +552,6 @@ class ImageFolderDataModule(pl.LightningDataModule):
         stops the run before anything is written.
         """
         if self._classes is None:
-            from torchvision.datasets.folder import find_classes
-
             for split in dict.fromkeys(self.splits):
                 self._split_dir(split)
             self._classes = find_classes(str(self._split_dir("train")))[0]
@@ -589,8 +564,6 @@ class ImageFolderDataModule(pl.LightningDataModule):
     @property
     def in_chans(self) -> int:
         if self._in_chans is None:
-            from PIL import Image
-
             first = next(iter(_image_files(self._split_dir("train"))))
             with Image.open(first) as image:
                 self._in_chans = 1 if image.mode in ("L", "I", "I;16", "F", "1", "LA") else 3
@@ -613,8 +586,6 @@ class ImageFolderDataModule(pl.LightningDataModule):
         return (self.in_chans, self.img_size, self.img_size)
 
     def _transform(self, training: bool) -> Any:
-        from timm.data import create_transform
-
         return create_transform(
             self.input_size, is_training=training, scale=self.scale, color_jitter=self.color_jitter,
             auto_augment=self.auto_augment, interpolation=self.interpolation, mean=self.mean, std=self.std,
@@ -622,8 +593,6 @@ class ImageFolderDataModule(pl.LightningDataModule):
         )
 
     def setup(self, stage: str | None = None) -> None:
-        from torchvision.datasets import ImageFolder
-
         for split in ("train", "val", "test"):
             if split not in self.datasets:
                 transform = self._transform(training=split == "train")
@@ -704,8 +673,6 @@ class ImageFilesDataModule(pl.LightningDataModule):
         self.dataset: _ImageFiles | None = None
 
     def setup(self, stage: str | None = None) -> None:
-        from timm.data import create_transform, resolve_data_config
-
         model = self.trainer.lightning_module.eval_model
         config = resolve_data_config({}, model=model)
         self.dataset = _ImageFiles(self.files, create_transform(**config), image_loader(config["input_size"][0]))
