@@ -42,7 +42,11 @@ import torch.nn.functional as F
 
 import bam_zoo
 
+from .fuse import fuse_for_inference
+from .layers import BAM
+from .layers.bam_cpu import buffer_cache_info, native_kernels_available
 from .runtime import keep_freed_memory
+from .training.data import FashionMNISTDataModule
 
 __all__ = ["Case", "CASES", "QUICK_CASES", "Result", "run_case", "peak_memory", "main"]
 
@@ -118,9 +122,6 @@ MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.
 
 def _build_pair(case: Case, fuse: bool, memory_format: str = "contiguous") -> Tuple[nn.Module, nn.Module]:
     """(baseline, candidate) models with the same random weights wherever they share structure."""
-    from .fuse import fuse_for_inference
-    from .layers import BAM
-
     torch.manual_seed(0)
     if case.candidate == "block":
         candidate: nn.Module = BAM(case.input_shape[1])
@@ -284,8 +285,6 @@ def run_pipeline(runs: int = 5, steps: int = 4, batch_size: int = 128, model_nam
     Returns:
         (end-to-end images/s, pure-step images/s, median per-round throughput ratio end-to-end / pure).
     """
-    from .training.data import FashionMNISTDataModule
-
     dm = FashionMNISTDataModule(batch_size=batch_size, limit_train=limit_train)
     dm.setup("fit")
     torch.manual_seed(0)
@@ -326,8 +325,6 @@ def run_pipeline(runs: int = 5, steps: int = 4, batch_size: int = 128, model_nam
 
 def _native_status() -> str:
     """Whether BAM runs its compiled kernels here (they decide most of the numbers), and the buffer cache."""
-    from .layers.bam_cpu import buffer_cache_info, native_kernels_available
-
     if not native_kernels_available():
         return "not loaded (ATen fallback; build them with `pip install --no-build-isolation -e .`)"
     return f"loaded; gate buffer cache limit {buffer_cache_info().limit >> 20} MiB (BAM_ZOO_BUFFER_CACHE_MB)"

@@ -18,6 +18,7 @@ import torch
 
 import bam_zoo
 from bam_zoo.models.pretrained import FASHION_MNIST_TAGS, WEIGHT_METADATA
+from bam_zoo.training.data import FashionMNISTDataModule
 
 __all__ = ["evaluate", "main"]
 
@@ -31,13 +32,11 @@ def evaluate(name: str, root: Optional[str] = None, batch_size: int = 500) -> Di
         root: Folder with the Fashion-MNIST IDX files (default: Debian's dataset-fashion-mnist).
         batch_size: Evaluation batch size.
     """
-    from bam_zoo.training.data import FashionMNISTDataModule  # Lightning only loads when evaluating
-
     model = bam_zoo.create_model(name, pretrained=True).eval()
     cfg = model.pretrained_cfg
     data = FashionMNISTDataModule(root=root, val_size=0)
     data.setup("test")
-    images, labels = data.test_set.images, data.test_set.labels
+    images, labels = data.test_set.tensors
     mean = torch.tensor(cfg["mean"]).view(1, -1, 1, 1)
     std = torch.tensor(cfg["std"]).view(1, -1, 1, 1)
     correct1 = correct5 = 0

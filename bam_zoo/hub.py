@@ -29,6 +29,7 @@ import yaml
 from huggingface_hub import CommitInfo, EvalResult, HfApi, ModelCard, ModelCardData
 from timm.models import save_for_hf
 
+from . import __version__
 from .errors import CorruptCheckpointError, MetricConflictError
 from .models.pretrained import WEIGHTS_NAME
 
@@ -323,8 +324,6 @@ def push(
         huggingface_hub.errors.HfHubHTTPError: The Hub refused the push (401/403/404/412/5xx); a note says
             the remote is unchanged.
     """
-    from . import __version__
-
     export = load_export(checkpoint)
     for key, value in _checked_metrics(metrics).items():
         if key in export.metrics and export.metrics[key] != value:

@@ -4,14 +4,13 @@
     python scripts/ship_weights.py bam_resnet20.fmnist --update-card   # after editing its metadata
 
 Writes ``checkpoints/<arch>.<tag>/`` (config.json, model.safetensors, README.md) with the tag's own
-pretrained cfg (``bam_zoo.models.pretrained._fmnist_cfg``), and prints the ``WEIGHT_METADATA`` entry to
+pretrained cfg (``bam_zoo.models.pretrained.fashion_mnist_cfg``), and prints the ``WEIGHT_METADATA`` entry to
 paste into ``bam_zoo/models/pretrained.py``: test top-1/top-5 from the run's ``metrics.json``, parameters,
 MACs, sha256 of the weights and the run's training time.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import pprint
 from pathlib import Path
@@ -21,8 +20,7 @@ from safetensors.torch import load_file
 import bam_zoo
 from bam_zoo.hub import save_pretrained, write_card
 from bam_zoo.model_card import checkpoint_details
-from bam_zoo.models.pretrained import WEIGHT_METADATA
-from bam_zoo.models.pretrained import _fmnist_cfg
+from bam_zoo.models.pretrained import WEIGHT_METADATA, fashion_mnist_cfg, sha256sum
 
 
 def main() -> None:
@@ -43,7 +41,7 @@ def main() -> None:
         config["bam_zoo"]["details"] = checkpoint_details(args.name, WEIGHT_METADATA[args.name])
         (folder / "config.json").write_text(json.dumps(config, indent=2))
         write_card(folder, num_params=WEIGHT_METADATA[args.name]["num_params"],
-                   repo_id=_fmnist_cfg(arch, tag)["hf_hub_id"])
+                   repo_id=fashion_mnist_cfg(arch, tag)["hf_hub_id"])
         print(f"rewrote {folder}/config.json and README.md")
         return
     if args.export_dir is None or args.command is None:
@@ -53,7 +51,7 @@ def main() -> None:
         raise SystemExit(f"{args.export_dir} holds a {run['model_name']}, not a {arch}.")
     model = bam_zoo.create_model(arch, in_chans=1, num_classes=10)
     model.load_state_dict(load_file(args.export_dir / "model.safetensors"), strict=True)
-    cfg = _fmnist_cfg(arch, tag)
+    cfg = fashion_mnist_cfg(arch, tag)
     model.pretrained_cfg = {**model.pretrained_cfg, **cfg, "architecture": arch, "tag": tag}
     metrics = {"top1": round(100 * run["test"]["acc1"], 2), "top5": round(100 * run["test"]["acc5"], 2)}
     entry = {
@@ -67,7 +65,7 @@ def main() -> None:
         model, args.out / args.name, model_name=args.name, label_names=list(cfg["label_names"]),
         metrics=metrics, dataset="fashion_mnist", recipe=run.get("recipe"), model_args=run["model_args"],
         repo_id=cfg["hf_hub_id"], details=checkpoint_details(args.name, entry))
-    entry["sha256"] = hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+    entry["sha256"] = sha256sum(out / "model.safetensors")
     print(f"wrote {out}\nWEIGHT_METADATA entry:")
     pprint.pprint({args.name: entry}, sort_dicts=False, width=110)
 

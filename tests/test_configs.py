@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -66,14 +67,16 @@ def test_config_parses(config: str, capsys: pytest.CaptureFixture) -> None:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def data(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
     root = tmp_path_factory.mktemp("data")
-    return {
-        "fmnist": write_fashion_mnist(root / "fmnist", n_train=60, n_test=20),
-        "cifar": write_cifar(write_cifar(root / "cifar", classes=10, n_train=60, n_test=20), classes=100,
-                             n_train=60, n_test=20),
-        "images": write_imagefolder(root / "images", per_class=2, size=36),
-    }
+    with pytest.MonkeyPatch.context() as monkeypatch:  # torchvision accepts the CIFAR files while the module runs
+        for classes in (10, 100):
+            write_cifar(monkeypatch, root / "cifar", classes=classes, n_train=60, n_test=20)
+        yield {
+            "fmnist": write_fashion_mnist(root / "fmnist", n_train=60, n_test=20),
+            "cifar": root / "cifar",
+            "images": write_imagefolder(root / "images", per_class=2, size=36),
+        }
 
 
 @pytest.fixture(scope="module")

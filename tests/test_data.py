@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from bam_zoo.training.data import (
 from bam_zoo.errors import DatasetNotFoundError
 from test_training_utils import one_torch_thread  # noqa: F401  (autouse)
 from test_training_utils import (
+    CIFAR10_NAMES,
     FASHION_MNIST_NAMES,
     indexed_images,
     write_cifar,
@@ -42,18 +44,19 @@ def test_fashion_mnist_split_is_fixed_and_disjoint(tmp_path: Path, layout: str) 
     write_fashion_mnist(tmp_path, n_train=200, n_test=60, layout=layout, compress=layout == "flat")
     dm = FashionMNISTDataModule(root=str(tmp_path), val_size=50, split_seed=3)
     dm.setup()
-    train_ids = dm.train_set.images[:, 0, 0, 0].tolist()
-    val_ids = dm.val_set.images[:, 0, 0, 0].tolist()
+    (train_x, train_y), (val_x, _) = dm.train_set.tensors, dm.val_set.tensors
+    train_ids, val_ids = train_x[:, 0, 0, 0].tolist(), val_x[:, 0, 0, 0].tolist()
     assert len(train_ids) == 150 and len(val_ids) == 50 and len(dm.test_set) == 60
     assert set(train_ids).isdisjoint(val_ids) and set(train_ids) | set(val_ids) == set(range(200))
+    assert train_ids == sorted(train_ids) and val_ids == sorted(val_ids)  # file order, not the split's
     # labels travel with their images (image i has label i % 10)
-    assert torch.equal(dm.train_set.labels, dm.train_set.images[:, 0, 0, 0].long() % 10)
+    assert torch.equal(train_y, train_x[:, 0, 0, 0].long() % 10)
     again = FashionMNISTDataModule(root=str(tmp_path), val_size=50, split_seed=3)
     again.setup()
-    assert again.val_set.images[:, 0, 0, 0].tolist() == val_ids
+    assert again.val_set.tensors[0][:, 0, 0, 0].tolist() == val_ids
     other = FashionMNISTDataModule(root=str(tmp_path), val_size=50, split_seed=4)
     other.setup()
-    assert other.val_set.images[:, 0, 0, 0].tolist() != val_ids
+    assert other.val_set.tensors[0][:, 0, 0, 0].tolist() != val_ids
     assert (dm.num_classes, dm.in_chans, dm.input_size) == (10, 1, (1, 28, 28))
 
 
@@ -63,8 +66,9 @@ def test_class_subset_and_limits(tmp_path: Path) -> None:
     dm.setup()
     assert dm.classes == ["Sneaker", "Pullover"] and dm.num_classes == 2
     assert len(dm.train_set) == 30 and len(dm.val_set) == 20 and len(dm.test_set) == 5
-    original = dm.train_set.images[:, 0, 0, 0].long() % 10
-    assert torch.equal(dm.train_set.labels, (original == 2).long())  # 7 -> 0, 2 -> 1
+    images, labels = dm.train_set.tensors
+    original = images[:, 0, 0, 0].long() % 10
+    assert torch.equal(labels, (original == 2).long())  # 7 -> 0, 2 -> 1
     assert set(original.tolist()) <= {7, 2}
 
 
@@ -95,9 +99,12 @@ def test_real_fashion_mnist_from_debian_package() -> None:
     dm = FashionMNISTDataModule()
     dm.setup()
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (55000, 5000, 10000)
-    assert dm.train_set.images.shape[1:] == (1, 28, 28) and dm.train_set.images.dtype == torch.uint8
-    assert torch.bincount(dm.test_set.labels).tolist() == [1000] * 10
-    pixels = torch.cat([dm.train_set.images, dm.val_set.images]).float() / 255
+    train_x, val_x = dm.train_set.tensors[0], dm.val_set.tensors[0]
+    assert train_x.shape[1:] == (1, 28, 28) and train_x.dtype == torch.uint8
+    assert torch.bincount(dm.test_set.tensors[1]).tolist() == [1000] * 10
+    # the 5,000 validation images the shipped weights were selected on (sha256 of their pixels)
+    assert hashlib.sha256(val_x.numpy().tobytes()).hexdigest()[:16] == "e601871cb8cf0a5d"
+    pixels = torch.cat([train_x, val_x]).float() / 255
     assert pixels.mean().item() == pytest.approx(0.2860, abs=5e-4)
     assert pixels.std().item() == pytest.approx(0.3530, abs=5e-4)
 
@@ -114,15 +121,45 @@ def test_mnist_torchvision_layout(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("dm_cls,classes", [(CIFAR10DataModule, 10), (CIFAR100DataModule, 100)])
-def test_cifar_pickle_format(tmp_path: Path, dm_cls: type, classes: int) -> None:
-    write_cifar(tmp_path, classes=classes, n_train=100, n_test=40)
+def test_cifar_through_torchvision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dm_cls: type,
+                                   classes: int) -> None:
+    write_cifar(monkeypatch, tmp_path, classes=classes, n_train=100, n_test=40)
     dm = dm_cls(root=str(tmp_path), val_size=20)
+    assert dm.classes[:2] == (CIFAR10_NAMES[:2] if classes == 10 else ["fine0", "fine1"])  # the meta file's
     dm.setup()
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (80, 20, 40)
-    assert dm.train_set.images.shape[1:] == (3, 32, 32)
-    assert (dm.train_set.images[:, 0] == 200).all() and not (dm.train_set.images[:, 1] == 200).all()
+    images = dm.train_set.tensors[0]
+    assert images.shape[1:] == (3, 32, 32) and images.dtype == torch.uint8 and images.is_contiguous()
+    assert (images[:, 0] == 200).all() and not (images[:, 1] == 200).all()
     assert dm.num_classes == len(dm.classes) == classes and dm.in_chans == 3
-    assert int(dm.test_set.labels.max()) < classes
+    assert int(dm.test_set.tensors[1].max()) < classes
+
+
+def test_corrupted_cifar_file_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_cifar(monkeypatch, tmp_path)
+    with open(tmp_path / "cifar-10-batches-py" / "test_batch", "ab") as f:
+        f.write(b"x")
+    with pytest.raises(RuntimeError, match="corrupted") as info:
+        CIFAR10DataModule(root=str(tmp_path)).setup()
+    assert any("--data.download true" in note for note in info.value.__notes__)
+
+
+def test_validation_split_is_the_one_the_shipped_weights_used(tmp_path: Path) -> None:
+    """val = the first 5,000 of ``randperm(60000)`` seeded with ``split_seed`` 0; train = the rest, in file order.
+
+    Pinned: the shipped weights were selected on this split and seeded studies compare runs on it.
+    """
+    ids = torch.arange(60000)
+    write_idx(tmp_path / FASHION_MNIST_NAMES[0], torch.stack([ids // 256, ids % 256], 1).view(-1, 1, 2), compress=False)
+    write_idx(tmp_path / FASHION_MNIST_NAMES[1], ids % 10, compress=False)
+    write_idx(tmp_path / FASHION_MNIST_NAMES[2], torch.zeros(10, 1, 2), compress=False)
+    write_idx(tmp_path / FASHION_MNIST_NAMES[3], torch.arange(10), compress=False)
+    dm = FashionMNISTDataModule(root=str(tmp_path))
+    dm.setup()
+    val, train = ((split.tensors[0][:, 0, 0, 0].long() * 256 + split.tensors[0][:, 0, 0, 1]).tolist()
+                  for split in (dm.val_set, dm.train_set))
+    assert val[:8] == [1, 3, 47, 49, 80, 83, 109, 111] and len(val) == 5000 and sum(val) == 149911330
+    assert train == sorted(set(range(60000)) - set(val))
 
 
 def test_imagefolder(tmp_path: Path) -> None:

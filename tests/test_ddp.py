@@ -33,7 +33,7 @@ def test_cli_fit_with_two_cpu_processes(tmp_path: Path) -> None:
 
     dm = FashionMNISTDataModule(root=str(data), val_size=32)
     dm.setup()
-    train_ids = set(dm.train_set.images[:, 0, 0, 0].tolist())
+    train_ids = set(dm.train_set.tensors[0][:, 0, 0, 0].tolist())
     ranks = [json.loads((probe / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     per_epoch = len(train_ids) // 2  # 128 images, 16 per batch and rank: 4 steps per rank and epoch

@@ -19,7 +19,7 @@ FINETUNE = str(REPO / "configs" / "finetune" / "bam_resnet20_fmnist_to_cifar10.y
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
 
-def test_finetune_saved_fmnist_model_onto_five_rgb_classes(tmp_path: Path) -> None:
+def test_finetune_saved_fmnist_model_onto_five_rgb_classes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # 1. a real saved model: one short Fashion-MNIST run (1 channel, 10 classes) and its export
     fmnist = write_fashion_mnist(tmp_path / "fmnist", n_train=64, n_test=20)
     cli_main(["fit", "--config", str(REPO / "configs" / "fashion_mnist" / "bam_resnet20.yaml"), "--data.root",
@@ -38,7 +38,7 @@ def test_finetune_saved_fmnist_model_onto_five_rgb_classes(tmp_path: Path) -> No
     assert start["fc.weight"].shape == (5, 64)
 
     # 3. the fine-tune config on CIFAR-10 classes 0-4 (3 channels), with a 0.1x backbone learning rate
-    cifar = write_cifar(tmp_path / "cifar", classes=10, n_train=100, n_test=40)
+    cifar = write_cifar(monkeypatch, tmp_path / "cifar", classes=10, n_train=100, n_test=40)
     cli = cli_main(["fit", "--config", FINETUNE, "--model.model_name", "bam_resnet20", "--model.pretrained_file",
                     str(export), "--data.root", str(cifar), "--data.class_subset", "[0, 1, 2, 3, 4]",
                     "--data.val_size", "10", "--data.batch_size", "8", "--trainer.max_epochs", "1",

@@ -8,6 +8,7 @@ folder on ``PYTHONPATH``.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import pickle
 import time
@@ -75,8 +76,18 @@ def write_fashion_mnist(root: Path, n_train: int = 200, n_test: int = 60, layout
     return root
 
 
-def write_cifar(root: Path, classes: int = 10, n_train: int = 100, n_test: int = 40) -> Path:
-    """CIFAR-10 / CIFAR-100 "python version" files (pickled dicts) with tiny random images."""
+CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def write_cifar(monkeypatch: pytest.MonkeyPatch, root: Path, classes: int = 10, n_train: int = 100,
+                n_test: int = 40) -> Path:
+    """CIFAR-10 / CIFAR-100 "python version" files (pickled dicts and the meta file) with tiny random images.
+
+    torchvision checks every file against the real CIFAR's md5; ``monkeypatch`` points its lists at these
+    files' md5s for the test (CIFAR-100's label names are ``fine0`` ... ``fine99``).
+    """
+    from torchvision.datasets import CIFAR10, CIFAR100
+
     gen = torch.Generator().manual_seed(0)
 
     def entry(n: int, start: int) -> dict[str, Any]:
@@ -86,17 +97,25 @@ def write_cifar(root: Path, classes: int = 10, n_train: int = 100, n_test: int =
         key = "labels" if classes == 10 else "fine_labels"
         return {"data": data.numpy(), key: labels}
 
+    cls = CIFAR10 if classes == 10 else CIFAR100
     if classes == 10:
-        folder = root / "cifar-10-batches-py"
         files = {f"data_batch_{i}": entry(n_train // 5, i) for i in range(1, 6)}
         files["test_batch"] = entry(n_test, 0)
     else:
-        folder = root / "cifar-100-python"
         files = {"train": entry(n_train, 0), "test": entry(n_test, 0)}
+    files[cls.meta["filename"]] = {cls.meta["key"]: CIFAR10_NAMES if classes == 10 else [f"fine{i}" for i in range(100)]}
+    folder = root / cls.base_folder
     folder.mkdir(parents=True, exist_ok=True)
     for name, content in files.items():
         with open(folder / name, "wb") as f:
             pickle.dump(content, f)
+
+    def md5(name: str) -> str:
+        return hashlib.md5((folder / name).read_bytes()).hexdigest()
+
+    monkeypatch.setattr(cls, "train_list", [[name, md5(name)] for name, _ in cls.train_list])
+    monkeypatch.setattr(cls, "test_list", [[name, md5(name)] for name, _ in cls.test_list])
+    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": md5(cls.meta["filename"])})
     return root
 
 

@@ -26,8 +26,8 @@ from ..errors import ChecksumMismatchError
 
 __all__ = [
     "FASHION_MNIST_LABELS", "FASHION_MNIST_MEAN", "FASHION_MNIST_STD", "FASHION_MNIST_TAGS", "HF_HUB_ORG",
-    "PretrainedInfo", "WEIGHTS_NAME", "WEIGHT_METADATA", "list_pretrained", "mirror_root", "prepare_pretrained",
-    "resolve_weights", "sha256sum", "strict_keys",
+    "PretrainedInfo", "WEIGHTS_NAME", "WEIGHT_METADATA", "fashion_mnist_cfg", "list_pretrained", "mirror_root",
+    "prepare_pretrained", "resolve_weights", "sha256sum", "strict_keys",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ FASHION_MNIST_MEAN = (0.2860,)
 FASHION_MNIST_STD = (0.3530,)
 
 
-def _fmnist_cfg(arch: str, tag: str) -> Dict[str, Any]:
+def fashion_mnist_cfg(arch: str, tag: str) -> Dict[str, Any]:
     """A Fashion-MNIST weight entry (timm cfg fields only): 1 x 28 x 28 inputs, 10 classes, its Hub repo."""
     return {
         "hf_hub_id": f"{HF_HUB_ORG}/{arch}.{tag}",
@@ -56,8 +56,8 @@ def _fmnist_cfg(arch: str, tag: str) -> Dict[str, Any]:
 # arch.tag -> timm cfg. Only weights that exist in checkpoints/ are listed. Each BAM weight ships with its
 # plain twin, trained with the identical recipe and seed.
 FASHION_MNIST_TAGS: Dict[str, Dict[str, Any]] = {
-    "bam_resnet20.fmnist": _fmnist_cfg("bam_resnet20", "fmnist"),
-    "resnet20.fmnist": _fmnist_cfg("resnet20", "fmnist"),
+    "bam_resnet20.fmnist": fashion_mnist_cfg("bam_resnet20", "fmnist"),
+    "resnet20.fmnist": fashion_mnist_cfg("resnet20", "fmnist"),
 }
 
 # arch.tag -> what the weights measured and how they were made (timm's cfg has no fields for these).

@@ -12,17 +12,22 @@ and ``input_size`` before ``setup``, so the CLI can link them into the model and
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
-import pickle
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from PIL import Image
+from timm.data import create_transform, resolve_data_config
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, default_convert, random_split
+from torchvision import datasets
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, is_image_file
 
 from bam_zoo.errors import DatasetNotFoundError, TrainingError
 from bam_zoo.models.pretrained import FASHION_MNIST_LABELS, FASHION_MNIST_MEAN, FASHION_MNIST_STD
@@ -72,8 +77,6 @@ class NoImagesError(TrainingError, ValueError):
     """
 
     def __init__(self, problem: str) -> None:
-        from torchvision.datasets.folder import IMG_EXTENSIONS
-
         super().__init__(f"{problem} (image files end in {' '.join(IMG_EXTENSIONS)})")
 
 
@@ -126,26 +129,21 @@ class BatchAugment(nn.Module):
         return x.contiguous()
 
 
-class _TensorImages(Dataset):
-    """Images and labels held as tensors; ``__getitems__`` lets the DataLoader slice a batch at once."""
+class _TensorBatches(TensorDataset):
+    """A ``TensorDataset`` that the DataLoader indexes once per batch (``__getitems__``), not once per image."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        self.images, self.labels = images, labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.images[index], self.labels[index]
-
-    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.as_tensor(indices)
-        return self.images[idx], self.labels[idx]
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, ...]:
+        return self[torch.as_tensor(indices)]
 
 
-def _batch_as_is(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Collate function for ``_TensorImages``: its ``__getitems__`` already returns a batch."""
-    return batch
+def _materialise(split: Subset, limit: int | None) -> _TensorBatches:
+    """One split as tensors of its own: its first ``limit`` images (a random sample), else all in file order.
+
+    File order, not the split's random order: the shipped weights were trained in it, and a seeded run's
+    batches depend on it.
+    """
+    indices = torch.as_tensor(split.indices[:limit] if limit else sorted(split.indices), dtype=torch.long)
+    return _TensorBatches(*(tensor[indices] for tensor in split.dataset.tensors))
 
 
 def read_idx(path: str | os.PathLike) -> torch.Tensor:
@@ -169,9 +167,10 @@ def read_idx(path: str | os.PathLike) -> torch.Tensor:
 class InMemoryDataModule(pl.LightningDataModule):
     """Base of the DataModules whose whole data set fits in memory as ``uint8`` tensors.
 
-    Subclasses set the class attributes and implement ``_load(train)`` and ``_download()``.
-    The validation split is carved from the official training set with a fixed seed, so BAM models
-    and their baselines are always compared on the same images; the official test set is the test set.
+    Subclasses set the class attributes and implement ``_load(train)`` and ``_exists()``.
+    The validation split is carved from the official training set by ``random_split`` with a fixed seed,
+    so BAM models and their baselines are always compared on the same images; the official test set is
+    the test set.
 
     Args:
         root: folder with the data set files. ``None`` uses the class default (``default_root``).
@@ -179,7 +178,7 @@ class InMemoryDataModule(pl.LightningDataModule):
         batch_size: training batch size per process (DDP multiplies it by the number of processes).
         eval_batch_size: batch size for validation and test; ``None`` uses ``2 * batch_size``.
         val_size: number of training images held out for validation (0 disables validation).
-        split_seed: seed of the permutation that chooses the validation images.
+        split_seed: seed of the ``random_split`` that chooses the validation images.
         padding: zero padding of the random crop; 0 disables it.
         hflip: probability of a horizontal flip.
         class_subset: keep only these class indices (relabelled 0..k-1 in the given order).
@@ -191,11 +190,12 @@ class InMemoryDataModule(pl.LightningDataModule):
     name: str = ""
     human_name: str = ""
     default_root: str = "data"
+    torchvision_class: type[datasets.VisionDataset]  # the torchvision data set that downloads these files
     class_names: tuple[str, ...] = ()
-    channels: int = 1
+    in_chans: int = 1
     image_size: int = 28
-    mean_: tuple[float, ...] = (0.5,)
-    std_: tuple[float, ...] = (0.5,)
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
     default_hflip: float = 0.5
 
     def __init__(
@@ -223,11 +223,11 @@ class InMemoryDataModule(pl.LightningDataModule):
         self.class_subset = list(class_subset) if class_subset is not None else None
         self.limit_train, self.limit_val, self.limit_test = limit_train, limit_val, limit_test
         hflip = self.default_hflip if hflip is None else hflip
-        self.train_augment = BatchAugment(self.mean_, self.std_, padding=padding, hflip=hflip)
-        self.eval_augment = BatchAugment(self.mean_, self.std_)
-        self.train_set: _TensorImages | None = None
-        self.val_set: _TensorImages | None = None
-        self.test_set: _TensorImages | None = None
+        self.train_augment = BatchAugment(self.mean, self.std, padding=padding, hflip=hflip)
+        self.eval_augment = BatchAugment(self.mean, self.std)
+        self.train_set: TensorDataset | None = None
+        self.val_set: TensorDataset | None = None
+        self.test_set: TensorDataset | None = None
 
     # metadata linked into the model and the export
     @property
@@ -242,34 +242,15 @@ class InMemoryDataModule(pl.LightningDataModule):
         return len(self.classes)
 
     @property
-    def in_chans(self) -> int:
-        return self.channels
-
-    @property
-    def mean(self) -> tuple[float, ...]:
-        return tuple(self.mean_)
-
-    @property
-    def std(self) -> tuple[float, ...]:
-        return tuple(self.std_)
-
-    @property
     def input_size(self) -> tuple[int, int, int]:
-        return (self.channels, self.image_size, self.image_size)
+        return (self.in_chans, self.image_size, self.image_size)
 
     # to be implemented by subclasses
     def _load(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(images uint8 (N, C, H, W), labels int64 (N,))``; raise DatasetNotFoundError if absent."""
         raise NotImplementedError
 
-    def _download(self) -> None:
-        raise NotImplementedError
-
     def _exists(self) -> bool:
-        raise NotImplementedError
-
-    def _torchvision_class(self) -> str:
-        """Name of the torchvision data set class that downloads these files."""
         raise NotImplementedError
 
     # LightningDataModule API
@@ -277,26 +258,25 @@ class InMemoryDataModule(pl.LightningDataModule):
         """Download on one process per node; nothing to do when the files are there."""
         if self.download and not self._exists():
             try:
-                self._download()
+                self.torchvision_class(str(self.root), train=True, download=True)  # fetches both splits
             except (OSError, RuntimeError) as error:  # urllib's URLError is an OSError; torchvision's mirrors raise RuntimeError
-                fetch = (f"python -c \"import torchvision; torchvision.datasets.{self._torchvision_class()}"
+                fetch = (f"python -c \"import torchvision; torchvision.datasets.{self.torchvision_class.__name__}"
                          f"('{self.root}', download=True)\"")
                 raise DatasetDownloadError(self.human_name, self.root, getattr(error, "reason", error), fetch) from None
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        train_x, train_y = self._select_classes(*self._load(train=True))
-        test_x, test_y = self._select_classes(*self._load(train=False))
-        order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(self.split_seed))
-        val_idx, train_idx = order[: self.val_size], order[self.val_size :]
-        test_idx = torch.randperm(len(test_y), generator=torch.Generator().manual_seed(self.split_seed))
-        train_idx = train_idx[: self.limit_train] if self.limit_train else train_idx.sort().values
-        val_idx = val_idx[: self.limit_val] if self.limit_val else val_idx.sort().values
-        test_idx = test_idx[: self.limit_test] if self.limit_test else test_idx.sort().values
-        self.train_set = _TensorImages(train_x[train_idx], train_y[train_idx])
-        self.val_set = _TensorImages(train_x[val_idx], train_y[val_idx])
-        self.test_set = _TensorImages(test_x[test_idx], test_y[test_idx])
+        train = TensorDataset(*self._select_classes(*self._load(train=True)))
+        test = TensorDataset(*self._select_classes(*self._load(train=False)))
+        val, train = self._split(train, self.val_size)
+        self.train_set, self.val_set = _materialise(train, self.limit_train), _materialise(val, self.limit_val)
+        self.test_set = _materialise(self._split(test, self.limit_test or len(test))[0], self.limit_test)
+
+    def _split(self, data: TensorDataset, first: int) -> list[Subset]:
+        """``data`` in two at random, ``first`` images and the rest; the same two for every run with ``split_seed``."""
+        first = min(first, len(data))
+        return random_split(data, [first, len(data) - first], generator=torch.Generator().manual_seed(self.split_seed))
 
     def _select_classes(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.class_subset is None:
@@ -306,13 +286,14 @@ class InMemoryDataModule(pl.LightningDataModule):
         remap[torch.tensor(self.class_subset)] = torch.arange(len(self.class_subset))
         return x[keep], remap[y[keep]]
 
-    def _loader(self, dataset: _TensorImages | None, batch_size: int, train: bool) -> DataLoader:
+    def _loader(self, dataset: TensorDataset | None, batch_size: int, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError("call setup() before asking for a dataloader")
-        # drop_last keeps every training batch even-sized and full, as timm's Mixup requires
+        # drop_last keeps every training batch even-sized and full, as timm's Mixup requires;
+        # __getitems__ returns whole batches, which default_convert passes through as they are
         return DataLoader(
             dataset, batch_size=batch_size, shuffle=train, drop_last=train and len(dataset) >= batch_size,
-            collate_fn=_batch_as_is, num_workers=0,
+            collate_fn=default_convert, num_workers=0,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -342,11 +323,10 @@ class _IDXDataModule(InMemoryDataModule):
         True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
         False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
     }
-    torchvision_folder = ""
     apt_package: str | None = None
 
     def _search_dirs(self) -> list[Path]:
-        return [self.root, self.root / self.torchvision_folder / "raw"]
+        return [self.root, self.root / self.torchvision_class.__name__ / "raw"]
 
     def _find(self, name: str) -> Path | None:
         for folder in self._search_dirs():
@@ -369,16 +349,6 @@ class _IDXDataModule(InMemoryDataModule):
         images, labels = read_idx(paths[0]), read_idx(paths[1])
         return images.unsqueeze(1), labels.long()
 
-    def _torchvision_class(self) -> str:
-        return self.torchvision_folder
-
-    def _download(self) -> None:
-        import torchvision.datasets
-
-        dataset_cls = getattr(torchvision.datasets, self.torchvision_folder)
-        for train in (True, False):
-            dataset_cls(str(self.root), train=train, download=True)
-
 
 class FashionMNISTDataModule(_IDXDataModule):
     """Fashion-MNIST: 28x28 grey images of 10 clothing classes; 60k train (55k + 5k val), 10k test.
@@ -390,11 +360,11 @@ class FashionMNISTDataModule(_IDXDataModule):
     name = "fashion_mnist"
     human_name = "Fashion-MNIST"
     default_root = FASHION_MNIST_DEBIAN_DIR
-    torchvision_folder = "FashionMNIST"
+    torchvision_class = datasets.FashionMNIST
     apt_package = "dataset-fashion-mnist"
     class_names = FASHION_MNIST_LABELS
-    mean_ = FASHION_MNIST_MEAN
-    std_ = FASHION_MNIST_STD
+    mean = FASHION_MNIST_MEAN
+    std = FASHION_MNIST_STD
 
 
 class MNISTDataModule(_IDXDataModule):
@@ -402,47 +372,51 @@ class MNISTDataModule(_IDXDataModule):
 
     name = "mnist"
     human_name = "MNIST"
-    torchvision_folder = "MNIST"
+    torchvision_class = datasets.MNIST
     class_names = tuple(str(i) for i in range(10))
-    mean_ = (0.1307,)
-    std_ = (0.3081,)
+    mean = (0.1307,)
+    std = (0.3081,)
     default_hflip = 0.0
 
 
 class _CIFARDataModule(InMemoryDataModule):
-    """CIFAR in the "python version" pickle layout that torchvision downloads."""
+    """CIFAR as torchvision reads it (``root/cifar-10-batches-py``, ``root/cifar-100-python``), md5-checked.
 
-    channels = 3
+    The label names are torchvision's (``classes``, from the files' own meta file), so they are known only
+    once the files are there: with ``download`` the files are fetched when the names are first asked for,
+    which the CLI does before it builds the model.
+    """
+
+    in_chans = 3
     image_size = 32
-    folder = ""
-    train_files: tuple[str, ...] = ()
-    test_files: tuple[str, ...] = ()
-    label_key = "labels"
-    torchvision_name = ""
+
+    @functools.cached_property
+    def class_names(self) -> tuple[str, ...]:  # type: ignore[override]
+        return tuple(self._torchvision(train=False).classes)
+
+    def _missing(self) -> list[str]:
+        cls = self.torchvision_class
+        names = [name for name, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+        return [name for name in names if not (self.root / cls.base_folder / name).is_file()]
 
     def _exists(self) -> bool:
-        return all((self.root / self.folder / f).is_file() for f in self.train_files + self.test_files)
+        return not self._missing()
+
+    def _torchvision(self, train: bool) -> datasets.CIFAR10:
+        self.prepare_data()
+        folder = self.root / self.torchvision_class.base_folder
+        if missing := self._missing():
+            raise DatasetNotFoundError(self.human_name, [folder], missing[0])
+        try:
+            return self.torchvision_class(str(self.root), train=train)
+        except RuntimeError as error:  # every file is there, so torchvision's md5 check failed
+            error.add_note(f"bam-zoo: a file in {folder} is corrupted or incomplete; delete the folder and fetch "
+                           "it again (--data.download true).")
+            raise
 
     def _load(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        names = self.train_files if train else self.test_files
-        images, labels = [], []
-        for name in names:
-            path = self.root / self.folder / name
-            if not path.is_file():
-                raise DatasetNotFoundError(self.human_name, [self.root / self.folder], name)
-            with open(path, "rb") as f:  # the official format is a pickle; read only from the user's root
-                entry = pickle.load(f, encoding="latin1")
-            images.append(torch.as_tensor(entry["data"], dtype=torch.uint8).reshape(-1, 3, 32, 32))
-            labels.append(torch.as_tensor(entry[self.label_key], dtype=torch.long))
-        return torch.cat(images), torch.cat(labels)
-
-    def _torchvision_class(self) -> str:
-        return self.torchvision_name
-
-    def _download(self) -> None:
-        import torchvision.datasets
-
-        getattr(torchvision.datasets, self.torchvision_name)(str(self.root), train=True, download=True)
+        split = self._torchvision(train)
+        return torch.from_numpy(split.data).permute(0, 3, 1, 2).contiguous(), torch.as_tensor(split.targets)
 
 
 class CIFAR10DataModule(_CIFARDataModule):
@@ -450,13 +424,9 @@ class CIFAR10DataModule(_CIFARDataModule):
 
     name = "cifar10"
     human_name = "CIFAR-10"
-    folder = "cifar-10-batches-py"
-    train_files = tuple(f"data_batch_{i}" for i in range(1, 6))
-    test_files = ("test_batch",)
-    torchvision_name = "CIFAR10"
-    class_names = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-    mean_ = (0.4914, 0.4822, 0.4465)
-    std_ = (0.2470, 0.2435, 0.2616)
+    torchvision_class = datasets.CIFAR10
+    mean = (0.4914, 0.4822, 0.4465)
+    std = (0.2470, 0.2435, 0.2616)
 
 
 class CIFAR100DataModule(_CIFARDataModule):
@@ -464,56 +434,30 @@ class CIFAR100DataModule(_CIFARDataModule):
 
     name = "cifar100"
     human_name = "CIFAR-100"
-    folder = "cifar-100-python"
-    train_files = ("train",)
-    test_files = ("test",)
-    label_key = "fine_labels"
-    torchvision_name = "CIFAR100"
-    class_names = tuple(
-        "apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly camel can "
-        "castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur dolphin "
-        "elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion lizard "
-        "lobster man maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree pear "
-        "pickup_truck pine_tree plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal "
-        "shark shrew skunk skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table tank "
-        "telephone television tiger tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm".split()
-    )
-    mean_ = (0.5071, 0.4865, 0.4409)
-    std_ = (0.2673, 0.2564, 0.2762)
+    torchvision_class = datasets.CIFAR100
+    mean = (0.5071, 0.4865, 0.4409)
+    std = (0.2673, 0.2564, 0.2762)
 
 
 def _image_files(folder: Path) -> list[Path]:
     """Image files under ``folder`` (recursively), sorted, as torchvision's ImageFolder would find them."""
-    from torchvision.datasets.folder import is_image_file
-
     return sorted(Path(d) / f for d, _, files in os.walk(folder) for f in files if is_image_file(f))
 
 
 def _has_image(folder: Path) -> bool:
-    from torchvision.datasets.folder import is_image_file
-
     return any(is_image_file(f) for _, _, files in os.walk(folder) for f in files)
 
 
-def _open_grey(path: str) -> Any:
-    from PIL import Image
-
+def _open_as(mode: str, path: str) -> Image.Image:
     with Image.open(path) as image:
-        return image.convert("L")
+        return image.convert(mode)
 
 
-def _open_rgb(path: str) -> Any:
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return image.convert("RGB")
-
-
-def image_loader(in_chans: int) -> Any:
+def image_loader(in_chans: int) -> Callable[[str], Image.Image]:
     """PIL loader that converts every image to the model's channel count (1: ``L``, 3: ``RGB``)."""
     if in_chans not in (1, 3):
         raise ValueError(f"in_chans must be 1 (grey) or 3 (RGB) for image files, got {in_chans}")
-    return _open_grey if in_chans == 1 else _open_rgb
+    return functools.partial(_open_as, "L" if in_chans == 1 else "RGB")  # a partial pickles into workers
 
 
 class ImageFolderDataModule(pl.LightningDataModule):
@@ -608,8 +552,6 @@ class ImageFolderDataModule(pl.LightningDataModule):
         stops the run before anything is written.
         """
         if self._classes is None:
-            from torchvision.datasets.folder import find_classes
-
             for split in dict.fromkeys(self.splits):
                 self._split_dir(split)
             self._classes = find_classes(str(self._split_dir("train")))[0]
@@ -622,8 +564,6 @@ class ImageFolderDataModule(pl.LightningDataModule):
     @property
     def in_chans(self) -> int:
         if self._in_chans is None:
-            from PIL import Image
-
             first = next(iter(_image_files(self._split_dir("train"))))
             with Image.open(first) as image:
                 self._in_chans = 1 if image.mode in ("L", "I", "I;16", "F", "1", "LA") else 3
@@ -646,8 +586,6 @@ class ImageFolderDataModule(pl.LightningDataModule):
         return (self.in_chans, self.img_size, self.img_size)
 
     def _transform(self, training: bool) -> Any:
-        from timm.data import create_transform
-
         return create_transform(
             self.input_size, is_training=training, scale=self.scale, color_jitter=self.color_jitter,
             auto_augment=self.auto_augment, interpolation=self.interpolation, mean=self.mean, std=self.std,
@@ -655,8 +593,6 @@ class ImageFolderDataModule(pl.LightningDataModule):
         )
 
     def setup(self, stage: str | None = None) -> None:
-        from torchvision.datasets import ImageFolder
-
         for split in ("train", "val", "test"):
             if split not in self.datasets:
                 transform = self._transform(training=split == "train")
@@ -737,8 +673,6 @@ class ImageFilesDataModule(pl.LightningDataModule):
         self.dataset: _ImageFiles | None = None
 
     def setup(self, stage: str | None = None) -> None:
-        from timm.data import create_transform, resolve_data_config
-
         model = self.trainer.lightning_module.eval_model
         config = resolve_data_config({}, model=model)
         self.dataset = _ImageFiles(self.files, create_transform(**config), image_loader(config["input_size"][0]))
