@@ -124,6 +124,25 @@ def test_module_options_mixup_ema_channels_last_adamw(fmnist: Path, tmp_path: Pa
     assert 0.0 <= float(trainer.callback_metrics["val/acc1"]) <= 1.0
 
 
+def test_epoch_test_accuracy_sees_the_test_set_as_test_does(fmnist: Path, tmp_path: Path) -> None:
+    """The per-epoch curve evaluates exactly what `test` evaluates: same inputs (normalised once), same number."""
+    from bam_zoo.training.callbacks import EpochTestAccuracy
+
+    pl.seed_everything(0)
+    dm = FashionMNISTDataModule(root=str(fmnist), val_size=32, batch_size=16)
+    model = ImageClassifier("bam_resnet20", num_classes=10, in_chans=1, channels_last=True)
+    seen = []
+    predict = model.predict_step
+    model.predict_step = lambda x, i: (seen.append(x.clone()), predict(x, i))[1]
+    trainer = pl.Trainer(max_epochs=1, default_root_dir=tmp_path, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, callbacks=[EpochTestAccuracy()], num_sanity_val_steps=0)
+    trainer.fit(model, datamodule=dm)
+    curve = float(trainer.callback_metrics["test_curve/acc1"])
+    raw = torch.cat([batch[0] for batch in dm.test_dataloader()])
+    assert torch.allclose(torch.cat(seen), dm.eval_augment(raw))
+    assert curve == pytest.approx(trainer.test(model, datamodule=dm, verbose=False)[0]["test/acc1"], abs=1e-6)
+
+
 def test_frozen_backbone_trains_only_the_head(fmnist: Path, tmp_path: Path) -> None:
     dm = FashionMNISTDataModule(root=str(fmnist), val_size=32, batch_size=16)
     model = ImageClassifier("bam_resnet20", num_classes=10, in_chans=1, freeze_backbone=True, lr=0.1)

@@ -50,7 +50,7 @@ class EpochTestAccuracy(pl.Callback):
         accuracy = MulticlassAccuracy(pl_module.hparams.num_classes, average="micro").to(pl_module.device)
         with torch.no_grad():
             for batch in datamodule.test_dataloader():
-                x, y = datamodule.on_after_batch_transfer(trainer.strategy.batch_to_device(batch), 0)
+                x, y = trainer.strategy.batch_to_device(batch)  # runs the DataModule's transfer hooks too
                 accuracy.update(pl_module.predict_step(x, 0), y)
         pl_module.log("test_curve/acc1", accuracy.compute(), rank_zero_only=True)
 
