@@ -23,6 +23,7 @@ from huggingface_hub.errors import (
 from timm.models import get_pretrained_cfg, resolve_pretrained_cfg
 
 from ..errors import ChecksumMismatchError
+from .convert import convert_state_dict
 
 __all__ = [
     "FASHION_MNIST_LABELS", "FASHION_MNIST_MEAN", "FASHION_MNIST_STD", "FASHION_MNIST_TAGS", "HF_HUB_ORG",
@@ -172,12 +173,14 @@ def resolve_weights(cfg: Dict[str, Any], variant: str) -> Optional[str]:
 
 
 def strict_keys(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, Any]:
-    """timm ``pretrained_filter_fn``: weights whose keys differ from the model's fail with torch's strict error.
+    """timm ``pretrained_filter_fn``: pytorchcv and official-code layouts are converted (:mod:`.convert`), then
+    weights whose keys differ from the model's fail with torch's strict error.
 
     Why: timm loads with ``strict=False`` whenever it drops a classifier of another size, which would also let
     missing or unexpected keys elsewhere pass. Shapes stay torch's to check (it raises on them either way) and
     the stem is adapted by timm after this filter, so only the head and stem adaptation is allowed.
     """
+    state_dict = convert_state_dict(state_dict, model, check_shapes=False)
     if state_dict.keys() != model.state_dict().keys():
         model.load_state_dict(state_dict, strict=True)  # raises, listing missing, unexpected, misshaped keys
     return state_dict
