@@ -43,7 +43,7 @@ class UnknownPretrainedTagError(BamZooError, ValueError):
 
 
 class ChecksumMismatchError(BamZooError, ValueError):
-    """A weight file whose sha256 differs from the one recorded for its tag.
+    """A weight file whose hash (sha256; sha1 where the publisher lists only that) differs from the recorded one.
 
     Message (a file of the offline mirror)::
 
@@ -52,13 +52,13 @@ class ChecksumMismatchError(BamZooError, ValueError):
 
     Attributes:
         path: The file.
-        expected: The recorded sha256.
-        actual: The file's sha256.
+        expected: The recorded hash.
+        actual: The file's hash.
     """
 
-    def __init__(self, path: str, name: str, expected: str, actual: str, fix: str) -> None:
+    def __init__(self, path: str, name: str, expected: str, actual: str, fix: str, algorithm: str = "sha256") -> None:
         self.path, self.expected, self.actual = str(path), expected, actual
-        super().__init__(f"{path} has sha256 {actual}, but {name} records {expected}: {fix}")
+        super().__init__(f"{path} has {algorithm} {actual}, but {name} records {expected}: {fix}")
 
 
 class CheckpointKeysError(BamZooError, ValueError):

@@ -3,11 +3,13 @@
 pytorchcv (0.0.74, a test dependency) builds the reference models with random weights; their BatchNorm
 statistics are measured on random images (so activations stay O(1)) and then perturbed at random, and the
 spatial convolutions get random biases, so every term of the conversion (renaming, placement, bias folding)
-shows in the logits.
+shows in the logits. No network: downloads are served from a ``file://`` URL.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import zipfile
 from pathlib import Path
 
@@ -18,8 +20,12 @@ from pytorchcv.model_provider import get_model
 
 import bam_zoo
 from bam_zoo.cli import main
-from bam_zoo.errors import CheckpointKeysError
+from bam_zoo.errors import CheckpointKeysError, ChecksumMismatchError
+from bam_zoo.models import pretrained as shipped
 from bam_zoo.models.convert import convert_state_dict, from_official, from_pytorchcv
+
+TAG = "bam_resnet50.imgclsmob_in1k"
+
 
 def randomise(model: nn.Module, size: int = 64) -> nn.Module:
     """Random conv biases, BN statistics of random images, then perturbed; returns ``model`` in eval mode."""
@@ -123,6 +129,50 @@ def test_official_checkpoint_converts_by_function_cli_and_on_load(tmp_path: Path
     on_load = bam_zoo.create_model("bam_resnet18", pretrained=True, bam_args=dict(fusion="product"),
                                    pretrained_cfg_overlay=dict(file=str(path))).eval()
     assert_same_logits(on_load, source, x)
+
+
+@pytest.fixture(scope="module")
+def resnet50_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, Path]:
+    """pytorchcv's bam_resnet50 as published (its own pooling, 224 px), saved as a plain state dict."""
+    ref = pytorchcv_model("bam_resnet50", size=224)
+    path = tmp_path_factory.mktemp("pytorchcv") / "bam_resnet50-0547-a04adf3c.pth"
+    torch.save(ref.state_dict(), path)
+    return ref, path
+
+
+def test_tag_converts_a_local_pytorchcv_file(resnet50_file) -> None:
+    ref, path = resnet50_file
+    model = bam_zoo.create_model(TAG, pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).eval()
+    assert_same_logits(model, ref, torch.randn(1, 3, 224, 224))
+    cfg = model.pretrained_cfg
+    assert (cfg["input_size"], cfg["crop_pct"], cfg["interpolation"]) == ((3, 224, 224), 0.875, "bilinear")
+    assert model._model_args["bam_args"] == {"fusion": "product"}
+    assert sum(p.numel() for p in model.parameters()) == shipped.WEIGHT_METADATA[TAG]["num_params"]
+    head = bam_zoo.create_model(TAG, pretrained=True, num_classes=10, pretrained_cfg_overlay=dict(file=str(path)))
+    assert head.fc.out_features == 10 and torch.equal(head.layer3.bam.channel_attn.fc1.weight,
+                                                      model.layer3.bam.channel_attn.fc1.weight)
+
+
+def test_tag_downloads_once_checks_sha1_and_reads_the_zip(resnet50_file, tmp_path: Path, monkeypatch) -> None:
+    ref, pth = resnet50_file
+    published = tmp_path / "release" / "bam_resnet50-0547-a04adf3c.pth.zip"
+    published.parent.mkdir()
+    with zipfile.ZipFile(published, "w") as archive:
+        archive.write(pth, pth.name)
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    overlay = dict(url=published.as_uri())
+    cached = tmp_path / "hub" / "checkpoints" / published.name
+    with pytest.raises(OSError) as info:  # unreachable: says where a copy goes
+        bam_zoo.create_model(TAG, pretrained=True, pretrained_cfg_overlay=dict(url=(tmp_path / "nowhere.zip").as_uri()))
+    assert f"copy nowhere.zip to {tmp_path / 'hub' / 'checkpoints'}" in info.value.__notes__[0]
+    expected = shipped.WEIGHT_METADATA[TAG]["sha1"]
+    with pytest.raises(ChecksumMismatchError, match=f"has sha1 .*{expected}.*Delete {re.escape(str(cached))}"):
+        bam_zoo.create_model(TAG, pretrained=True, pretrained_cfg_overlay=overlay)  # not the published file
+    sha1 = hashlib.sha1(published.read_bytes()).hexdigest()
+    monkeypatch.setitem(shipped.WEIGHT_METADATA, TAG, {**shipped.WEIGHT_METADATA[TAG], "sha1": sha1})
+    published.unlink()  # served from the cache now
+    model = bam_zoo.create_model(TAG, pretrained=True, pretrained_cfg_overlay=overlay).eval()
+    assert_same_logits(model, ref, torch.randn(1, 3, 224, 224))
 
 
 def test_cli_reads_the_zip_and_lists_what_does_not_fit(tmp_path: Path, capsys) -> None:

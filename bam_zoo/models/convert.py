@@ -94,7 +94,7 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module,
         return state_dict
     if any(bam.fusion != "product" for _, bam in bam_modules(model)):
         raise ValueError(f"{source} BAM weights multiply the branches, but this model sums them: build it with "
-                         "bam_args=dict(fusion='product').")
+                         "bam_args=dict(fusion='product') (the tag bam_resnet50.imgclsmob_in1k does).")
     origin, out = {}, {}
     for key, value in state_dict.items():
         new = key
