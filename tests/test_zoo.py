@@ -33,6 +33,13 @@ def test_every_tag_has_metadata_and_a_mirrored_twin():
     assert imagenet.metrics == {} and not imagenet.mirrored and "osmr/imgclsmob" in imagenet.extra["source"]
 
 
+def test_evaluate_names_the_tags_it_cannot_measure(capsys):
+    from bam_zoo.evaluate import main
+    with pytest.raises(SystemExit):
+        main(["bam_resnet50.imgclsmob_in1k"])
+    assert "not Fashion-MNIST weights" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name", list(FASHION_MNIST_TAGS))
 def test_shipped_weight_measures_its_recorded_numbers(name, monkeypatch):
     pytest.importorskip("pytorch_lightning")
