@@ -1,7 +1,7 @@
 """The ``bam-zoo`` console script (and ``python cli.py``): fit / validate / test / predict, and the tools.
 
 The training subcommands are :class:`~bam_zoo.training.cli.BamZooCLI` (LightningCLI). Each tool in
-:data:`TOOLS` (``push`` ...) is one library function; its jsonargparse parser is built from the function's
+:data:`TOOLS` (``push``, ``convert``) is one library function; its jsonargparse parser is built from the function's
 signature and docstring, and it is listed beside the training subcommands in ``--help``. Errors that say
 how to fix themselves (bam-zoo's, huggingface_hub's, a bad file) are printed as their message instead of a
 traceback.
@@ -42,6 +42,8 @@ TOOLS: dict[str, Tool] = {
                  skip=frozenset({"token"}), show=lambda info: info.commit_url,
                  aliases={"--repo-id": "--repo_id", "--commit-message": "--commit_message"}),
     "explain": Tool(explain, "Write PNGs of each BAM's attention on images: where it looks, which channels it boosts."),
+    "convert": Tool(hub.convert, "Convert a BAM checkpoint of pytorchcv (osmr/imgclsmob) or of the official code "
+                    "(Jongchan/attention-module) into an export folder (Hub layout) for `push`; prints the folder."),
 }
 
 

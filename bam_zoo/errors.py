@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 
 __all__ = [
     "BamZooError", "UnknownModelError", "UnknownPretrainedTagError", "ChecksumMismatchError",
-    "CorruptCheckpointError", "MetricConflictError", "TrainingError", "DatasetNotFoundError",
+    "CheckpointKeysError", "CorruptCheckpointError", "MetricConflictError", "TrainingError", "DatasetNotFoundError",
     "NonFiniteLossError", "UnsafeCheckpointError",
 ]
 
@@ -43,7 +43,7 @@ class UnknownPretrainedTagError(BamZooError, ValueError):
 
 
 class ChecksumMismatchError(BamZooError, ValueError):
-    """A weight file whose sha256 differs from the one recorded for its tag.
+    """A weight file whose hash (sha256; sha1 where the publisher lists only that) differs from the recorded one.
 
     Message (a file of the offline mirror)::
 
@@ -52,13 +52,37 @@ class ChecksumMismatchError(BamZooError, ValueError):
 
     Attributes:
         path: The file.
-        expected: The recorded sha256.
-        actual: The file's sha256.
+        expected: The recorded hash.
+        actual: The file's hash.
     """
 
-    def __init__(self, path: str, name: str, expected: str, actual: str, fix: str) -> None:
+    def __init__(self, path: str, name: str, expected: str, actual: str, fix: str, algorithm: str = "sha256") -> None:
         self.path, self.expected, self.actual = str(path), expected, actual
-        super().__init__(f"{path} has sha256 {actual}, but {name} records {expected}: {fix}")
+        super().__init__(f"{path} has {algorithm} {actual}, but {name} records {expected}: {fix}")
+
+
+class CheckpointKeysError(BamZooError, ValueError):
+    """A converted checkpoint whose keys do not fit the model: another architecture, or another layout.
+
+    Message::
+
+        This pytorchcv checkpoint does not fit bam_resnet18: 3 unknown keys (features.stage4.unit3...), 1 missing
+        (fc.bias), 2 misshaped (...). Pass the architecture it was trained as (--model) and its layout (--source).
+
+    Attributes:
+        unknown: Checkpoint keys the model has no place for (the checkpoint's own names).
+        missing: Model keys the checkpoint does not fill.
+        misshaped: Keys whose shapes differ, each with both shapes.
+    """
+
+    def __init__(self, source: str, arch: str, unknown: Sequence[str], missing: Sequence[str],
+                 misshaped: Sequence[str]) -> None:
+        self.unknown, self.missing, self.misshaped = list(unknown), list(missing), list(misshaped)
+        found = [f"{len(keys)} {kind} ({', '.join(keys[:8])}{f', ... {len(keys) - 8} more' if len(keys) > 8 else ''})"
+                 for kind, keys in (("unknown", self.unknown), ("missing", self.missing), ("misshaped", self.misshaped))
+                 if keys]
+        super().__init__(f"This {source} checkpoint does not fit {arch}: {'; '.join(found)}. Pass the architecture "
+                         "it was trained as (--model) and its layout (--source pytorchcv or official).")
 
 
 class CorruptCheckpointError(BamZooError, ValueError):

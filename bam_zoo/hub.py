@@ -8,7 +8,8 @@ huggingface_hub (``HF_TOKEN`` or ``hf auth login``) and never printed.
 
 Why not ``timm.models.push_to_hf_hub``: it keeps a README already in the repo (the card would describe the
 previous weights), commits without ``parent_commit`` and writes a pickle beside the safetensors by default.
-The layout is its layout, written by its ``save_for_hf``.
+The layout is its layout, written by its ``save_for_hf``. :func:`convert` writes one from a pytorchcv or
+official-code BAM checkpoint.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import timm
 import torch
@@ -31,9 +32,10 @@ from timm.models import save_for_hf
 
 from . import __version__
 from .errors import CorruptCheckpointError, MetricConflictError
+from .models.convert import from_official, from_pytorchcv, read_checkpoint
 from .models.pretrained import WEIGHTS_NAME
 
-__all__ = ["CONFIG_NAME", "README_NAME", "RECIPE_NAME", "WEIGHTS_NAME", "Export", "load_export", "push",
+__all__ = ["CONFIG_NAME", "README_NAME", "RECIPE_NAME", "WEIGHTS_NAME", "Export", "convert", "load_export", "push",
            "render_details", "save_pretrained", "write_card"]
 
 CONFIG_NAME, README_NAME, RECIPE_NAME = "config.json", "README.md", "recipe.yaml"
@@ -119,6 +121,28 @@ def save_pretrained(
         (folder / RECIPE_NAME).write_text(yaml.safe_dump(_plain(recipe), sort_keys=False))
     write_card(folder, num_params=sum(p.numel() for p in model.parameters()), repo_id=repo_id)
     return folder
+
+
+def convert(source: Literal["pytorchcv", "official"], checkpoint: str | Path, out: str | Path,
+            model: str = "bam_resnet50") -> Path:
+    """Write a pytorchcv or official-code BAM checkpoint as an export folder (Hub layout), ready for ``push``.
+
+    The biases of the spatial branch fold into its BatchNorms and the model multiplies the branches
+    (``bam_args`` recorded in ``config.json``), so the export computes what the source model computed.
+    Nothing is measured: the card records no accuracy.
+
+    Args:
+        source: ``pytorchcv`` (osmr/imgclsmob's ``.pth``, or its ``.pth.zip``) or ``official``
+            (Jongchan/attention-module's ``{"state_dict": ...}``, ``module.`` prefixes allowed).
+        checkpoint: The checkpoint file (read with ``torch.load(weights_only=True)``).
+        out: Folder to write.
+        model: The bam-zoo architecture the checkpoint was trained as, e.g. ``bam_resnet50``.
+
+    Raises:
+        CheckpointKeysError: Unknown, missing or misshaped keys (all listed): another architecture or layout.
+    """
+    net = (from_pytorchcv if source == "pytorchcv" else from_official)(read_checkpoint(checkpoint), model)
+    return save_pretrained(net, out, model_name=f"{model}.{source}")
 
 
 def _contiguous_state(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:

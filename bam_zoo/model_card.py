@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping
 
 import torch.nn as nn
+from timm.models import get_pretrained_cfg
 
 import bam_zoo
 from bam_zoo.hub import render_details
@@ -31,7 +32,8 @@ _HEADER = """\
 BAM networks (Park, Woo, Lee, Kweon, "BAM: Bottleneck Attention Module", BMVC 2018, arXiv:1807.06514):
 a plain backbone with one BAM at each bottleneck, `F' = F * (1 + sigmoid(Mc(F) + Ms(F)))`, where `Mc` is a
 channel branch (global average pool, MLP with a C/16 bottleneck) and `Ms` a spatial branch (1x1 conv to
-C/16, two 3x3 convs with dilation 4, 1x1 conv to one map). The branches are summed as in the paper.
+C/16, two 3x3 convs with dilation 4, 1x1 conv to one map). The branches are summed as in the paper
+(the converted ImageNet weights multiply them, as the code they come from does).
 Each BAM weight ships with its plain twin, trained with the identical recipe, so the table measures
 what BAM adds.
 
@@ -44,7 +46,7 @@ counted by `bam_zoo.count_macs`).
 
 """
 
-_FOOTER = """
+_MEASURED = """
 Measured by: `python -m bam_zoo.evaluate` (loads each weight by name, exactly as users do, and
 re-measures top-1/top-5, parameters and MACs on the test set; it fails if a number differs from this card).
 Trained by: the command in the table's recipe column (CPU, 2 cores; the BAM model and its twin trained at
@@ -54,19 +56,22 @@ Hub repo: where the tag looks first. The weights are not on the public Hub yet (
 without network access); until they are pushed there (`python cli.py push --checkpoint checkpoints/<name>
 --repo-id <repo>`), they load from the repository's offline mirror `checkpoints/<name>/`, which has the
 same files and is checked against the sha256 recorded for the tag.
+"""
 
+_FOOTER = """
 ## Intended use and limits
 
 - Research and teaching: comparing BAM with its plain twin, starting points for fine-tuning on small grey
   images (`configs/finetune/`), and a reference implementation to test BAM code against.
 - These are small CIFAR-style ResNets trained briefly on Fashion-MNIST: they are not ImageNet models, they
   expect 1x28x28 inputs normalised with mean 0.2860 / std 0.3530, and they know only the 10 Fashion-MNIST
-  classes. No ImageNet weights ship yet; the ImageNet recipe (`configs/imagenet/`) is provided untrained.
+  classes. No ImageNet weights were trained here; the ImageNet recipe (`configs/imagenet/`) is provided
+  untrained, and the one ImageNet tag holds converted weights (above).
 - Accuracy differences of a few tenths of a point between BAM and baseline come from single runs (one seed).
 
 ## License and citation
 
-Weights and code: MIT. Fashion-MNIST: MIT.
+Weights trained here and code: MIT. Fashion-MNIST: MIT. Converted weights: their source's licence (above).
 
 ```bibtex
 @inproceedings{park2018bam,
@@ -111,6 +116,22 @@ def _row(name: str, meta: Dict[str, Any]) -> str:
             f"`{hub}` |")
 
 
+def _converted(name: str, meta: Dict[str, Any]) -> str:
+    cfg = get_pretrained_cfg(name)
+    return (f"### `{name}`\n\n"
+            f"- Source: {meta['source']}, downloaded from {cfg.url} and checked against its sha1 "
+            f"`{meta['sha1']}`.\n"
+            f"- Licence, as published: {meta['license']}.\n"
+            f"- Accuracy: top-5 error {meta['listed_top5_error']:.2f}% on {meta['dataset']} val, as the source lists "
+            "it. **Not re-measured here**: bam-zoo's machines have no ImageNet.\n"
+            f"- Model: `{name.split('.')[0]}` with `{', '.join(f'{k}={v!r}' for k, v in meta['model_args'].items())}` "
+            "(the tag sets it); "
+            f"{meta['num_params'] / 1e6:.4f}M parameters once the spatial branch's convolution biases are folded into "
+            "its BatchNorms. The conversion is exact: `tests/test_convert.py` compares logits with the source model.\n"
+            f"- Input: {cfg.input_size[1]} px, crop {cfg.crop_pct}, {cfg.interpolation}, mean {cfg.mean}, "
+            f"std {cfg.std}.\n")
+
+
 def render_model_card() -> str:
     """The full text of MODEL_CARD.md for the weights registered now."""
     lines: List[str] = [
@@ -131,12 +152,17 @@ def render_model_card() -> str:
     body = "\n".join(lines) + "\n"
     if deltas:
         body += "\nWhat BAM adds over its plain twin (same recipe, same seed):\n\n" + "\n".join(deltas) + "\n"
+    body += _MEASURED
     for name in FASHION_MNIST_TAGS:
         body += (f"\n### `{name}`\n\n{render_details(checkpoint_details(name, WEIGHT_METADATA[name]))}\n"
                  f"Load: `bam_zoo.create_model(\"{name}\", pretrained=True)`, or `timm.create_model` with the same "
                  "arguments once `bam_zoo` is imported.\n")
     if SEED_STUDY.is_file():
         body += "\n## Does BAM help? Seeds and the fusion ablation\n\n" + SEED_STUDY.read_text()
+    converted = [_converted(n, m) for n, m in WEIGHT_METADATA.items() if "source" in m]
+    if converted:
+        body += "\n## Converted weights\n\nPublished elsewhere, converted to bam-zoo on load; not trained here.\n\n"
+        body += "\n".join(converted)
     return _HEADER + body + _FOOTER
 
 

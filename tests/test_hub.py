@@ -455,11 +455,12 @@ def test_push_prefers_the_ema_weights_the_module_exports(hub_env, lightning_ckpt
     assert_same_weights(fetch(repo_id), ema)
 
 
-def test_usage_line_and_help_list_push(capsys):
+def test_usage_line_and_help_list_the_tools(capsys):
     with pytest.raises(SystemExit) as info:
         main(["--help"])
     assert info.value.code == 0
-    assert "{fit,validate,test,predict,push,explain}" in capsys.readouterr().out.splitlines()[0]
+    usage = "".join(capsys.readouterr().out.split("\n\n")[0].split())  # the usage paragraph, however wrapped
+    assert "{fit,validate,test,predict,push,explain,convert}" in usage
     with pytest.raises(SystemExit):
         main(["push", "--help"])
     assert "--repo_id" in capsys.readouterr().out

@@ -20,13 +20,24 @@ def test_model_card_is_rendered_from_the_weight_table(tmp_path, monkeypatch):
 
 
 def test_every_tag_has_metadata_and_a_mirrored_twin():
-    assert set(FASHION_MNIST_TAGS) == set(WEIGHT_METADATA)
+    converted = {n for n, meta in WEIGHT_METADATA.items() if "source" in meta}
+    assert converted == {"bam_resnet50.imgclsmob_in1k"} and set(FASHION_MNIST_TAGS) == set(WEIGHT_METADATA) - converted
     for name in FASHION_MNIST_TAGS:
         if name.startswith("bam_"):
             assert name[len("bam_"):] in FASHION_MNIST_TAGS, f"{name} ships without its plain twin"
     listed = {p.name: p for p in bam_zoo.list_pretrained()}
-    assert set(listed) == set(FASHION_MNIST_TAGS)
-    assert all(p.mirrored and p.metrics["top1"] == WEIGHT_METADATA[n]["top1"] for n, p in listed.items())
+    assert set(listed) == set(WEIGHT_METADATA)
+    assert all(listed[n].mirrored and listed[n].metrics["top1"] == WEIGHT_METADATA[n]["top1"]
+               for n in FASHION_MNIST_TAGS)
+    imagenet = listed["bam_resnet50.imgclsmob_in1k"]  # converted on load, never measured here: no metrics
+    assert imagenet.metrics == {} and not imagenet.mirrored and "osmr/imgclsmob" in imagenet.extra["source"]
+
+
+def test_evaluate_names_the_tags_it_cannot_measure(capsys):
+    from bam_zoo.evaluate import main
+    with pytest.raises(SystemExit):
+        main(["bam_resnet50.imgclsmob_in1k"])
+    assert "not Fashion-MNIST weights" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", list(FASHION_MNIST_TAGS))

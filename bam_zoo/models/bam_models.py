@@ -15,7 +15,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from .cifar_resnet import cifar_cfg
 from .placement import BAM_PLACEMENT, insert_bam
-from .pretrained import FASHION_MNIST_TAGS, prepare_pretrained
+from .pretrained import FASHION_MNIST_TAGS, prepare_pretrained, tag_model_args
 
 __all__ = ["BAM_ARCHS"]
 
@@ -50,24 +50,27 @@ def _create_bam_model(variant: str, pretrained: bool = False, **kwargs) -> nn.Mo
     """Build ``variant`` (``bam_<twin>``) through timm's builder so cfgs, weights and features all work.
 
     ``bam_args`` (a dict of :class:`~bam_zoo.layers.BAM` arguments, e.g. ``dict(fusion="product")``) is
-    passed through to every BAM.
+    passed through to every BAM; a tag whose weights need one (``imgclsmob_in1k``) sets it.
     """
+    tag_args = tag_model_args(variant, kwargs)
     family = BAM_ARCHS[variant]
     placement = BAM_PLACEMENT[family]
     feature_cfg = dict(placement.feature_cfg)
     if pretrained:
         prepare_pretrained(variant, kwargs)
-    return build_model_with_cfg(
+    model = build_model_with_cfg(
         lambda **kw: _build_with_bam(variant[len("bam_"):], family, **kw),
         variant,
         pretrained,
         feature_cfg=feature_cfg,
         **kwargs,
     )
+    model._model_args = tag_args  # timm's create_model adds the caller's arguments; exports record both
+    return model
 
 
 def _imagenet_cfg(**kwargs) -> Dict[str, Any]:
-    """No weights ship for the ImageNet models; the cfg fixes their input and head for timm's tooling."""
+    """ImageNet input and head for timm's tooling: pytorchcv's evaluation (224 px, crop 0.875, bilinear)."""
     return {
         "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.875,
         "interpolation": "bilinear", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
@@ -82,7 +85,12 @@ _effnet = dict(first_conv="conv_stem", classifier="classifier")
 default_cfgs = generate_default_cfgs({
     "bam_resnet18": _imagenet_cfg(),
     "bam_resnet34": _imagenet_cfg(),
-    "bam_resnet50": _imagenet_cfg(),
+    # pytorchcv's ImageNet weights, converted on load (bam_zoo/models/convert.py); sha1 and source in
+    # WEIGHT_METADATA. The untagged cfg after it (marked '*') stays the default: plain bam_resnet50 sums.
+    "bam_resnet50.imgclsmob_in1k": _imagenet_cfg(
+        url="https://github.com/osmr/imgclsmob/releases/download/v0.0.499/bam_resnet50-0547-a04adf3c.pth.zip",
+        origin_url="https://github.com/osmr/imgclsmob"),
+    "bam_resnet50.*": _imagenet_cfg(),
     "bam_resnet101": _imagenet_cfg(),
     "bam_resnet152": _imagenet_cfg(),
     "bam_wide_resnet50_2": _imagenet_cfg(),

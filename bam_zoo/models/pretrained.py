@@ -1,20 +1,24 @@
 """Shipped pretrained weights: one timm tag per weight, its metadata beside it.
 
 Each entry is a timm pretrained cfg (``arch.tag``) carrying where the weights live (``hf_hub_id`` on the
-Hub, mirrored in the repository's ``checkpoints/<arch>.<tag>/``), what they were trained on and what they
-measured. ``list_pretrained()``, MODEL_CARD.md and the Hub model cards are generated from this table.
+Hub, mirrored in the repository's ``checkpoints/<arch>.<tag>/``; or the ``url`` of weights published
+elsewhere, converted on load), what they were trained on and what they measured. ``list_pretrained()``,
+MODEL_CARD.md and the Hub model cards are generated from this table.
 """
 from __future__ import annotations
 
+import copy
 import fnmatch
 import hashlib
 import logging
 import os
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import timm
+import torch
 import torch.nn as nn
 from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
 from huggingface_hub.errors import (
@@ -23,11 +27,12 @@ from huggingface_hub.errors import (
 from timm.models import get_pretrained_cfg, resolve_pretrained_cfg
 
 from ..errors import ChecksumMismatchError
+from .convert import convert_state_dict
 
 __all__ = [
     "FASHION_MNIST_LABELS", "FASHION_MNIST_MEAN", "FASHION_MNIST_STD", "FASHION_MNIST_TAGS", "HF_HUB_ORG",
     "PretrainedInfo", "WEIGHTS_NAME", "WEIGHT_METADATA", "fashion_mnist_cfg", "list_pretrained", "mirror_root",
-    "prepare_pretrained", "resolve_weights", "sha256sum", "strict_keys",
+    "prepare_pretrained", "resolve_weights", "sha256sum", "strict_keys", "tag_model_args",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -64,6 +69,8 @@ FASHION_MNIST_TAGS: Dict[str, Dict[str, Any]] = {
 # Keys: dataset, top1, top5, per_class (percent, official test split), num_params, macs (per image at
 # input_size), recipe (config path), epochs, seed, train_time_s (wall clock of fit on a shared 2-core CPU), command, sha256
 # (of model.safetensors, checked on every load). Entries are printed by scripts/ship_weights.py.
+# Weights published elsewhere record instead: source, license, what the publisher lists (never measured here),
+# the publisher's hash of the download, and the create_model arguments the weights need (model_args).
 WEIGHT_METADATA: Dict[str, Dict[str, Any]] = {
     "bam_resnet20.fmnist": {
         "dataset": "fashion_mnist", "top1": 93.14, "top5": 99.89, "num_params": 269844, "macs": 30875896,
@@ -81,6 +88,15 @@ WEIGHT_METADATA: Dict[str, Dict[str, Any]] = {
         "command": "OMP_NUM_THREADS=1 python cli.py fit --config configs/fashion_mnist/resnet20.yaml",
         "sha256": "dbb47f773ca5b5c41e536c5914a2140dc07237e3c2dd681de40e53721f2cdc5c",
     },
+    "bam_resnet50.imgclsmob_in1k": {
+        "dataset": "imagenet-1k", "num_params": 25914763,
+        "source": "pytorchcv (osmr/imgclsmob) release v0.0.499, bam_resnet50-0547-a04adf3c.pth.zip",
+        "license": "MIT (osmr/imgclsmob)",
+        # pytorchcv's model_metainfos.csv: top-5 error on ImageNet-1k val (the column listing resnet50 at 6.33)
+        "listed_top5_error": 5.47,
+        "sha1": "a04adf3c93f56836509f66668aa90360c9688eb8",
+        "model_args": {"bam_args": {"fusion": "product"}},
+    },
 }
 
 
@@ -90,19 +106,41 @@ def mirror_root() -> Path:
     return Path(env).expanduser() if env else Path(__file__).resolve().parents[2] / "checkpoints"
 
 
-def sha256sum(path: str | Path) -> str:
-    h = hashlib.sha256()
+def sha256sum(path: str | Path, algorithm: str = "sha256") -> str:
+    """The file's sha256 (or another ``hashlib`` algorithm's) digest, in hex."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
 
 
-def _verified(path: str | Path, name: str, expected: Optional[str], fix: str) -> str:
-    actual = sha256sum(path) if expected else None
+def _verified(path: str | Path, name: str, expected: Optional[str], fix: str, algorithm: str = "sha256") -> str:
+    actual = sha256sum(path, algorithm) if expected else None
     if expected and actual != expected:
-        raise ChecksumMismatchError(str(path), name, expected, actual, fix)
+        raise ChecksumMismatchError(str(path), name, expected, actual, fix, algorithm)
     return str(path)
+
+
+def _download(url: str, name: str, sha1: str) -> str:
+    """A ``.zip`` weight in torch.hub's cache (as timm's), sha1-checked; returns its one file, extracted beside it.
+
+    Why not timm's own download: torch.hub checks a sha256 prefix in the file name; pytorchcv publishes sha1.
+    """
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    path = folder / url.rsplit("/", 1)[-1]
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(url, str(path))
+        except OSError as e:  # urllib's URLError too
+            e.add_note(f"bam-zoo: offline, copy {path.name} to {path} (it is sha1-checked), or pass "
+                       "pretrained_cfg_overlay=dict(file=<the .pth inside it>).")
+            raise
+    _verified(path, name, sha1, f"the download is incomplete or was changed. Delete {path} to download it "
+              "again.", "sha1")
+    with zipfile.ZipFile(path) as archive:  # the sha1 fixes what it holds: one .pth
+        return archive.extract(archive.namelist()[0], folder)
 
 
 _mirror_notice_given = False
@@ -136,6 +174,7 @@ def resolve_weights(cfg: Dict[str, Any], variant: str) -> Optional[str]:
 
     Why not timm's own download: it falls back to a pickled ``pytorch_model.bin`` and knows no mirror.
     A ``file`` in the cfg (``local-dir:``, ``pretrained_file``) is the user's choice and is returned as is.
+    A ``url`` (weights published elsewhere) is downloaded once and checked against the publisher's sha1.
     Tags (``arch.tag``) use the revision and sha256 in :data:`WEIGHT_METADATA`; ``hf-hub:`` names use
     their ``@revision``. Returns ``None`` when the cfg names no weights (timm then says so).
 
@@ -148,7 +187,9 @@ def resolve_weights(cfg: Dict[str, Any], variant: str) -> Optional[str]:
         path = Path(cfg["file"]).expanduser()
         return str(path / WEIGHTS_NAME if path.is_dir() else path)
     if not cfg.get("hf_hub_id"):
-        return None
+        name = f"{cfg.get('architecture') or variant}.{cfg.get('tag')}"
+        sha1 = WEIGHT_METADATA.get(name, {}).get("sha1")
+        return _download(cfg["url"], name, sha1) if cfg.get("url") and sha1 else None
     tag = None if cfg.get("source") == "hf-hub" else cfg.get("tag")
     name = f"{cfg.get('architecture') or variant}.{tag}" if tag else cfg["hf_hub_id"]
     meta = WEIGHT_METADATA.get(name, {}) if tag else {}
@@ -176,12 +217,14 @@ def resolve_weights(cfg: Dict[str, Any], variant: str) -> Optional[str]:
 
 
 def strict_keys(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, Any]:
-    """timm ``pretrained_filter_fn``: weights whose keys differ from the model's fail with torch's strict error.
+    """timm ``pretrained_filter_fn``: pytorchcv and official-code layouts are converted (:mod:`.convert`), then
+    weights whose keys differ from the model's fail with torch's strict error.
 
     Why: timm loads with ``strict=False`` whenever it drops a classifier of another size, which would also let
     missing or unexpected keys elsewhere pass. Shapes stay torch's to check (it raises on them either way) and
     the stem is adapted by timm after this filter, so only the head and stem adaptation is allowed.
     """
+    state_dict = convert_state_dict(state_dict, model, check_shapes=False)
     if state_dict.keys() != model.state_dict().keys():
         model.load_state_dict(state_dict, strict=True)  # raises, listing missing, unexpected, misshaped keys
     return state_dict
@@ -201,6 +244,19 @@ def prepare_pretrained(variant: str, kwargs: Dict[str, Any]) -> None:
         if path is not None:
             kwargs["pretrained_cfg_overlay"] = {**overlay, "file": path, "source": ""}
     kwargs.setdefault("pretrained_filter_fn", strict_keys)
+
+
+def tag_model_args(variant: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """The ``create_model`` arguments the tag in ``kwargs`` needs (``model_args``), set where the caller gave none.
+
+    Why: a tag names weights, and weights trained with ``fusion="product"`` need a model that multiplies.
+    Returns them, for the builder to record in ``model._model_args`` (exports then rebuild the same model).
+    """
+    tag = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get("pretrained_cfg")).tag
+    args = copy.deepcopy(WEIGHT_METADATA.get(f"{variant}.{tag}", {}).get("model_args", {}))
+    for key, value in args.items():
+        kwargs.setdefault(key, value)
+    return args
 
 
 @dataclass(frozen=True)
