@@ -173,6 +173,25 @@ def finetune_fmnist_to_cifar10() -> tuple[str, dict[str, Any]]:
     }
 
 
+def finetune_fmnist_to_digits() -> tuple[str, dict[str, Any]]:
+    comment = (
+        "# Fine-tune bam_resnet20.fmnist onto scikit-learn's handwritten digits (1,300 training images, 200 of\n"
+        "# them held out; 497 test), every layer at the same LR. The same command with --model.pretrained false\n"
+        "# is the from-scratch baseline at equal budget (README, Fine-tuning). About a minute on 2 CPU cores.\n"
+    )
+    return comment, {
+        "seed_everything": 0,
+        "trainer": {"default_root_dir": "runs/finetune/bam_resnet20_fmnist_to_digits", "max_epochs": 15,
+                    "accelerator": "auto", "devices": 1, "log_every_n_steps": 10},
+        "model": {"model_name": "bam_resnet20.fmnist", "pretrained": True, "optimizer": "sgd", "lr": 0.05,
+                  "momentum": 0.9, "weight_decay": 5.0e-4, "scheduler": "cosine", "warmup_epochs": 1.0,
+                  "label_smoothing": 0.1, "channels_last": True},
+        "data": {"class_path": DATA + "DigitsDataModule",
+                 "init_args": {"batch_size": 64, "val_size": 200, "padding": 2}},
+        "export": {"weights_name": "bam_resnet20.fmnist_ft_digits"},
+    }
+
+
 def finetune_linear_probe() -> tuple[str, dict[str, Any]]:
     comment = (
         "# Linear probe: an ImageNet bam_resnet50 with a frozen backbone (BatchNorm statistics frozen too)\n"
@@ -240,6 +259,7 @@ def all_configs() -> dict[str, tuple[str, str, dict[str, Any]]]:
     for arch in IMAGENET_ARCHS:
         configs[f"imagenet/{arch}.yaml"] = ("imagenet", *imagenet(arch))
     configs["finetune/bam_resnet20_fmnist_to_cifar10.yaml"] = ("finetune", *finetune_fmnist_to_cifar10())
+    configs["finetune/bam_resnet20_fmnist_to_digits.yaml"] = ("finetune", *finetune_fmnist_to_digits())
     configs["finetune/bam_resnet50_linear_probe.yaml"] = ("finetune", *finetune_linear_probe())
     configs["finetune/bam_resnet50_full_mixup_ema.yaml"] = ("finetune", *finetune_full_mixup())
     return configs

@@ -109,6 +109,8 @@ def load(variant: str) -> dict[int, dict]:
         with open(folder / "metrics.csv") as f:
             curve = {int(row["epoch"]): 100 * float(row["test_curve/acc1"])
                      for row in csv.DictReader(f) if row.get("test_curve/acc1")}
+        if (folder / "CURVE_INVALID").is_file():  # the file says why; the final numbers still count
+            curve = {}
         runs[int(folder.name[4:])] = {"top1": 100 * final["test"]["acc1"], "curve": [curve[e] for e in sorted(curve)],
                                       "minutes": final["train_wall_time_s"] / 60}
     return runs
@@ -153,18 +155,23 @@ def _plot(data: dict[str, dict[int, dict]], path: Path) -> None:
     fig, (full, zoom) = plt.subplots(1, 2, figsize=(10, 4))
     last: list[float] = []  # every value shown in the zoomed panel, for its y range
     for (variant, runs), colour in zip(data.items(), ["tab:red", "tab:blue", "tab:green"]):
-        epochs = min(len(r["curve"]) for r in runs.values())
-        curves = [r["curve"][:epochs] for r in runs.values()]
+        curves = [r["curve"] for r in runs.values() if r["curve"]]
+        if not curves:
+            continue
+        epochs = min(map(len, curves))
+        curves = [c[:epochs] for c in curves]
         x = range(1, epochs + 1)
         mean = [statistics.mean(c[e] for c in curves) for e in range(epochs)]
         last += [c[e] for c in curves for e in range(max(0, epochs - 6), epochs)]
         for ax in (full, zoom):
             ax.fill_between(x, [min(c[e] for c in curves) for e in range(epochs)],
                             [max(c[e] for c in curves) for e in range(epochs)], color=colour, alpha=0.2, lw=0)
-            ax.plot(x, mean, color=colour, label=f"{variant} (mean of {len(runs)}, band: min-max)")
+            ax.plot(x, mean, color=colour, label=f"{variant} (mean of {len(curves)} seeds, band: min-max)")
     for ax in (full, zoom):
         ax.set_xlabel("epoch"), ax.set_ylabel("test top-1 (%)"), ax.grid(alpha=0.3)
-    zoom.set_xlim(max(1, epochs - 5), epochs), zoom.set_ylim(min(last) - 0.2, max(last) + 0.2), zoom.set_title("last epochs")
+    if last:
+        zoom.set_xlim(max(1, epochs - 5), epochs), zoom.set_ylim(min(last) - 0.2, max(last) + 0.2)
+    zoom.set_title("last epochs")
     full.set_title("Fashion-MNIST test top-1 after each epoch"), full.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -196,3 +196,22 @@ def test_batch_augment_is_a_padded_crop_and_flip_of_each_image() -> None:
         shifts.add(matches[0][:2])
         flips.append(matches[0][2])
     assert len(shifts) > 1 and any(flips) and not all(flips)  # really random per image
+
+
+def test_digits_are_28x28_with_a_fixed_disjoint_test_split():
+    pytest.importorskip("sklearn")
+    from bam_zoo.training.data import DigitsDataModule
+
+    dm = DigitsDataModule(val_size=200, split_seed=1)
+    dm.setup("fit")
+    train, val, test = (torch.cat([b[0] for b in loader]) for loader in
+                        (dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()))
+    assert train.dtype == torch.uint8 and train.shape[1:] == (1, 28, 28)
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (1100, 200, 497)
+    assert train[:, :, :2].max() == 0 and train.max() == 255  # 24x24 digits in a 28x28 frame, full range
+    rows = {tuple(x.flatten().tolist()) for x in test}
+    assert not rows & {tuple(x.flatten().tolist()) for x in torch.cat([val, train])}
+    other = DigitsDataModule(val_size=200, split_seed=2)  # the validation seed never moves the test set
+    other.setup("test")
+    assert torch.equal(other.test_set.tensors[0], dm.test_set.tensors[0])
+    assert sorted(torch.bincount(dm.test_set.tensors[1]).tolist())[0] > 40  # every digit is tested

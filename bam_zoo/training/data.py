@@ -379,6 +379,40 @@ class MNISTDataModule(_IDXDataModule):
     default_hflip = 0.0
 
 
+class DigitsDataModule(InMemoryDataModule):
+    """scikit-learn's bundled handwritten digits (UCI; 1,797 8x8 grey images of 0-9), as 28x28 images.
+
+    It installs with scikit-learn and needs no download, so a fine-tuning demo runs on any machine. Each
+    digit is scaled to 24x24 in a 28x28 frame (MNIST's layout). There is no official split: a fixed random
+    497 images are the test set and the other 1,300 the training set (``val_size`` of them held out).
+    Mean and std are those of the 1,300 training images.
+    """
+
+    name = "digits"
+    human_name = "scikit-learn digits"
+    class_names = tuple(str(i) for i in range(10))
+    mean = (0.2247,)
+    std = (0.3142,)
+    default_hflip = 0.0
+    test_size = 497
+
+    def _exists(self) -> bool:
+        return True  # bundled with scikit-learn
+
+    def _load(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            from sklearn.datasets import load_digits
+        except ImportError:
+            raise TrainingError("the digits data set comes with scikit-learn, which is not installed: "
+                                "pip install scikit-learn (or pip install 'bam-zoo[demo]')") from None
+        digits = load_digits()
+        x = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16
+        x = nn.functional.pad(nn.functional.interpolate(x, size=24, mode="bilinear").clamp(0, 1), (2, 2, 2, 2))
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+        keep = (order[self.test_size:] if train else order[:self.test_size]).sort().values
+        return x[keep].mul(255).round().to(torch.uint8), torch.as_tensor(digits.target)[keep]
+
+
 class _CIFARDataModule(InMemoryDataModule):
     """CIFAR as torchvision reads it (``root/cifar-10-batches-py``, ``root/cifar-100-python``), md5-checked.
 
