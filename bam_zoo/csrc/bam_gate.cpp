@@ -32,8 +32,8 @@
 #include <vector>
 
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-// One AVX2+FMA and one baseline copy of each row kernel, picked at load time by the CPU.
-#define BAM_ZOO_CLONES __attribute__((target_clones("arch=haswell", "default")))
+// An AVX-512, an AVX2+FMA and a baseline copy of each row kernel, picked at load time by the CPU.
+#define BAM_ZOO_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=haswell", "default")))
 #else
 #define BAM_ZOO_CLONES
 #endif
