@@ -194,7 +194,8 @@ def few_channel_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     * at most four (input, output) channel pairs: direct loops (compiled kernels);
     * 1x1 with one input and one output channel: ``x * w + b``, element-wise;
     * k x k with one input and one output channel: shifted multiply-adds;
-    * 1x1 with few outputs, or on a large map: a matrix product (over C in NCHW, over H x W x C channels_last).
+    * 1x1 with few outputs: a matrix product (over C in NCHW, over H x W x C channels_last); NCHW on a large
+      map too.
 
     Anything else takes ``conv(x)``.
     """
@@ -212,15 +213,16 @@ def few_channel_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         return y if bias is None else y + bias.view(1, 1, 1, 1)
     if c == 1 and conv.out_channels == 1:
         return _single_channel_conv(x, weight, bias, conv.padding, conv.dilation)
-    if not one_by_one or (conv.out_channels > _MATMUL_MAX_OUT_CHANNELS and h * w < _MATMUL_MIN_PIXELS):
-        return conv(x)
+    narrow = conv.out_channels <= _MATMUL_MAX_OUT_CHANNELS
+    if not one_by_one or not (narrow or (h * w >= _MATMUL_MIN_PIXELS and not _channels_last(x))):
+        return conv(x)  # channels_last, oneDNN's 1x1 kernels beat a GEMM from a handful of outputs on
     if _channels_last(x):  # (N*H*W) x C rows times C x C_out: one GEMM, output channels_last
         rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)
         matrix = weight.view(conv.out_channels, c).t()
         y = rows.mm(matrix) if bias is None else torch.addmm(bias, rows, matrix)
         y = y.view(n, h, w, conv.out_channels).permute(0, 3, 1, 2)
         # a map this narrow is cheaper NCHW for what follows (BatchNorm, ReLU, the direct loops): a small copy
-        return y.contiguous() if conv.out_channels <= _MATMUL_MAX_OUT_CHANNELS else y
+        return y.contiguous()
     if not x.is_contiguous():
         return conv(x)
     # bmm against the broadcast weight; torch.matmul would fold x into a transposed copy and save it
