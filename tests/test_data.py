@@ -198,6 +198,21 @@ def test_batch_augment_is_a_padded_crop_and_flip_of_each_image() -> None:
     assert len(shifts) > 1 and any(flips) and not all(flips)  # really random per image
 
 
+def test_batch_augment_erases_one_rectangle_per_chosen_image() -> None:
+    torch.manual_seed(0)
+    x = torch.full((32, 1, 28, 28), 128, dtype=torch.uint8)
+    clean = BatchAugment((0.5,), (0.25,))(x)
+    out = BatchAugment((0.5,), (0.25,), erasing=0.5)(x)
+    changed = out != clean
+    erased = changed.flatten(1).any(1)
+    assert 4 < erased.sum() < 28  # about half of the images
+    for i in erased.nonzero().flatten().tolist():  # each erased region is one axis-aligned rectangle
+        rows, cols = changed[i, 0].any(1).nonzero().flatten(), changed[i, 0].any(0).nonzero().flatten()
+        box = changed[i, 0, rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+        assert box.float().mean() > 0.99 and changed[i].sum() == box.numel()
+    assert torch.equal(BatchAugment((0.5,), (0.25,), erasing=0.0)(x), clean)
+
+
 def test_digits_are_28x28_with_a_fixed_disjoint_test_split():
     pytest.importorskip("sklearn")
     from bam_zoo.training.data import DigitsDataModule

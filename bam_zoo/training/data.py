@@ -23,6 +23,7 @@ import pytorch_lightning as pl
 import torch
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
+from timm.data.random_erasing import RandomErasing
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, default_convert, random_split
 from torchvision import datasets
@@ -91,12 +92,16 @@ class BatchAugment(nn.Module):
         std: per-channel standard deviation of the data in [0, 1].
         padding: zero padding on each side before the random crop; 0 disables cropping.
         hflip: probability of flipping an image horizontally.
+        erasing: probability of timm's random erasing per image (a random rectangle of normal noise, after
+            normalisation; Zhong et al. 2020); 0 disables it.
     """
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float], padding: int = 0, hflip: float = 0.0) -> None:
+    def __init__(self, mean: Sequence[float], std: Sequence[float], padding: int = 0, hflip: float = 0.0,
+                 erasing: float = 0.0) -> None:
         super().__init__()
         self.padding = padding
         self.hflip = hflip
+        self.erasing = erasing
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 
@@ -126,7 +131,10 @@ class BatchAugment(nn.Module):
             x = x.float().sub_(self.mean * 255.0).div_(self.std * 255.0)
         else:
             x = x.float().sub(self.mean).div_(self.std)
-        return x.contiguous()
+        x = x.contiguous()
+        if self.erasing > 0:  # in place, image by image (a few microseconds each)
+            RandomErasing(self.erasing, mode="pixel", device=x.device)(x)
+        return x
 
 
 class _TensorBatches(TensorDataset):
@@ -181,6 +189,7 @@ class InMemoryDataModule(pl.LightningDataModule):
         split_seed: seed of the ``random_split`` that chooses the validation images.
         padding: zero padding of the random crop; 0 disables it.
         hflip: probability of a horizontal flip.
+        erasing: probability of random erasing per training image (:class:`BatchAugment`); 0 disables it.
         class_subset: keep only these class indices (relabelled 0..k-1 in the given order).
         limit_train: keep only this many training images (after the split); for quick runs and tests.
         limit_val: keep only this many validation images.
@@ -208,6 +217,7 @@ class InMemoryDataModule(pl.LightningDataModule):
         split_seed: int = 0,
         padding: int = 4,
         hflip: float | None = None,
+        erasing: float = 0.0,
         class_subset: list[int] | None = None,
         limit_train: int | None = None,
         limit_val: int | None = None,
@@ -223,7 +233,7 @@ class InMemoryDataModule(pl.LightningDataModule):
         self.class_subset = list(class_subset) if class_subset is not None else None
         self.limit_train, self.limit_val, self.limit_test = limit_train, limit_val, limit_test
         hflip = self.default_hflip if hflip is None else hflip
-        self.train_augment = BatchAugment(self.mean, self.std, padding=padding, hflip=hflip)
+        self.train_augment = BatchAugment(self.mean, self.std, padding=padding, hflip=hflip, erasing=erasing)
         self.eval_augment = BatchAugment(self.mean, self.std)
         self.train_set: TensorDataset | None = None
         self.val_set: TensorDataset | None = None
