@@ -63,11 +63,15 @@ _FOOTER = """
 
 - Research and teaching: comparing BAM with its plain twin, starting points for fine-tuning on small grey
   images (`configs/finetune/`), and a reference implementation to test BAM code against.
-- These are small CIFAR-style ResNets trained briefly on Fashion-MNIST: they are not ImageNet models, they
-  expect 1x28x28 inputs normalised with mean 0.2860 / std 0.3530, and they know only the 10 Fashion-MNIST
-  classes. No ImageNet weights were trained here; the ImageNet recipe (`configs/imagenet/`) is provided
-  untrained, and the one ImageNet tag holds converted weights (above).
-- Accuracy differences of a few tenths of a point between BAM and baseline come from single runs (one seed).
+- The Fashion-MNIST weights are small CIFAR-style ResNets: they expect 28x28 grey images (1x28x28,
+  normalised with mean 0.2860 / std 0.3530), know only the 10 Fashion-MNIST classes, and were never shown
+  colour, larger or natural images. Fine-tuning moves them to other small grey images (README, Fine-tuning:
+  handwritten digits, measured).
+- ImageNet: no weights were trained here (no ImageNet, no GPU on these machines). The ImageNet recipes in
+  `configs/imagenet/` have only been run for two steps on generated images (`tests/test_configs.py`); their
+  accuracy is unmeasured. The one ImageNet tag holds converted weights (above), not re-measured.
+- One seed per shipped weight: a difference of a few tenths of a point between a BAM weight and its twin is
+  within seed-to-seed spread (see the seed study, where present, for the measured spread).
 
 ## License and citation
 

@@ -166,12 +166,13 @@ def _plot(data: dict[str, dict[int, dict]], path: Path) -> None:
         for ax in (full, zoom):
             ax.fill_between(x, [min(c[e] for c in curves) for e in range(epochs)],
                             [max(c[e] for c in curves) for e in range(epochs)], color=colour, alpha=0.2, lw=0)
-            ax.plot(x, mean, color=colour, label=f"{variant} (mean of {len(curves)} seeds, band: min-max)")
+            ax.plot(x, mean, color=colour, label=f"{variant} (mean of {len(curves)} seed(s), band: min-max)")
     for ax in (full, zoom):
         ax.set_xlabel("epoch"), ax.set_ylabel("test top-1 (%)"), ax.grid(alpha=0.3)
     if last:
         zoom.set_xlim(max(1, epochs - 5), epochs), zoom.set_ylim(min(last) - 0.2, max(last) + 0.2)
     zoom.set_title("last epochs")
+    full.set_ylim(bottom=80)  # the first epoch or two start far lower; the rest is what differs
     full.set_title("Fashion-MNIST test top-1 after each epoch"), full.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
