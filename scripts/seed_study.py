@@ -126,24 +126,50 @@ def mean_ci(a: list[float], b: list[float]) -> tuple[float, float, float]:
     return diff, diff - half, diff + half
 
 
+def _verdict(a: str, b: str, diff: float, low: float, high: float) -> str:
+    if low > 0:
+        return f"`{a}` is better than `{b}` by {diff:.2f} points (95% CI {low:+.2f} to {high:+.2f})."
+    if high < 0:
+        return f"`{a}` is worse than `{b}` by {-diff:.2f} points (95% CI {low:+.2f} to {high:+.2f})."
+    return (f"No measurable difference between `{a}` and `{b}`: {diff:+.2f} points, 95% CI {low:+.2f} to "
+            f"{high:+.2f}, which contains 0.")
+
+
 def report(plot: Path) -> str:
-    """Markdown tables of the study (and the learning-curve plot); variants with fewer than 2 runs are left out."""
+    """The study in markdown: commands, tables, a plain verdict per comparison, the plot (written to ``plot``).
+
+    Variants with fewer than 2 finished runs are left out.
+    """
     data = {v: load(v) for v in VARIANTS}
     data = {v: runs for v, runs in data.items() if len(runs) >= 2}
-    lines = ["| variant | runs (seeds) | test top-1, mean ± std | per seed | fit time, mean |", "|---|---|---|---|---|"]
+    lines = ["Fashion-MNIST, the 15-epoch recipe; each seed is one run of (two runs at a time, one thread each):", ""]
+    for variant in data:
+        lines.append(f"    {(RESULTS / variant / f'seed{min(data[variant])}' / 'command.txt').read_text().strip()}")
+    lines += ["", "with `--seed_everything` 1, 2, ... (`python scripts/seed_study.py run --study bam_vs_plain --seeds "
+              "1 2 3 4 5`; `--study fusion` for the product fusion). Test top-1 is of the best-validation "
+              "checkpoint on the official 10,000 test images; the seed decides initialisation and batch order, "
+              "never the validation split.", "",
+              "| variant | runs (seeds) | test top-1, mean ± std | per seed | fit time, mean |", "|---|---|---|---|---|"]
     for variant, runs in data.items():
         top1 = [r["top1"] for r in runs.values()]
         lines.append(f"| `{variant}` | {len(runs)} ({', '.join(map(str, runs))}) | {statistics.mean(top1):.2f} ± "
                      f"{statistics.stdev(top1):.2f} | {', '.join(f'{t:.2f}' for t in top1)} | "
                      f"{statistics.mean(r['minutes'] for r in runs.values()):.0f} min |")
     lines += ["", "| comparison | difference in mean top-1 | 95% CI (Welch) |", "|---|---|---|"]
+    verdicts = []
     for a, b in [("bam_resnet20", "resnet20"), ("bam_resnet20_product", "bam_resnet20")]:
         if a in data and b in data:
             diff, low, high = mean_ci([r["top1"] for r in data[a].values()], [r["top1"] for r in data[b].values()])
             lines.append(f"| `{a}` − `{b}` | {diff:+.2f} points | [{low:+.2f}, {high:+.2f}] |")
+            verdicts.append(_verdict(a, b, diff, low, high))
+    lines += [""] + verdicts
     if data:
         _plot(data, plot)
-    return "\n".join(lines)
+        lines += ["", f"![Test top-1 per epoch, mean and min-max over seeds]({plot.relative_to(ROOT)})"]
+    lines += ["", "Fit times are wall clock with two runs sharing the 2 cores, and other work on the machine; they "
+              "are not speed measurements. Runs whose per-epoch curve was recorded wrongly are left out of the "
+              "plot, not the table (their folder holds `CURVE_INVALID`, which says why)."]
+    return "\n".join(lines) + "\n"
 
 
 def _plot(data: dict[str, dict[int, dict]], path: Path) -> None:
@@ -189,11 +215,15 @@ def main() -> None:
     run.add_argument("--parallel", type=int, default=2, help="runs at once (each gets OMP_NUM_THREADS=1)")
     show = sub.add_parser("report", help="print the tables and write the plot")
     show.add_argument("--plot", type=Path, default=ROOT / "docs" / "figures" / "seed_study.png")
+    show.add_argument("--out", type=Path, default=RESULTS / "report.md",
+                      help="markdown file for MODEL_CARD.md (python -m bam_zoo.model_card reads it)")
     args = parser.parse_args()
     if args.action == "run":
         run_study(STUDIES[args.study], args.seeds, args.parallel)
     else:
-        print(report(args.plot))
+        text = report(args.plot)
+        args.out.write_text(text)
+        print(text, end="")
 
 
 if __name__ == "__main__":
