@@ -1,0 +1,67 @@
+"""scripts/seed_study.py: the statistics and the report it writes from a study's result files."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+scipy_stats = pytest.importorskip("scipy.stats")
+pytest.importorskip("matplotlib")
+
+
+@pytest.fixture
+def seed_study(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("seed_study", REPO / "scripts" / "seed_study.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "seed_study", module)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(module, "ROOT", tmp_path)
+    return module
+
+
+def write_run(root: Path, variant: str, seed: int, top1: float, curve: list[float] | None) -> None:
+    folder = root / variant / f"seed{seed}"
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps({"test": {"acc1": top1 / 100}, "train_wall_time_s": 600}))
+    rows = ["epoch,step,test_curve/acc1,val/acc1"]
+    for epoch, value in enumerate(curve or [50.0, 60.0]):
+        rows += [f"{epoch},{epoch},{value / 100},0.5", f"{epoch},{epoch},,"]
+    (folder / "metrics.csv").write_text("\n".join(rows) + "\n")
+    (folder / "command.txt").write_text(f"python cli.py fit --config {variant}.yaml --seed_everything {seed}\n")
+    if curve is None:
+        (folder / "CURVE_INVALID").write_text("recorded wrongly")
+
+
+def test_difference_and_confidence_interval_are_welchs(seed_study):
+    a, b = [93.1, 93.4, 92.9, 93.3, 93.0], [92.8, 93.0, 92.7, 93.1]
+    diff, low, high = seed_study.mean_ci(a, b)
+    want = scipy_stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    assert diff == pytest.approx(sum(a) / 5 - sum(b) / 4)
+    assert (low, high) == (pytest.approx(want.low), pytest.approx(want.high))
+
+
+def test_report_tables_verdict_and_plot(seed_study, tmp_path):
+    results = tmp_path / "results"
+    for seed, (bam, plain) in enumerate([(93.5, 92.9), (93.6, 93.0), (93.4, 92.8)], start=1):
+        write_run(results, "bam_resnet20", seed, bam, [80.0, 90.0, bam] if seed > 1 else None)
+        write_run(results, "resnet20", seed, plain, [80.0, 89.0, plain])
+    write_run(results, "bam_resnet20_product", 1, 93.0, [80.0, 90.0, 93.0])  # one run: left out
+    text = seed_study.report(tmp_path / "docs" / "plot.png")
+    assert "| `bam_resnet20` | 3 (1, 2, 3) | 93.50 ± 0.10 | 93.50, 93.60, 93.40 | 10 min |" in text
+    assert "| `resnet20` | 3 (1, 2, 3) | 92.90 ± 0.10 |" in text
+    assert "`bam_resnet20` is better than `resnet20` by 0.60 points" in text
+    assert "product" not in text.split("|---|---|---|")[-1]
+    assert "--seed_everything 1" in text and (tmp_path / "docs" / "plot.png").stat().st_size > 10_000
+    # the invalid curve is left out of the plot, not the table
+    loaded = seed_study.load("bam_resnet20")
+    assert loaded[1]["curve"] == [] and loaded[2]["curve"] == [80.0, 90.0, 93.6]
+
+
+def test_verdict_without_a_measurable_difference(seed_study):
+    assert seed_study._verdict("a", "b", -0.13, -1.08, 0.82).startswith("No measurable difference")
+    assert "worse" in seed_study._verdict("a", "b", -0.5, -0.8, -0.2)
