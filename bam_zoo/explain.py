@@ -67,12 +67,13 @@ def explain(model: str, images: str | list[str], out: str = "explain", pretraine
     config = timm.data.resolve_data_config(model=net)
     transform = timm.data.create_transform(**config)
     mode = "L" if config["input_size"][0] == 1 else "RGB"
-    pictures, inputs = [], []
+    inputs = []
     for path in paths:
         with Image.open(path) as image:
-            picture = image.convert(mode)
-        inputs.append(transform(picture))
-        pictures.append(picture.resize(config["input_size"][:0:-1]))  # the input as the network saw it (W, H)
+            inputs.append(transform(image.convert(mode)))
+    # what the network saw (resized, cropped), back in [0, 1], so the maps line up with it exactly
+    shown = torch.stack(inputs) * torch.tensor(config["std"]).view(-1, 1, 1) + torch.tensor(config["mean"]).view(-1, 1, 1)
+    pictures = [p[0] if mode == "L" else p.permute(1, 2, 0) for p in shown.clamp(0, 1)]
     with capture_attention(net) as maps:
         logits = net(torch.stack(inputs))
     labels = net.pretrained_cfg.get("label_names") or [str(i) for i in range(logits.shape[1])]
@@ -85,7 +86,7 @@ def explain(model: str, images: str | list[str], out: str = "explain", pretraine
     out_dir.mkdir(parents=True, exist_ok=True)
 
     def show(ax, i: int, name: str | None) -> None:
-        ax.imshow(pictures[i], cmap="gray" if mode == "L" else None)
+        ax.imshow(pictures[i], cmap="gray" if mode == "L" else None, vmin=0, vmax=1)
         if name is not None:  # attention in [0, 1] on a fixed colour scale, so images and stages compare
             ax.imshow(where[name][i], cmap="jet", alpha=0.5, vmin=0, vmax=1)
         ax.set_xticks([]), ax.set_yticks([])

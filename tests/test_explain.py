@@ -59,11 +59,12 @@ def test_explain_shows_the_attention_the_forward_applied(images, monkeypatch, tm
 
     monkeypatch.setattr(matplotlib.axes.Axes, "imshow", record)
     explain("bam_resnet20.fmnist", str(images / "a.png"), str(tmp_path / "out"))
-    x = torch.from_numpy(np.asarray(Image.open(images / "a.png"), dtype="float32")) / 255
+    x = torch.from_numpy(np.asarray(Image.open(images / "a.png"), dtype="float32"))[None, None] / 255
     cfg = model.pretrained_cfg
-    x = ((x - cfg["mean"][0]) / cfg["std"][0])[None, None]
     with torch.no_grad(), bam_zoo.capture_attention(model) as maps:
-        model(x)
+        model((x - cfg["mean"][0]) / cfg["std"][0])
+    inputs = [data for cmap, data in drawn if cmap == "gray"]
+    assert torch.allclose(inputs[0], x[0, 0], atol=1e-5)  # the picture is what the network saw, in [0, 1]
     overlays = [data for cmap, data in drawn if cmap == "jet"]
     assert overlays, "no attention overlay was drawn"
     expected = maps["layer1.bam"][0].mean(0)  # 28 x 28 already: upsampling to 28 x 28 changes nothing
