@@ -58,6 +58,17 @@ without network access); until they are pushed there (`python cli.py push --chec
 same files and is checked against the sha256 recorded for the tag.
 """
 
+_ATTENTION = """
+### What `bam_resnet20.fmnist`'s BAMs attend to
+
+One Fashion-MNIST test image per class (the first of each in the test set); per BAM, the attention averaged
+over channels over the image (where the stage looks, colour scale 0-1) and averaged over positions (one bar
+per channel). Drawn by
+`python cli.py explain --model bam_resnet20.fmnist --images docs/examples/fmnist_test --out docs/figures/attention`.
+
+![bam_resnet20.fmnist's attention on one test image per class](docs/figures/attention/overview.png)
+"""
+
 _FOOTER = """
 ## Intended use and limits
 
@@ -161,6 +172,7 @@ def render_model_card() -> str:
         body += (f"\n### `{name}`\n\n{render_details(checkpoint_details(name, WEIGHT_METADATA[name]))}\n"
                  f"Load: `bam_zoo.create_model(\"{name}\", pretrained=True)`, or `timm.create_model` with the same "
                  "arguments once `bam_zoo` is imported.\n")
+    body += _ATTENTION
     if SEED_STUDY.is_file():
         body += "\n## Does BAM help? Seeds and the fusion ablation\n\n" + SEED_STUDY.read_text()
     converted = [_converted(n, m) for n, m in WEIGHT_METADATA.items() if "source" in m]
