@@ -154,6 +154,7 @@ class BAM(nn.Module):
         self.gate = gate() if isinstance(gate, type) else gate
         self.store_attention = False
         self.attention_map = None
+        self._cpu_fast_path_disabled = False  # bam_cpu.disable_cpu_fast_path's switch
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, rd_channels={self.rd_channels}, fusion={self.fusion!r}"

@@ -132,10 +132,8 @@ def disable_cpu_fast_path(model: nn.Module, disabled: bool = True) -> nn.Module:
     For second derivatives (``create_graph=True``, e.g. a gradient penalty): the training node computes first
     derivatives only. Returns ``model``.
     """
-    from .bam import BAM  # noqa: PLC0415  (bam.py imports this module at load)
-
     for module in model.modules():
-        if isinstance(module, BAM):
+        if hasattr(module, "_cpu_fast_path_disabled"):  # every BAM has this switch (BAM.__init__ sets it)
             module._cpu_fast_path_disabled = disabled
     return model
 
@@ -454,7 +452,7 @@ class BamBlockFunction(torch.autograd.Function):
             raise RuntimeError(
                 "BAM's fused CPU training node computes first derivatives only, and this backward asked for a "
                 "graph (create_graph=True, e.g. a gradient penalty). Call "
-                "bam_zoo.layers.bam_cpu.disable_cpu_fast_path(model) first to run BAM's plain, twice-differentiable "
+                "bam_zoo.layers.disable_cpu_fast_path(model) first to run BAM's plain, twice-differentiable "
                 "definition.")
         x, reduce_weight, first, second = ctx.saved_tensors
         pooled, reduced, channel_logits, spatial_logits, branch_params = ctx.graph
