@@ -12,7 +12,8 @@ on 2 cores finishes a pair sooner than two 2-thread runs in turn. A run whose re
 Each finished run leaves ``results/seed_study/<variant>/seed<S>/`` (``metrics.csv`` with the per-epoch
 curves, ``metrics.json`` with the final test numbers and wall time, ``command.txt``): small files meant to
 be committed. ``python scripts/seed_study.py report`` turns them into the tables (mean ± std, differences
-with Welch 95% confidence intervals) and the plot ``docs/figures/seed_study.png``.
+with Welch 95% confidence intervals) and the plot ``docs/figures/seed_study.png``, and writes them to
+``results/seed_study/report.md`` (MODEL_CARD.md includes it) and README.md's seed-study block.
 """
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ import csv
 import json
 import math
 import os
-import statistics
+import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -38,6 +40,8 @@ VARIANTS = {
     "resnet20": ("resnet20", []),
     "bam_resnet20_product": ("bam_resnet20", ["--model.model_kwargs", '{"bam_args": {"fusion": "product"}}']),
 }
+# README.md's copy of the report sits between these markers
+README_BLOCK = re.compile(r"(<!-- seed-study:start -->\n).*?(<!-- seed-study:end -->)", re.S)
 STUDIES = {"bam_vs_plain": ["bam_resnet20", "resnet20"], "fusion": ["bam_resnet20_product"]}
 
 
@@ -223,6 +227,9 @@ def main() -> None:
     else:
         text = report(args.plot)
         args.out.write_text(text)
+        readme = ROOT / "README.md"
+        if readme.is_file() and README_BLOCK.search(readme.read_text()):
+            readme.write_text(README_BLOCK.sub(lambda m: m[1] + text + m[2], readme.read_text()))
         print(text, end="")
 
 

@@ -65,3 +65,13 @@ def test_report_tables_verdict_and_plot(seed_study, tmp_path):
 def test_verdict_without_a_measurable_difference(seed_study):
     assert seed_study._verdict("a", "b", -0.13, -1.08, 0.82).startswith("No measurable difference")
     assert "worse" in seed_study._verdict("a", "b", -0.5, -0.8, -0.2)
+
+
+def test_readme_and_model_card_carry_the_committed_report():
+    """The seed-study block of README.md is results/seed_study/report.md word for word (the report writes both)."""
+    report = REPO / "results" / "seed_study" / "report.md"
+    if not report.is_file():
+        pytest.skip("no seed study committed yet")
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("<!-- seed-study:start -->\n", 1)[1].split("<!-- seed-study:end -->", 1)[0]
+    assert block == report.read_text(), "README.md is stale: python scripts/seed_study.py report"
