@@ -66,6 +66,9 @@ def collect(variant: str, seed: int, cmd: list[str]) -> Path:
                            f"see {run}.log")
     shutil.copy(csvs[-1], out / "metrics.csv")
     shutil.copy(run / "export" / "metrics.json", out / "metrics.json")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    if commit.returncode == 0:
+        (out / "commit.txt").write_text(commit.stdout)
     printable = ["python" if part == sys.executable else part for part in cmd]
     (out / "command.txt").write_text("OMP_NUM_THREADS=1 " + " ".join(
         f"'{p}'" if "{" in p else p for p in printable) + "\n")
@@ -149,10 +152,12 @@ def report(plot: Path) -> str:
     lines = ["Fashion-MNIST, the 15-epoch recipe; each seed is one run of (two runs at a time, one thread each):", ""]
     for variant in data:
         lines.append(f"    {(RESULTS / variant / f'seed{min(data[variant])}' / 'command.txt').read_text().strip()}")
+    commits = sorted({(RESULTS / v / f"seed{s}" / "commit.txt").read_text().strip()
+                      for v in data for s in data[v] if (RESULTS / v / f"seed{s}" / "commit.txt").is_file()})
     lines += ["", "with `--seed_everything` 1, 2, ... (`python scripts/seed_study.py run --study bam_vs_plain --seeds "
               "1 2 3 4 5`; `--study fusion` for the product fusion). Test top-1 is of the best-validation "
               "checkpoint on the official 10,000 test images; the seed decides initialisation and batch order, "
-              "never the validation split.", "",
+              "never the validation split." + (f" Code: commit {', '.join(commits)}." if commits else ""), "",
               "| variant | runs (seeds) | test top-1, mean ± std | per seed | fit time, mean |", "|---|---|---|---|---|"]
     for variant, runs in data.items():
         top1 = [r["top1"] for r in runs.values()]
