@@ -7,16 +7,15 @@ over positions (which channels it boosts, one bar per channel). Both come from
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import timm
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchvision.datasets.folder import is_image_file
 
 from bam_zoo import capture_attention, create_model
+from bam_zoo.training.data import image_files_under
 
 __all__ = ["explain", "image_paths"]
 
@@ -27,7 +26,7 @@ def image_paths(images: str | list[str]) -> list[Path]:
     found: list[Path] = []
     for item in map(Path, images):
         if item.is_dir():
-            found += sorted(Path(d) / f for d, _, files in os.walk(item) for f in files if is_image_file(f))
+            found += image_files_under(item)
         elif item.is_file():
             found.append(item)
         else:
@@ -71,11 +70,12 @@ def explain(model: str, images: str | list[str], out: str = "explain", pretraine
     for path in paths:
         with Image.open(path) as image:
             inputs.append(transform(image.convert(mode)))
+    inputs = torch.stack(inputs)
     # what the network saw (resized, cropped), back in [0, 1], so the maps line up with it exactly
-    shown = torch.stack(inputs) * torch.tensor(config["std"]).view(-1, 1, 1) + torch.tensor(config["mean"]).view(-1, 1, 1)
+    shown = inputs * torch.tensor(config["std"]).view(-1, 1, 1) + torch.tensor(config["mean"]).view(-1, 1, 1)
     pictures = [p[0] if mode == "L" else p.permute(1, 2, 0) for p in shown.clamp(0, 1)]
     with capture_attention(net) as maps:
-        logits = net(torch.stack(inputs))
+        logits = net(inputs)
     labels = net.pretrained_cfg.get("label_names") or [str(i) for i in range(logits.shape[1])]
     predicted = [labels[i] for i in logits.argmax(1).tolist()]
     size = config["input_size"][1:]

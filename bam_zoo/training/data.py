@@ -483,7 +483,7 @@ class CIFAR100DataModule(_CIFARDataModule):
     std = (0.2673, 0.2564, 0.2762)
 
 
-def _image_files(folder: Path) -> list[Path]:
+def image_files_under(folder: Path) -> list[Path]:
     """Image files under ``folder`` (recursively), sorted, as torchvision's ImageFolder would find them."""
     return sorted(Path(d) / f for d, _, files in os.walk(folder) for f in files if is_image_file(f))
 
@@ -608,7 +608,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
     @property
     def in_chans(self) -> int:
         if self._in_chans is None:
-            first = next(iter(_image_files(self._split_dir("train"))))
+            first = next(iter(image_files_under(self._split_dir("train"))))
             with Image.open(first) as image:
                 self._in_chans = 1 if image.mode in ("L", "I", "I;16", "F", "1", "LA") else 3
         return self._in_chans
@@ -702,7 +702,7 @@ class ImageFilesDataModule(pl.LightningDataModule):
         for entry in [paths] if isinstance(paths, str) else paths:
             path = Path(entry).expanduser()
             if path.is_dir():
-                found = _image_files(path)
+                found = image_files_under(path)
                 if not found:
                     raise NoImagesError(f"--data.paths: {path} holds no images")
                 self.files += found
