@@ -203,17 +203,18 @@ def few_channel_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     weight, bias = conv.weight, conv.bias
     if NATIVE and c * conv.out_channels <= _SMALL_CONV_MAX_CHANNEL_PAIRS and weight.dtype == x.dtype == torch.float32:
         return _small_conv(conv, x.contiguous())  # a one- or two-channel map: the copy is negligible
+    one_by_one = conv.kernel_size == (1, 1) and conv.padding == (0, 0)
+    single = c == 1 and conv.out_channels == 1
+    narrow = conv.out_channels <= _MATMUL_MAX_OUT_CHANNELS
+    if not single and (not one_by_one or not (narrow or (h * w >= _MATMUL_MIN_PIXELS and not _channels_last(x)))):
+        return conv(x)  # channels_last, oneDNN's 1x1 kernels beat a GEMM from a handful of outputs on
     if weight.requires_grad and torch.is_grad_enabled():
         weight = KeepGradStrides.apply(weight)  # the rewrites below reshape it: keep its gradient's strides
-    one_by_one = conv.kernel_size == (1, 1) and conv.padding == (0, 0)
-    if one_by_one and c == 1 and conv.out_channels == 1:
+    if one_by_one and single:
         y = x * weight.view(1, 1, 1, 1)
         return y if bias is None else y + bias.view(1, 1, 1, 1)
-    if c == 1 and conv.out_channels == 1:
+    if single:
         return _single_channel_conv(x, weight, bias, conv.padding, conv.dilation)
-    narrow = conv.out_channels <= _MATMUL_MAX_OUT_CHANNELS
-    if not one_by_one or not (narrow or (h * w >= _MATMUL_MIN_PIXELS and not _channels_last(x))):
-        return conv(x)  # channels_last, oneDNN's 1x1 kernels beat a GEMM from a handful of outputs on
     if _channels_last(x):  # (N*H*W) x C rows times C x C_out: one GEMM, output channels_last
         rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)
         matrix = weight.view(conv.out_channels, c).t()
