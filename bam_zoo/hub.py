@@ -210,7 +210,8 @@ def render_details(details: Mapping[str, Any]) -> str:
     """Markdown of one checkpoint's facts; MODEL_CARD.md and the checkpoint's Hub README both use it.
 
     Keys (each optional): ``architecture``, ``num_params``, ``macs`` (per image at ``input_size``), ``data``,
-    ``recipe``, ``command``, ``epochs``, ``train_time_s``, ``seed``, ``top1``, ``top5``, ``per_class``.
+    ``recipe``, ``command``, ``epochs``, ``train_time_s``, ``train_setting``, ``seed``, ``top1``, ``top5``,
+    ``top1_flip``, ``per_class``.
     """
     d = details
     lines = [f"- Architecture: {d['architecture']}" if "architecture" in d else ""]
@@ -222,9 +223,11 @@ def render_details(details: Mapping[str, Any]) -> str:
     if "command" in d:
         lines.append(f"- Trained by: `{d['command']}` (config `{d.get('recipe', 'recipe.yaml')}`): "
                      f"{d.get('epochs', '?')} epochs, seed {d.get('seed', '?')}"
-                     + (f", {d['train_time_s'] / 60:.0f} min wall clock" if "train_time_s" in d else ""))
+                     + (f", {d['train_time_s'] / 60:.0f} min wall clock" if "train_time_s" in d else "")
+                     + (f" ({d['train_setting']})" if "train_setting" in d else ""))
     if "top1" in d:
-        lines.append(f"- Test accuracy: top-1 {d['top1']:.2f}%, top-5 {d.get('top5', float('nan')):.2f}%")
+        flip = f"; top-1 {d['top1_flip']:.2f}% with test-time flip" if "top1_flip" in d else ""
+        lines.append(f"- Test accuracy: top-1 {d['top1']:.2f}%, top-5 {d.get('top5', float('nan')):.2f}%{flip}")
     text = "\n".join(line for line in lines if line) + "\n"
     if d.get("per_class"):
         names, values = list(d["per_class"]), list(d["per_class"].values())

@@ -34,8 +34,8 @@ a plain backbone with one BAM at each bottleneck, `F' = F * (1 + sigmoid(Mc(F) +
 channel branch (global average pool, MLP with a C/16 bottleneck) and `Ms` a spatial branch (1x1 conv to
 C/16, two 3x3 convs with dilation 4, 1x1 conv to one map). The branches are summed as in the paper
 (the converted ImageNet weights multiply them, as the code they come from does).
-Each BAM weight ships with its plain twin, trained with the identical recipe, so the table measures
-what BAM adds.
+Each BAM weight is paired with its plain twin, trained with the identical recipe and seed, so the table
+measures what BAM adds; a twin still in training is named below the table with the command that makes it.
 
 ## Shipped weights
 
@@ -49,9 +49,11 @@ counted by `bam_zoo.count_macs`).
 _MEASURED = """
 Measured by: `python -m bam_zoo.evaluate` (loads each weight by name, exactly as users do, and
 re-measures top-1/top-5, parameters and MACs on the test set; it fails if a number differs from this card).
-Trained by: the command in the table's recipe column (CPU, 2 cores; the BAM model and its twin trained at
-the same time, one thread each, on a machine shared with other jobs: `train time` is that wall-clock fit
-time, not a speed measurement).
+Flip: top-1 with test-time flip (softmax averaged over the image and its mirror image), measured by the
+same command; the other columns are of the plain forward, as `timm.create_model(name, pretrained=True)` gives.
+Trained by: the command in the table's recipe column, on this project's 2-core CPU; `train time` is the
+wall-clock time of fit, validation included (each weight's section says whether the run had both cores or
+one thread beside another run).
 Hub repo: where the tag looks first. The weights are not on the public Hub yet (they were made on machines
 without network access); until they are pushed there (`python cli.py push --checkpoint checkpoints/<name>
 --repo-id <repo>`), they load from the repository's offline mirror `checkpoints/<name>/`, which has the
@@ -120,14 +122,18 @@ def checkpoint_details(name: str, meta: Mapping[str, Any]) -> Dict[str, Any]:
         "input_size": [1, 28, 28], "data": "Fashion-MNIST, 55,000 training images (5,000 more held out for "
         "validation, fixed seed 0), tested on the official 10,000", "recipe": meta["recipe"],
         "command": meta["command"], "epochs": meta["epochs"], "train_time_s": meta["train_time_s"],
+        "train_setting": "2-core CPU, " + ("one thread, with another run on the other core"
+                                           if meta["command"].startswith("OMP_NUM_THREADS=1 ") else "both cores"),
         "seed": meta["seed"], "top1": meta["top1"], "top5": meta["top5"], "per_class": meta["per_class"],
+        **({"top1_flip": meta["top1_flip"]} if "top1_flip" in meta else {}),
     }
 
 
 def _row(name: str, meta: Dict[str, Any]) -> str:
     hub = FASHION_MNIST_TAGS[name]["hf_hub_id"]
+    flip = f"{meta['top1_flip']:.2f}" if "top1_flip" in meta else "-"
     return (f"| `{name}` | {meta['num_params'] / 1e6:.4f}M | {meta['macs'] / 1e6:.2f}M | {meta['top1']:.2f} | "
-            f"{meta['top5']:.2f} | {meta['epochs']} | {meta['train_time_s'] / 60:.0f} min | `{meta['command']}` | "
+            f"{meta['top5']:.2f} | {flip} | {meta['epochs']} | {meta['train_time_s'] / 60:.0f} min | `{meta['command']}` | "
             f"`{hub}` |")
 
 
@@ -150,8 +156,8 @@ def _converted(name: str, meta: Dict[str, Any]) -> str:
 def render_model_card() -> str:
     """The full text of MODEL_CARD.md for the weights registered now."""
     lines: List[str] = [
-        "| weight | params | MACs | top-1 | top-5 | epochs | train time | recipe (command) | Hub repo |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| weight | params | MACs | top-1 | top-5 | flip | epochs | train time | recipe (command) | Hub repo |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in FASHION_MNIST_TAGS:
         lines.append(_row(name, WEIGHT_METADATA[name]))
@@ -164,6 +170,9 @@ def render_model_card() -> str:
                 f"- `{bam_name}` vs `{twin}`: top-1 {b['top1'] - t['top1']:+.2f} points, "
                 f"parameters {100 * (b['num_params'] / t['num_params'] - 1):+.2f}%, "
                 f"MACs {100 * (b['macs'] / t['macs'] - 1):+.2f}%.")
+        pending = WEIGHT_METADATA[bam_name].get("twin_pending")
+        if twin not in WEIGHT_METADATA and pending:
+            deltas.append(f"- `{bam_name}` vs `{twin}`: the twin is not trained yet; it comes from `{pending}`.")
     body = "\n".join(lines) + "\n"
     if deltas:
         body += "\nWhat BAM adds over its plain twin (same recipe, same seed):\n\n" + "\n".join(deltas) + "\n"

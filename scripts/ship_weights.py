@@ -6,21 +6,33 @@
 Writes ``checkpoints/<arch>.<tag>/`` (config.json, model.safetensors, README.md) with the tag's own
 pretrained cfg (``bam_zoo.models.pretrained.fashion_mnist_cfg``), and prints the ``WEIGHT_METADATA`` entry to
 paste into ``bam_zoo/models/pretrained.py``: test top-1/top-5 from the run's ``metrics.json``, parameters,
-MACs, sha256 of the weights and the run's training time.
+MACs, sha256 of the weights and the run's training time, and the top-1 with test-time flip it measures.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import pprint
+import shlex
 from pathlib import Path
 
 from safetensors.torch import load_file
 
 import bam_zoo
+from bam_zoo.evaluate import measure
 from bam_zoo.hub import save_pretrained, write_card
 from bam_zoo.model_card import checkpoint_details
 from bam_zoo.models.pretrained import WEIGHT_METADATA, fashion_mnist_cfg, sha256sum
+
+
+def recipe_of(command: str) -> str:
+    """The config file the training command names (``--config PATH``), the recipe the card links to."""
+    words = shlex.split(command)
+    configs = [words[i + 1] for i, word in enumerate(words[:-1]) if word == "--config"]
+    configs += [word.split("=", 1)[1] for word in words if word.startswith("--config=")]
+    if len(configs) != 1:
+        raise SystemExit(f"--command must name exactly one --config PATH (the recipe), got: {command!r}")
+    return configs[0]
 
 
 def main() -> None:
@@ -54,12 +66,16 @@ def main() -> None:
     cfg = fashion_mnist_cfg(arch, tag)
     model.pretrained_cfg = {**model.pretrained_cfg, **cfg, "architecture": arch, "tag": tag}
     metrics = {"top1": round(100 * run["test"]["acc1"], 2), "top5": round(100 * run["test"]["acc5"], 2)}
+    measured = measure(model)  # what `python -m bam_zoo.evaluate` will measure, plus test-time flip
+    if abs(measured["top1"] - metrics["top1"]) > 0.05:
+        raise SystemExit(f"{args.export_dir}: the run's test top-1 {metrics['top1']} but the exported weights "
+                         f"measure {measured['top1']:.2f}; export and run disagree, nothing shipped.")
     entry = {
-        "dataset": "fashion_mnist", **metrics,
+        "dataset": "fashion_mnist", **metrics, "top1_flip": round(measured["top1_flip"], 2),
         "per_class": {k: round(100 * v, 2) for k, v in run["per_class_acc1"].items()},
         "num_params": bam_zoo.count_params(model), "macs": bam_zoo.count_macs(model, cfg["input_size"]),
         "epochs": run["epochs"], "seed": run["recipe"]["seed_everything"], "train_time_s": round(run["train_wall_time_s"]),
-        "recipe": f"configs/fashion_mnist/{arch}.yaml", "command": args.command,
+        "recipe": recipe_of(args.command), "command": args.command,
     }
     out = save_pretrained(
         model, args.out / args.name, model_name=args.name, label_names=list(cfg["label_names"]),

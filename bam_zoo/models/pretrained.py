@@ -63,17 +63,19 @@ def fashion_mnist_cfg(arch: str, tag: str) -> Dict[str, Any]:
 FASHION_MNIST_TAGS: Dict[str, Dict[str, Any]] = {
     "bam_resnet20.fmnist": fashion_mnist_cfg("bam_resnet20", "fmnist"),
     "resnet20.fmnist": fashion_mnist_cfg("resnet20", "fmnist"),
+    "bam_resnet56.fmnist_long": fashion_mnist_cfg("bam_resnet56", "fmnist_long"),
 }
 
 # arch.tag -> what the weights measured and how they were made (timm's cfg has no fields for these).
 # Keys: dataset, top1, top5, per_class (percent, official test split), num_params, macs (per image at
-# input_size), recipe (config path), epochs, seed, train_time_s (wall clock of fit on a shared 2-core CPU), command, sha256
-# (of model.safetensors, checked on every load). Entries are printed by scripts/ship_weights.py.
+# input_size), recipe (config path), epochs, seed, train_time_s (wall clock of fit on the 2-core CPU), command,
+# sha256 (of model.safetensors, checked on every load), top1_flip (with test-time flip) and twin_pending (the
+# command of a plain twin not trained yet). Entries are printed by scripts/ship_weights.py.
 # Weights published elsewhere record instead: source, license, what the publisher lists (never measured here),
 # the publisher's hash of the download, and the create_model arguments the weights need (model_args).
 WEIGHT_METADATA: Dict[str, Dict[str, Any]] = {
     "bam_resnet20.fmnist": {
-        "dataset": "fashion_mnist", "top1": 93.14, "top5": 99.89, "num_params": 269844, "macs": 30875896,
+        "dataset": "fashion_mnist", "top1": 93.14, "top5": 99.89, "top1_flip": 93.33, "num_params": 269844, "macs": 30875896,
         "per_class": {"T-shirt/top": 89.0, "Trouser": 99.0, "Pullover": 90.3, "Dress": 93.6, "Coat": 90.3,
                       "Sandal": 98.5, "Shirt": 78.2, "Sneaker": 97.1, "Bag": 99.0, "Ankle boot": 96.4},
         "epochs": 15, "seed": 0, "train_time_s": 1457, "recipe": "configs/fashion_mnist/bam_resnet20.yaml",
@@ -81,12 +83,22 @@ WEIGHT_METADATA: Dict[str, Dict[str, Any]] = {
         "sha256": "a9ce83f8bc81dab25ac12f4d00e0cb1ca4547c749228dccf9ffd99069eb79011",
     },
     "resnet20.fmnist": {
-        "dataset": "fashion_mnist", "top1": 93.08, "top5": 99.89, "num_params": 269434, "macs": 30821248,
+        "dataset": "fashion_mnist", "top1": 93.08, "top5": 99.89, "top1_flip": 93.28, "num_params": 269434, "macs": 30821248,
         "per_class": {"T-shirt/top": 88.0, "Trouser": 98.4, "Pullover": 89.7, "Dress": 93.2, "Coat": 91.0,
                       "Sandal": 98.3, "Shirt": 78.6, "Sneaker": 97.7, "Bag": 99.0, "Ankle boot": 96.9},
         "epochs": 15, "seed": 0, "train_time_s": 1403, "recipe": "configs/fashion_mnist/resnet20.yaml",
         "command": "OMP_NUM_THREADS=1 python cli.py fit --config configs/fashion_mnist/resnet20.yaml",
         "sha256": "dbb47f773ca5b5c41e536c5914a2140dc07237e3c2dd681de40e53721f2cdc5c",
+    },
+    "bam_resnet56.fmnist_long": {
+        "dataset": "fashion_mnist", "top1": 94.6, "top5": 99.94, "top1_flip": 94.67, "num_params": 853140,
+        "macs": 95903992,
+        "per_class": {"T-shirt/top": 91.0, "Trouser": 99.3, "Pullover": 91.6, "Dress": 94.7, "Coat": 93.6,
+                      "Sandal": 98.9, "Shirt": 82.3, "Sneaker": 98.3, "Bag": 99.5, "Ankle boot": 96.8},
+        "epochs": 55, "seed": 0, "train_time_s": 6320, "recipe": "configs/fashion_mnist_long/bam_resnet56.yaml",
+        "command": "python cli.py fit --config configs/fashion_mnist_long/bam_resnet56.yaml",
+        "sha256": "90b9b02e82657115b7af0b6fdea65c66d223a8fc04d7a061263cc717a3a1a614",
+        "twin_pending": "python cli.py fit --config configs/fashion_mnist_long/resnet56.yaml",
     },
     "bam_resnet50.imgclsmob_in1k": {
         "dataset": "imagenet-1k", "num_params": 25914763,
