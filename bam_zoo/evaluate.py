@@ -75,7 +75,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("names", nargs="*", help="pretrained tags (default: every shipped Fashion-MNIST weight)")
     parser.add_argument("--root", default=None, help="Fashion-MNIST folder (default: Debian's package)")
     parser.add_argument("--tolerance", type=float, default=0.05,
-                        help="allowed |measured - recorded| top-1, flip top-1 and per-class top-1, in points (default 0.05)")
+                        help="allowed |measured - recorded| top-1, flip top-1 and per-class top-1, in points "
+                             "(default 0.05)")
     args = parser.parse_args(argv)
     names: List[str] = args.names or list(FASHION_MNIST_TAGS)
     others = [n for n in WEIGHT_METADATA if n not in FASHION_MNIST_TAGS]
@@ -93,7 +94,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         record = WEIGHT_METADATA.get(name, {})
         recorded = record.get("top1")
         print(f"{name:<26}{result['params'] / 1e6:>9.3f}M{result['macs'] / 1e6:>9.2f}{result['top1']:>9.2f}"
-              f"{result['top5']:>9.2f}{result['top1_flip']:>9.2f}{f'{recorded:.2f}' if recorded is not None else '-':>10}"
+              f"{result['top5']:>9.2f}{result['top1_flip']:>9.2f}"
+              f"{f'{recorded:.2f}' if recorded is not None else '-':>10}"
               f"{result['images_per_s']:>9.0f}")
         failures += [f"{name}: measured {what} {result[key]:.2f} but its metadata records {record[key]}"
                      for key, what in (("top1", "top-1"), ("top1_flip", "flip top-1"))

@@ -35,8 +35,8 @@ from .errors import CorruptCheckpointError, MetricConflictError
 from .models.convert import from_official, from_pytorchcv, read_checkpoint
 from .models.pretrained import WEIGHTS_NAME
 
-__all__ = ["CONFIG_NAME", "README_NAME", "RECIPE_NAME", "WEIGHTS_NAME", "Export", "convert", "load_export", "push",
-           "render_details", "save_pretrained", "write_card"]
+__all__ = ["CONFIG_NAME", "README_NAME", "RECIPE_NAME", "WEIGHTS_NAME", "Export", "convert", "lightning_model",
+           "load_export", "push", "render_details", "save_pretrained", "write_card"]
 
 CONFIG_NAME, README_NAME, RECIPE_NAME = "config.json", "README.md", "recipe.yaml"
 #: Metric keys a card accepts, all accuracies in percent (one unit on every card).
@@ -289,10 +289,8 @@ def load_export(path: str | Path) -> Export:
     state = ckpt.get("state_dict")
     if not isinstance(state, Mapping) or not isinstance(hp.get("model_name"), str):
         raise CorruptCheckpointError(str(path), "it has no 'state_dict' and 'hyper_parameters.model_name'")
-    prefix = "model_ema.module." if any(k.startswith("model_ema.module.") for k in state) else "model."
-    kwargs = {"num_classes": hp.get("num_classes"), "in_chans": hp.get("in_chans"), **(hp.get("model_kwargs") or {})}
-    model = timm.create_model(hp["model_name"], **{k: v for k, v in kwargs.items() if v is not None})
-    model.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
+    model = lightning_model(ckpt, "model_ema.module." if any(k.startswith("model_ema.module.") for k in state)
+                            else "model.")
     metrics = {}  # the best checkpoint's monitored accuracy, as a percentage like every other card metric
     for key, cb in (ckpt.get("callbacks") or {}).items():
         monitor, score = (cb.get("monitor"), cb.get("best_model_score")) if isinstance(cb, Mapping) else (None, None)
@@ -302,6 +300,16 @@ def load_export(path: str | Path) -> Export:
     dataset = data_hp.get("dataset") or data_hp.get("name")
     return Export(model, None, hp.get("label_names"), metrics, dataset,
                   _plain({"model": hp, **({"data": data_hp} if data_hp else {})}))
+
+
+def lightning_model(ckpt: Mapping[str, Any], prefix: str = "model.") -> nn.Module:
+    """The network of a ``cli.py fit`` checkpoint, strictly loaded with its weights under ``prefix``
+    (``model.``: what SGD reached; ``model_ema.module.``: their moving average, where the run kept one)."""
+    hp, state = ckpt["hyper_parameters"], ckpt["state_dict"]
+    kwargs = {"num_classes": hp.get("num_classes"), "in_chans": hp.get("in_chans"), **(hp.get("model_kwargs") or {})}
+    model = timm.create_model(hp["model_name"], **{k: v for k, v in kwargs.items() if v is not None})
+    model.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
+    return model
 
 
 def _load_lightning(path: Path) -> dict[str, Any]:

@@ -133,8 +133,8 @@ def _row(name: str, meta: Dict[str, Any]) -> str:
     hub = FASHION_MNIST_TAGS[name]["hf_hub_id"]
     flip = f"{meta['top1_flip']:.2f}" if "top1_flip" in meta else "-"
     return (f"| `{name}` | {meta['num_params'] / 1e6:.4f}M | {meta['macs'] / 1e6:.2f}M | {meta['top1']:.2f} | "
-            f"{meta['top5']:.2f} | {flip} | {meta['epochs']} | {meta['train_time_s'] / 60:.0f} min | `{meta['command']}` | "
-            f"`{hub}` |")
+            f"{meta['top5']:.2f} | {flip} | {meta['epochs']} | {meta['train_time_s'] / 60:.0f} min | "
+            f"`{meta['command']}` | `{hub}` |")
 
 
 def _converted(name: str, meta: Dict[str, Any]) -> str:

@@ -1,6 +1,6 @@
 """What the EMA of the weights bought a run: its raw and its averaged weights from one checkpoint, on the test set.
 
-    python scripts/ema_effect.py runs/fashion_mnist_long/bam_resnet56/checkpoints/best-054.ckpt
+    python scripts/ema_effect.py runs/fashion_mnist_long/bam_resnet56/checkpoints/best-047.ckpt
 
 A Lightning checkpoint of a run with ``--model.ema_decay`` holds both ``model.*`` (the weights SGD reached)
 and ``model_ema.module.*`` (their moving average, which the run validated, tested and exported). Each is
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-import bam_zoo
 from bam_zoo.evaluate import measure
+from bam_zoo.hub import lightning_model
 from bam_zoo.models.pretrained import fashion_mnist_cfg
 
 
@@ -24,17 +24,15 @@ def main() -> None:
     parser.add_argument("checkpoint", type=Path, help="a Lightning checkpoint of a Fashion-MNIST run with EMA")
     args = parser.parse_args()
     checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-    hparams, state = checkpoint["hyper_parameters"], checkpoint["state_dict"]
-    if not any(key.startswith("model_ema.module.") for key in state):
+    if not any(key.startswith("model_ema.module.") for key in checkpoint["state_dict"]):
         raise SystemExit(f"{args.checkpoint} holds no EMA weights (model_ema.module.*): it was trained without "
                          "--model.ema_decay, so there is nothing to compare.")
     print(f"{args.checkpoint} (epoch {checkpoint['epoch']}, step {checkpoint['global_step']})")
     print(f"{'weights':<12}{'top-1':>8}{'top-5':>8}{'flip':>8}")
     for label, prefix in (("raw", "model."), ("EMA", "model_ema.module.")):
-        model = bam_zoo.create_model(hparams["model_name"], num_classes=10, in_chans=1,
-                                     **(hparams.get("model_kwargs") or {}))
-        model.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
-        model.pretrained_cfg = {**model.pretrained_cfg, **fashion_mnist_cfg(hparams["model_name"], "run")}
+        model = lightning_model(checkpoint, prefix)
+        arch = checkpoint["hyper_parameters"]["model_name"]
+        model.pretrained_cfg = {**model.pretrained_cfg, **fashion_mnist_cfg(arch, "run")}
         result = measure(model)
         print(f"{label:<12}{result['top1']:>8.2f}{result['top5']:>8.2f}{result['top1_flip']:>8.2f}")
 

@@ -75,7 +75,8 @@ FASHION_MNIST_TAGS: Dict[str, Dict[str, Any]] = {
 # the publisher's hash of the download, and the create_model arguments the weights need (model_args).
 WEIGHT_METADATA: Dict[str, Dict[str, Any]] = {
     "bam_resnet20.fmnist": {
-        "dataset": "fashion_mnist", "top1": 93.14, "top5": 99.89, "top1_flip": 93.33, "num_params": 269844, "macs": 30875896,
+        "dataset": "fashion_mnist", "top1": 93.14, "top5": 99.89, "top1_flip": 93.33,
+        "num_params": 269844, "macs": 30875896,
         "per_class": {"T-shirt/top": 89.0, "Trouser": 99.0, "Pullover": 90.3, "Dress": 93.6, "Coat": 90.3,
                       "Sandal": 98.5, "Shirt": 78.2, "Sneaker": 97.1, "Bag": 99.0, "Ankle boot": 96.4},
         "epochs": 15, "seed": 0, "train_time_s": 1457, "recipe": "configs/fashion_mnist/bam_resnet20.yaml",
@@ -83,7 +84,8 @@ WEIGHT_METADATA: Dict[str, Dict[str, Any]] = {
         "sha256": "a9ce83f8bc81dab25ac12f4d00e0cb1ca4547c749228dccf9ffd99069eb79011",
     },
     "resnet20.fmnist": {
-        "dataset": "fashion_mnist", "top1": 93.08, "top5": 99.89, "top1_flip": 93.28, "num_params": 269434, "macs": 30821248,
+        "dataset": "fashion_mnist", "top1": 93.08, "top5": 99.89, "top1_flip": 93.28,
+        "num_params": 269434, "macs": 30821248,
         "per_class": {"T-shirt/top": 88.0, "Trouser": 98.4, "Pullover": 89.7, "Dress": 93.2, "Coat": 91.0,
                       "Sandal": 98.3, "Shirt": 78.6, "Sneaker": 97.7, "Bag": 99.0, "Ankle boot": 96.9},
         "epochs": 15, "seed": 0, "train_time_s": 1403, "recipe": "configs/fashion_mnist/resnet20.yaml",
