@@ -53,7 +53,8 @@ Flip: top-1 with test-time flip (softmax averaged over the image and its mirror 
 same command; the other columns are of the plain forward, as `timm.create_model(name, pretrained=True)` gives.
 Trained by: the command in the table's recipe column, on this project's 2-core CPU; `train time` is the
 wall-clock time of fit, validation included (each weight's section says whether the run had both cores or
-one thread beside another run).
+one thread beside another run). These times come from a 2-core machine with AVX-512; on a 2-core AVX2
+machine of a later session each training step took about 2.6x as long (README, Performance).
 Hub repo: where the tag looks first. The weights are not on the public Hub yet (they were made on machines
 without network access); until they are pushed there (`python cli.py push --checkpoint checkpoints/<name>
 --repo-id <repo>`), they load from the repository's offline mirror `checkpoints/<name>/`, which has the
