@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from jsonargparse import ArgumentParser
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from bam_zoo.errors import BamZooError
 from bam_zoo import hub
+from bam_zoo.errors import BamZooError
 from bam_zoo.explain import explain
+from bam_zoo.runtime import keep_freed_memory
 from bam_zoo.training.cli import BamZooCLI
 
 __all__ = ["TOOLS", "Tool", "ZooCLI", "main", "tool_parser"]
@@ -88,10 +90,6 @@ def main(args: list[str] | None = None) -> None:
         SystemExit: 1 after printing an error's message; jsonargparse's status for bad arguments;
             :data:`SIGTERM_EXIT` when SIGTERM stopped training (after ``last.ckpt`` was saved).
     """
-    from pytorch_lightning.utilities.exceptions import SIGTERMException
-
-    from bam_zoo.runtime import keep_freed_memory
-
     keep_freed_memory()  # CPU steps stop re-faulting their tensors (bam_zoo/runtime.py); BAM_ZOO_MALLOC=default skips
     argv = list(sys.argv[1:] if args is None else args)
     if argv[:1] and argv[0] in TOOLS:

@@ -8,6 +8,7 @@ saved in Lightning checkpoints for resuming.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -129,8 +130,6 @@ class _GroupCosine(LRScheduler):
         super().__init__(optimizer)
 
     def get_lr(self) -> list[float]:
-        import math
-
         t = min(self.last_epoch, self.t_max)
         scale = self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t / self.t_max))
         return [base * scale for base in self.base_lrs]
