@@ -17,8 +17,8 @@ Why it is built this way:
   allocates outside PyTorch's allocator (primitive scratchpads) is not seen, for either model.
 * Inference compares ``fuse_for_inference(bam_X)`` (BAM's branch BatchNorms folded; the backbone untouched)
   with the plain ``X``; ``--no-fuse`` measures the unfused BAM model.
-* ``block-*`` cases time one BAM alone against the straightforward unfused implementation of the same math
-  (the branches as plain ``nn.Sequential`` calls, then the gate as written in the paper).
+* ``block-*`` cases time one BAM alone against its own definition (the same module with the CPU speed layer
+  switched off: the standard ops that run on every other device).
 * ``pipeline`` measures the real Fashion-MNIST training loop (``FashionMNISTDataModule``'s loader and batch
   augmentation, then the training step) against the same steps on a ready-made batch.
 * Allocator: by default the benchmark runs as ``cli.py`` trains, with glibc keeping freed memory
@@ -44,7 +44,7 @@ import bam_zoo
 
 from .fuse import fuse_for_inference
 from .layers import BAM
-from .layers.bam_cpu import buffer_cache_info, native_kernels_available
+from .layers.bam_cpu import buffer_cache_info, disable_cpu_fast_path, native_kernels_available
 from .runtime import keep_freed_memory
 from .training.data import FashionMNISTDataModule
 
@@ -57,7 +57,8 @@ class Case:
 
     Attributes:
         name: Case name on the command line.
-        baseline: Name of the plain model (``bam_zoo.create_model``), or ``"block"`` for the unfused BAM.
+        baseline: Name of the plain model (``bam_zoo.create_model``), or ``"block"`` for BAM's definition
+            (:func:`reference_bam`).
         candidate: Name of the BAM model, or ``"block"`` for one BAM module.
         mode: ``"infer"`` (eval, no grad) or ``"train"`` (forward, backward, SGD step).
         input_shape: Batch shape N x C x H x W.
@@ -98,23 +99,10 @@ QUICK_CASES: Dict[str, Case] = {c.name: c for c in [
 ]}
 
 
-class ReferenceBAM(nn.Module):
-    """The straightforward unfused BAM: its branches run as written, then ``x * (1 + sigmoid(Mc + Ms))``.
-
-    Holds its own copy of the BAM's weights, so both sides of the block benchmark start identical.
-    """
-
-    def __init__(self, bam: nn.Module) -> None:
-        super().__init__()
-        self.bam = copy.deepcopy(bam)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        channel = self.bam.channel_attn
-        pooled = x.mean((2, 3))
-        channel_logits = channel.fc2(channel.act(channel.bn(channel.fc1(pooled))))[:, :, None, None]
-        spatial_logits = self.bam.spatial_attn.body(x)
-        logits = channel_logits * spatial_logits if self.bam.fusion == "product" else channel_logits + spatial_logits
-        return x * (1 + torch.sigmoid(logits))
+def reference_bam(bam: BAM) -> BAM:
+    """A copy of ``bam`` that runs its definition (``layers/bam.py``, standard ops) instead of the CPU speed layer:
+    what the block cases compare the speed layer against, with identical weights."""
+    return disable_cpu_fast_path(copy.deepcopy(bam))
 
 
 MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -125,7 +113,7 @@ def _build_pair(case: Case, fuse: bool, memory_format: str = "contiguous") -> Tu
     torch.manual_seed(0)
     if case.candidate == "block":
         candidate: nn.Module = BAM(case.input_shape[1])
-        baseline: nn.Module = ReferenceBAM(candidate)
+        baseline: nn.Module = reference_bam(candidate)
     else:
         baseline = bam_zoo.create_model(case.baseline, **case.model_kwargs)
         candidate = bam_zoo.create_model(case.candidate, **case.model_kwargs)
