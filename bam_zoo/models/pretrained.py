@@ -100,7 +100,7 @@ WEIGHT_METADATA: Dict[str, Dict[str, Any]] = {
         "epochs": 55, "seed": 0, "train_time_s": 6320, "recipe": "configs/fashion_mnist_long/bam_resnet56.yaml",
         "command": "python cli.py fit --config configs/fashion_mnist_long/bam_resnet56.yaml",
         "sha256": "90b9b02e82657115b7af0b6fdea65c66d223a8fc04d7a061263cc717a3a1a614",
-        "twin_pending": "python cli.py fit --config configs/fashion_mnist_long/resnet56.yaml",
+        "twin_pending": "python cli.py fit --config configs/fashion_mnist_long/resnet56.yaml --ckpt_path last",
     },
     "bam_resnet50.imgclsmob_in1k": {
         "dataset": "imagenet-1k", "num_params": 25914763,
