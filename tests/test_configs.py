@@ -7,6 +7,8 @@ the recipe (model, optimizer, schedule, loss, augmentation) is the config's own.
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,6 +66,24 @@ def test_config_parses(config: str, capsys: pytest.CaptureFixture) -> None:
     assert info.value.code == 0
     printed = capsys.readouterr().out
     assert "model_name:" in printed and "class_path: bam_zoo.training.data." in printed
+
+
+def test_limit_batches_one_means_one_batch(tmp_path: Path) -> None:
+    """Lightning reads int 1 as one batch and float 1.0 as all of them; the CLI keeps what the user wrote.
+
+    A fresh process, as users run it: whether typing hands jsonargparse ``Union[float, int]`` or
+    ``Union[int, float]`` depends on what was imported before (in pytest's process the bug hid).
+    """
+    extra = tmp_path / "limits.yaml"
+    extra.write_text("trainer:\n  limit_val_batches: 1\n  limit_test_batches: 1.0\n")
+    printed = subprocess.run(
+        [sys.executable, str(REPO / "cli.py"), "fit", "--config", str(CONFIGS / "fashion_mnist" / "resnet20.yaml"),
+         "--config", str(extra), "--trainer.limit_train_batches", "1", "--trainer.limit_predict_batches", "0.25",
+         "--trainer.overfit_batches", "1", "--print_config"],
+        capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout
+    for line in ("limit_train_batches: 1\n", "limit_val_batches: 1\n", "limit_test_batches: 1.0\n",
+                 "limit_predict_batches: 0.25\n", "overfit_batches: 1\n"):
+        assert f"  {line}" in printed, (line, printed)
 
 
 @pytest.fixture(scope="module")

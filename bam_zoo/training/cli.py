@@ -20,6 +20,8 @@ What it adds to LightningCLI, and why:
 * One way to choose the optimizer and schedule: ``model.optimizer`` / ``model.scheduler``. LightningCLI's
   automatic ``--optimizer`` / ``--lr_scheduler`` are off (they silently replaced the recipe's param groups
   and schedule while the saved config still named the recipe's optimizer), and passing them says so.
+* ``--trainer.limit_train_batches 1`` (and the other ``limit_*_batches``, ``overfit_batches``) is one batch, as
+  Lightning documents, not 100% (:class:`BatchCountTrainer`).
 * A wrong option is one line naming the closest valid key, not the ~115-line usage
   (:class:`BamZooArgumentParser`).
 * ``--trainer.sync_batchnorm true`` without GPUs and remote ``--ckpt_path`` URLs are refused with
@@ -35,7 +37,7 @@ import inspect
 import re
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Union
 
 import torch
 from jsonargparse import ArgumentParser
@@ -50,7 +52,9 @@ from bam_zoo.training.callbacks import HubExport, LastCheckpoint, PredictionWrit
 from bam_zoo.errors import TrainingError, UnsafeCheckpointError
 from bam_zoo.training.module import ImageClassifier
 
-__all__ = ["BamZooArgumentParser", "BamZooCLI", "CheckpointNotFoundError", "cli_main", "sync_batchnorm_problem"]
+__all__ = [
+    "BamZooArgumentParser", "BamZooCLI", "BatchCountTrainer", "CheckpointNotFoundError", "cli_main", "sync_batchnorm_problem",
+]
 
 _SPECIAL_CKPT = {"last", "best", "hpc", "registry"}
 _UNKNOWN_OPTION = (re.compile(r"unrecognized arguments: (--[^\s=]+)"), re.compile(r"does not accept option '([^']+)'"))
@@ -132,6 +136,26 @@ def sync_batchnorm_problem(sync_batchnorm: bool, accelerator: Any) -> str | None
     return None
 
 
+BatchCount = Union[int, float, None]  # int first: spelled flat, so typing's cache cannot hand back Union[float, int]
+
+
+class BatchCountTrainer(pl.Trainer):
+    """Lightning's Trainer whose ``limit_*_batches`` and ``overfit_batches`` read ``1`` as one batch.
+
+    Lightning means ``1`` as one batch and ``1.0`` as all of them, but its annotation reaches jsonargparse as
+    ``Union[float, int, None]`` (typing caches equal unions), which parses ``--trainer.limit_train_batches 1``
+    and YAML ``1`` as ``1.0``: a smoke run silently trained whole epochs. The int-first annotation keeps
+    ``1`` an int; ``1.0`` and ``0.25`` stay fractions.
+    """
+
+    def __init__(self, *, limit_train_batches: BatchCount = None, limit_val_batches: BatchCount = None,
+                 limit_test_batches: BatchCount = None, limit_predict_batches: BatchCount = None,
+                 overfit_batches: Union[int, float] = 0.0, **kwargs: Any) -> None:
+        super().__init__(limit_train_batches=limit_train_batches, limit_val_batches=limit_val_batches,
+                         limit_test_batches=limit_test_batches, limit_predict_batches=limit_predict_batches,
+                         overfit_batches=overfit_batches, **kwargs)
+
+
 class BamZooCLI(LightningCLI):
     """LightningCLI for ``ImageClassifier`` with any bam-zoo DataModule (``--data.class_path``)."""
 
@@ -140,6 +164,7 @@ class BamZooCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("auto_configure_optimizers", False)  # model.optimizer / model.scheduler choose them
         kwargs.setdefault("parser_class", BamZooArgumentParser)
+        kwargs.setdefault("trainer_class", BatchCountTrainer)
         kwargs.setdefault("parser_kwargs", {"description": (
             "Train and evaluate bam-zoo models (fit / validate / test / predict). "
             "The other subcommands are tools (push: weights to the Hugging Face Hub); `bam-zoo TOOL --help`."
