@@ -123,8 +123,9 @@ def checkpoint_details(name: str, meta: Mapping[str, Any]) -> Dict[str, Any]:
         "input_size": [1, 28, 28], "data": "Fashion-MNIST, 55,000 training images (5,000 more held out for "
         "validation, fixed seed 0), tested on the official 10,000", "recipe": meta["recipe"],
         "command": meta["command"], "epochs": meta["epochs"], "train_time_s": meta["train_time_s"],
-        "train_setting": "2-core CPU, " + ("one thread, with another run on the other core"
-                                           if meta["command"].startswith("OMP_NUM_THREADS=1 ") else "both cores"),
+        "train_setting": meta.get("train_setting") or "2-core CPU, " + (
+            "one thread, with another run on the other core" if meta["command"].startswith("OMP_NUM_THREADS=1 ")
+            else "both cores"),
         "seed": meta["seed"], "top1": meta["top1"], "top5": meta["top5"], "per_class": meta["per_class"],
         **({"top1_flip": meta["top1_flip"]} if "top1_flip" in meta else {}),
     }
@@ -171,9 +172,6 @@ def render_model_card() -> str:
                 f"- `{bam_name}` vs `{twin}`: top-1 {b['top1'] - t['top1']:+.2f} points, "
                 f"parameters {100 * (b['num_params'] / t['num_params'] - 1):+.2f}%, "
                 f"MACs {100 * (b['macs'] / t['macs'] - 1):+.2f}%.")
-        pending = WEIGHT_METADATA[bam_name].get("twin_pending")
-        if twin not in WEIGHT_METADATA and pending:
-            deltas.append(f"- `{bam_name}` vs `{twin}`: the twin is not trained yet; it comes from `{pending}`.")
     body = "\n".join(lines) + "\n"
     if deltas:
         body += "\nWhat BAM adds over its plain twin (same recipe, same seed):\n\n" + "\n".join(deltas) + "\n"
