@@ -165,13 +165,12 @@ def render_model_card() -> str:
         lines.append(_row(name, WEIGHT_METADATA[name]))
     pairs = [(n, n[len("bam_"):]) for n in FASHION_MNIST_TAGS if n.startswith("bam_")]
     deltas = []
-    for bam_name, twin in pairs:
-        if twin in WEIGHT_METADATA:
-            b, t = WEIGHT_METADATA[bam_name], WEIGHT_METADATA[twin]
-            deltas.append(
-                f"- `{bam_name}` vs `{twin}`: top-1 {b['top1'] - t['top1']:+.2f} points, "
-                f"parameters {100 * (b['num_params'] / t['num_params'] - 1):+.2f}%, "
-                f"MACs {100 * (b['macs'] / t['macs'] - 1):+.2f}%.")
+    for bam_name, twin in pairs:  # every BAM weight ships with its twin (tests/test_zoo.py)
+        b, t = WEIGHT_METADATA[bam_name], WEIGHT_METADATA[twin]
+        deltas.append(
+            f"- `{bam_name}` vs `{twin}`: top-1 {b['top1'] - t['top1']:+.2f} points, "
+            f"parameters {100 * (b['num_params'] / t['num_params'] - 1):+.2f}%, "
+            f"MACs {100 * (b['macs'] / t['macs'] - 1):+.2f}%.")
     body = "\n".join(lines) + "\n"
     if deltas:
         body += "\nWhat BAM adds over its plain twin (same recipe, same seed):\n\n" + "\n".join(deltas) + "\n"

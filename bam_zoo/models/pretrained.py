@@ -111,8 +111,7 @@ WEIGHT_METADATA: Dict[str, Dict[str, Any]] = {
         "epochs": 55, "seed": 0, "train_time_s": 8943, "recipe": "configs/fashion_mnist_long/resnet56.yaml",
         "command": "python cli.py fit --config configs/fashion_mnist_long/resnet56.yaml",
         "sha256": "5ac41146f144be97f9497094703a9823af0a43c7a06384bcef2a99f602830163",
-        # the run was resumed (--ckpt_path last) on another machine; its own clock (15,755 s) adds up both
-        # machines and the pauses for benchmarks, so the time above is 55 x the epoch time measured here
+        # not the run's own clock (15,755 s): that adds up both machines and the pauses for benchmarks
         "train_setting": "2-core CPU, both cores; epochs 21-55 took 2.71 min each (validation included) on the "
                          "AVX-512 machine of 2026-12-01, and the time is 55 epochs at that rate; epochs 1-20 ran on "
                          "a slower AVX2 machine (5.5 min each) and were resumed from there",
