@@ -228,9 +228,15 @@ def _step(bam, x, dy):
             {n: b.clone() for n, b in bam.named_buffers()}, type(y.grad_fn).__name__)
 
 
+def _force_path(monkeypatch, path):
+    """Route every training step through the one node (``"node"``) or the modules (``"modules"``)."""
+    for name in ("_NODE_MIN_PIXELS", "_NARROW_NODE_MIN_PIXELS"):
+        monkeypatch.setattr(bam_cpu, name, 1 if path == "node" else 10 ** 9)
+
+
 def _compare(bam, x, fmt=torch.contiguous_format, path="modules", tol=1e-4, monkeypatch=None, calls=None):
     """The fast path's step against the float64 definition's; ``path`` is the fast path that must have run."""
-    monkeypatch.setattr(bam_cpu, "_NODE_MIN_PIXELS", 1 if path == "node" else 10 ** 9)
+    _force_path(monkeypatch, path)
     if fmt == torch.channels_last:
         bam = bam.to(memory_format=torch.channels_last)
     reference = copy.deepcopy(bam).double()
@@ -340,7 +346,7 @@ def test_frozen_parameters_and_input_without_grad(fmt, fusion, path, monkeypatch
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)
 def test_whole_model_training_step(fmt, fast_calls):
-    """A whole bam_resnet20 step at 28 px (layer1's BAM takes the node, layer2's the modules): every gradient and
+    """A whole bam_resnet20 step at 28 px (both BAMs take the node and its chain kernels): every gradient and
     running statistic equals the float64 definition's."""
     torch.manual_seed(0)
     model = bam_zoo.create_model("bam_resnet20", in_chans=1, num_classes=10).train()
@@ -453,7 +459,7 @@ def test_disable_cpu_fast_path_can_be_undone(fast_calls):
 @needs_native
 def test_autograd_grad_sees_every_parameter(monkeypatch):
     """The parameters are inputs of the node, so the functional API (and DDP's graph walk) finds them."""
-    monkeypatch.setattr(bam_cpu, "_NODE_MIN_PIXELS", 1)
+    _force_path(monkeypatch, "node")
     bam = BAM(16).train()
     x = torch.randn(2, 16, 6, 6, requires_grad=True)
     y = bam(x)
@@ -466,7 +472,7 @@ def test_autograd_grad_sees_every_parameter(monkeypatch):
 @needs_native
 def test_double_backward_says_how(monkeypatch):
     """create_graph=True (gradient penalties) gets a message naming the fix, and the fix works."""
-    monkeypatch.setattr(bam_cpu, "_NODE_MIN_PIXELS", 1)
+    _force_path(monkeypatch, "node")
     bam = BAM(16).train()
     x = torch.randn(2, 16, 4, 4, requires_grad=True)
     with pytest.raises(RuntimeError, match="disable_cpu_fast_path"):
@@ -489,15 +495,61 @@ def test_hooks_on_the_branches_run_the_definition(fast_calls):
 
 
 @needs_native
-def test_small_maps_take_the_modules(fast_calls):
-    """Below _NODE_MIN_PIXELS the node costs more than it saves (measured), so the modules run."""
-    assert bam_cpu._NODE_MIN_PIXELS == 400
-    bam = BAM(16).train()
-    small = bam(torch.randn(2, 16, 14, 14, requires_grad=True))
-    large = bam(torch.randn(2, 16, 20, 20, requires_grad=True))
+def test_small_maps_take_the_modules_unless_the_branch_is_narrow(fast_calls):
+    """Below _NODE_MIN_PIXELS the node costs more than it saves (measured), so the modules run; a narrow spatial
+    branch (rd_channels 1 or 2, SpatialChain's kernels) takes the node on any map."""
+    assert bam_cpu._NODE_MIN_PIXELS == 400 and bam_cpu._NARROW_NODE_MIN_PIXELS == 1
+    bam = BAM(64).train()  # rd_channels 4
+    small = bam(torch.randn(2, 64, 14, 14, requires_grad=True))
+    large = bam(torch.randn(2, 64, 20, 20, requires_grad=True))
+    narrow = BAM(32).train()(torch.randn(2, 32, 7, 7, requires_grad=True))  # rd_channels 2
     assert type(small.grad_fn).__name__ == "BamGateFunctionBackward"
     assert type(large.grad_fn).__name__ == NODE
-    assert len(fast_calls) == 2
+    assert type(narrow.grad_fn).__name__ == NODE
+    assert len(fast_calls) == 3
+
+
+@pytest.fixture
+def chain_calls(monkeypatch):
+    """Counts SpatialChain's kernel runs (forward)."""
+    calls = []
+    forward = bam_cpu.SpatialChain.forward
+
+    def spy(self, reduced):
+        calls.append(reduced.shape)
+        return forward(self, reduced)
+
+    monkeypatch.setattr(bam_cpu.SpatialChain, "forward", spy)
+    return calls
+
+
+@needs_native
+@pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)
+@pytest.mark.parametrize("channels,kwargs,runs", [
+    (16, {}, True),                                   # rd_channels 1, the definition's chain
+    (32, dict(num_dilated_convs=3, dilation=1), True),  # rd_channels 2, deeper, dilation 1
+    (32, dict(num_dilated_convs=0), True),            # BatchNorm + ReLU + the final 1x1 only
+    (64, {}, False),                                  # rd_channels 4: direct loops would lose to oneDNN
+    (16, dict(act_layer="silu"), False),              # not ReLU
+], ids=["rd1", "rd2-deep", "rd2-shallow", "rd4", "silu"])
+def test_narrow_spatial_branch_runs_as_the_chain(channels, kwargs, runs, fmt, monkeypatch, fast_calls, chain_calls):
+    """The chain kernels run exactly where they compute the definition (BatchNorm with batch statistics, ReLU,
+    one or two channels), and the step matches the float64 definition either way."""
+    torch.manual_seed(0)
+    bam = BAM(channels, **kwargs).train()
+    randomise_bn(bam)
+    _compare(bam, torch.randn(3, channels, 9, 9, requires_grad=True), fmt, "node", monkeypatch=monkeypatch,
+             calls=fast_calls)
+    assert len(chain_calls) == (1 if runs else 0)
+
+
+@needs_native
+def test_chain_is_not_used_with_running_statistics(fast_calls, chain_calls):
+    """In eval mode (frozen BatchNorm, e.g. saliency maps) the branch's BatchNorms use running statistics, which the
+    chain kernels do not implement: the modules run inside the node."""
+    bam = BAM(16).eval()
+    bam(torch.randn(2, 16, 21, 21, requires_grad=True)).sum().backward()
+    assert len(fast_calls) == 1 and not chain_calls
 
 
 # ---- DDP: gradients in the parameters' own layout ----------------------------------------------------------------
@@ -512,7 +564,7 @@ def test_gradients_have_the_parameters_strides(channels, fmt, path, monkeypatch,
     Model and input share a memory format, as ImageClassifier(channels_last=...) arranges (with mixed formats
     oneDNN's own convolutions return gradients in the input's format, in the plain definition too)."""
     model_fmt = fmt
-    monkeypatch.setattr(bam_cpu, "_NODE_MIN_PIXELS", 1 if path == "node" else 10 ** 9)
+    _force_path(monkeypatch, path)
     bam = BAM(channels).train().to(memory_format=model_fmt)
     x = torch.randn(2, channels, 9, 9).contiguous(memory_format=fmt).requires_grad_()
     y = bam(x)

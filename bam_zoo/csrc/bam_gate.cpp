@@ -22,6 +22,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <new>
 
@@ -394,22 +395,59 @@ inline void for_each_tap(const ConvGeometry& g, Fn fn) {
   }
 }
 
-// out (one output plane) += conv(in (one input plane), wk (that pair's kh x kw taps))
+// Where the output is as wide as the input (BAM's same-size convolutions), a tap reads the input plane at one
+// flat offset from the output, so it is one long multiply-add over the span from its first to its last valid
+// output instead of one short one per row (rows of 7-28 floats cost more in loop overhead than in arithmetic).
+// Outputs in that span whose column reads outside the input are masked: column_masks()[j] holds 1 where column
+// tap j is valid, 0 elsewhere, over a whole output plane.
+std::vector<float> column_masks(const ConvGeometry& g) {
+  const int64_t plane = g.ho * g.wo;
+  std::vector<float> masks(g.wo == g.w ? g.kw * plane : 0);
+  for (int64_t j = 0; j < g.kw && g.wo == g.w; ++j) {
+    int64_t c0, c1;
+    valid_range(g.wo, g.w, j * g.dw - g.pw, c0, c1);
+    for (int64_t p = 0; p < plane; ++p) masks[j * plane + p] = (p % g.wo >= c0 && p % g.wo < c1) ? 1.f : 0.f;
+  }
+  return masks;
+}
+
+// out (one output plane) += conv(in (one input plane), wk (that pair's kh x kw taps)); masks from column_masks.
 BAM_ZOO_CLONES
 void conv_plane_forward(float* __restrict out, const float* __restrict in, const float* __restrict wk,
-                        const ConvGeometry& g) {
+                        const float* __restrict masks, const ConvGeometry& g) {
   for_each_tap(g, [&](int64_t oi, int64_t oj, int64_t r0, int64_t r1, int64_t c0, int64_t c1, int64_t t) {
-    for (int64_t r = r0; r < r1; ++r) axpy(out + r * g.wo + c0, in + (r + oi) * g.w + c0 + oj, wk[t], c1 - c0);
+    if (masks == nullptr) {  // rows of different widths
+      for (int64_t r = r0; r < r1; ++r) axpy(out + r * g.wo + c0, in + (r + oi) * g.w + c0 + oj, wk[t], c1 - c0);
+      return;
+    }
+    const int64_t lo = r0 * g.wo + c0, hi = (r1 - 1) * g.wo + c1, off = oi * g.w + oj;
+    const float* m = masks + (t % g.kw) * g.ho * g.wo;
+    const float a = wk[t];
+    for (int64_t p = lo; p < hi; ++p) out[p] += a * m[p] * in[p + off];
   });
 }
 
-// For one (output, input) plane pair: dx += conv_transpose(dy, wk); dwk = correlation of dy and in.
+// For one (output, input) plane pair: dx += conv_transpose(dy, wk); dwk = correlation of dy and in. With
+// column masks, masked_dy[j] is dy times column_masks()[j] (computed once per output plane).
 BAM_ZOO_CLONES
 void conv_plane_backward(float* __restrict dx, float* __restrict dwk, const float* __restrict dy,
-                         const float* __restrict in, const float* __restrict wk, const ConvGeometry& g) {
+                         const float* __restrict in, const float* __restrict wk, const float* __restrict masked_dy,
+                         const ConvGeometry& g) {
   std::fill(dwk, dwk + g.kh * g.kw, 0.f);  // taps that never overlap the input keep a zero gradient
   for_each_tap(g, [&](int64_t oi, int64_t oj, int64_t r0, int64_t r1, int64_t c0, int64_t c1, int64_t t) {
     float acc = 0.f;
+    if (masked_dy != nullptr) {
+      const int64_t lo = r0 * g.wo + c0, hi = (r1 - 1) * g.wo + c1, off = oi * g.w + oj;
+      const float* d = masked_dy + (t % g.kw) * g.ho * g.wo;
+      const float a = wk[t];
+#pragma omp simd reduction(+ : acc)
+      for (int64_t p = lo; p < hi; ++p) {
+        dx[p + off] += a * d[p];
+        acc += d[p] * in[p + off];
+      }
+      dwk[t] = acc;
+      return;
+    }
     for (int64_t r = r0; r < r1; ++r) {
       const float* dyr = dy + r * g.wo + c0;
       const int64_t in_off = (r + oi) * g.w + c0 + oj;
@@ -434,6 +472,8 @@ at::Tensor small_conv_forward(const at::Tensor& x, const at::Tensor& weight, con
   }
   float* yp = y.data_ptr<float>();
   const int64_t in_plane = g.h * g.w, out_plane = g.ho * g.wo, taps = g.kh * g.kw;
+  const std::vector<float> masks = column_masks(g);
+  const float* mp = masks.empty() ? nullptr : masks.data();
   at::parallel_for(0, g.n * g.cout, 1, [&](int64_t begin, int64_t end) {
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t sample = plane / g.cout, co = plane % g.cout;
@@ -441,7 +481,7 @@ at::Tensor small_conv_forward(const at::Tensor& x, const at::Tensor& weight, con
       std::fill(out, out + out_plane, bp ? bp[co] : 0.f);
       for (int64_t ci = 0; ci < g.cin; ++ci) {
         const float* in = xp + (sample * g.cin + ci) * in_plane;
-        conv_plane_forward(out, in, wp + (co * g.cin + ci) * taps, g);
+        conv_plane_forward(out, in, wp + (co * g.cin + ci) * taps, mp, g);
       }
     }
   });
@@ -467,22 +507,263 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> small_conv_backward(const at::Ten
   float* dwp = grad_w_parts.data_ptr<float>();
   float* dbp = grad_b_parts.data_ptr<float>();
   const int64_t in_plane = g.h * g.w, out_plane = g.ho * g.wo;
+  const std::vector<float> masks = column_masks(g);
   at::parallel_for(0, g.n, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> masked_dy(masks.size());
     for (int64_t sample = begin; sample < end; ++sample) {
       for (int64_t co = 0; co < g.cout; ++co) {
         const float* dy = dyp + (sample * g.cout + co) * out_plane;
         float bsum = 0.f;
         for (int64_t k = 0; k < out_plane; ++k) bsum += dy[k];
         dbp[sample * g.cout + co] = bsum;
+        for (size_t j = 0; j < masks.size(); j += out_plane)
+          for (int64_t k = 0; k < out_plane; ++k) masked_dy[j + k] = masks[j + k] * dy[k];
         for (int64_t ci = 0; ci < g.cin; ++ci) {
           const float* in = xp + (sample * g.cin + ci) * in_plane;
           conv_plane_backward(dxp + (sample * g.cin + ci) * in_plane, dwp + sample * wsize + (co * g.cin + ci) * taps,
-                              dy, in, wp + (co * g.cin + ci) * taps, g);
+                              dy, in, wp + (co * g.cin + ci) * taps, masks.empty() ? nullptr : masked_dy.data(), g);
         }
       }
     }
   });
   return {grad_x, grad_w_parts.sum(0).view_as(weight), grad_b_parts.sum(0)};
+}
+
+
+// ---- The spatial branch of a small BAM in training, one call each way ------------------------------------
+//
+// With rd_channels of 1 or 2 (the CIFAR ResNets' BAMs) the spatial branch after its 1x1 reduction is a chain of
+// BatchNorm (batch statistics) + ReLU and few-channel convolutions on maps of N x R x H x W, a few hundred KB.
+// As modules it costs ~15 ATen calls and autograd nodes each way, and ATen's BatchNorm works channel by
+// channel on one thread; here each layer is two or three passes over the map, parallel over samples.
+//
+//   pre_0 = reduced;  act_l = relu(bn_l(pre_l));  pre_{l+1} = conv_l(act_l);  logits = conv_final(act_last)
+
+struct ChannelStats {
+  std::vector<double> mean, var;  // per channel; var is the biased batch variance
+};
+
+// Plane sums in float (vectorised: omp simd reductions); planes are summed per channel in double.
+BAM_ZOO_CLONES
+double plane_sum(const float* __restrict p, int64_t len) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < len; ++i) s += p[i];
+  return s;
+}
+
+BAM_ZOO_CLONES
+double plane_squared_deviation(const float* __restrict p, float mean, int64_t len) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < len; ++i) s += (p[i] - mean) * (p[i] - mean);
+  return s;
+}
+
+// Per-channel batch mean and biased variance of an N x R x HW map: two passes (mean, then squared deviations,
+// so a large mean does not cancel the variance away), parallel over planes.
+ChannelStats channel_stats(const float* in, int64_t n, int64_t r, int64_t hw) {
+  std::vector<double> parts(n * r);
+  ChannelStats st{std::vector<double>(r, 0.), std::vector<double>(r, 0.)};
+  const double m = static_cast<double>(n * hw);
+  auto per_channel = [&](std::vector<double>& out) {
+    for (int64_t c = 0; c < r; ++c) {
+      double s = 0.;
+      for (int64_t i = 0; i < n; ++i) s += parts[i * r + c];
+      out[c] = s / m;
+    }
+  };
+  at::parallel_for(0, n * r, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t plane = begin; plane < end; ++plane) parts[plane] = plane_sum(in + plane * hw, hw);
+  });
+  per_channel(st.mean);
+  at::parallel_for(0, n * r, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t plane = begin; plane < end; ++plane)
+      parts[plane] = plane_squared_deviation(in + plane * hw, static_cast<float>(st.mean[plane % r]), hw);
+  });
+  per_channel(st.var);
+  return st;
+}
+
+// out = relu(x * scale[c] + shift[c]) per plane of an N x R x HW map.
+BAM_ZOO_CLONES
+void affine_relu(float* __restrict out, const float* __restrict in, float scale, float shift, int64_t len) {
+  for (int64_t i = 0; i < len; ++i) out[i] = std::max(in[i] * scale + shift, 0.f);
+}
+
+// One BatchNorm (training, batch statistics) + ReLU layer: writes act, updates the running statistics as
+// F.batch_norm does (unbiased variance), returns (mean, invstd) per channel as a 2 x R tensor.
+at::Tensor bn_relu_train_forward(const at::Tensor& pre, at::Tensor& act, const at::Tensor& weight,
+                                 const at::Tensor& bias, const at::Tensor& running_mean,
+                                 const at::Tensor& running_var, double momentum, double eps) {
+  const int64_t n = pre.size(0), r = pre.size(1), hw = pre.size(2) * pre.size(3);
+  const ChannelStats st = channel_stats(pre.data_ptr<float>(), n, r, hw);
+  at::Tensor stats = at::empty({2, r}, pre.options());
+  float* mean_invstd = stats.data_ptr<float>();
+  std::vector<float> scale(r), shift(r);
+  const float* w = weight.data_ptr<float>();
+  const float* b = bias.data_ptr<float>();
+  float* rm = running_mean.data_ptr<float>();
+  float* rv = running_var.data_ptr<float>();
+  const double count = static_cast<double>(n * hw);
+  for (int64_t c = 0; c < r; ++c) {
+    const double invstd = 1. / std::sqrt(st.var[c] + eps);
+    mean_invstd[c] = static_cast<float>(st.mean[c]);
+    mean_invstd[r + c] = static_cast<float>(invstd);
+    scale[c] = static_cast<float>(w[c] * invstd);
+    shift[c] = static_cast<float>(b[c] - st.mean[c] * w[c] * invstd);
+    rm[c] = static_cast<float>((1. - momentum) * rm[c] + momentum * st.mean[c]);
+    rv[c] = static_cast<float>((1. - momentum) * rv[c] + momentum * st.var[c] * count / (count - 1.));
+  }
+  const float* in = pre.data_ptr<float>();
+  float* out = act.data_ptr<float>();
+  at::parallel_for(0, n * r, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t c = plane % r;
+      affine_relu(out + plane * hw, in + plane * hw, scale[c], shift[c], hw);
+    }
+  });
+  return stats;
+}
+
+// g = dact * (act > 0); returns the plane's sums of g and of g * (pre - mean).
+BAM_ZOO_CLONES
+void relu_mask_sums(float* __restrict g, const float* __restrict dact, const float* __restrict act,
+                    const float* __restrict pre, float mean, int64_t len, double& sum_g, double& sum_gx) {
+  float s = 0.f, sx = 0.f;
+#pragma omp simd reduction(+ : s, sx)
+  for (int64_t i = 0; i < len; ++i) {
+    const float v = act[i] > 0.f ? dact[i] : 0.f;
+    g[i] = v;
+    s += v;
+    sx += v * (pre[i] - mean);
+  }
+  sum_g = s;
+  sum_gx = sx;
+}
+
+// dpre = k * (g - a - (pre - mean) * b), in place over g.
+BAM_ZOO_CLONES
+void bn_input_grad(float* __restrict g, const float* __restrict pre, float mean, float k, float a, float b,
+                   int64_t len) {
+  for (int64_t i = 0; i < len; ++i) g[i] = k * (g[i] - a - (pre[i] - mean) * b);
+}
+
+// Backward of bn_relu_train_forward: the input gradient (a new N x R x H x W tensor) and the BatchNorm's
+// weight and bias gradients.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_train_backward(const at::Tensor& dact, const at::Tensor& act,
+                                                                      const at::Tensor& pre, const at::Tensor& stats,
+                                                                      const at::Tensor& weight) {
+  const int64_t n = pre.size(0), r = pre.size(1), hw = pre.size(2) * pre.size(3);
+  at::Tensor dpre = at::empty_like(pre);
+  std::vector<double> parts(n * r * 2);
+  const float* mean_invstd = stats.data_ptr<float>();
+  const float* dap = dact.data_ptr<float>();
+  const float* ap = act.data_ptr<float>();
+  const float* pp = pre.data_ptr<float>();
+  float* gp = dpre.data_ptr<float>();
+  at::parallel_for(0, n * r, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t o = plane * hw;
+      relu_mask_sums(gp + o, dap + o, ap + o, pp + o, mean_invstd[plane % r], hw, parts[plane * 2],
+                     parts[plane * 2 + 1]);
+    }
+  });
+  at::Tensor grad_weight = at::empty({r}, pre.options());
+  at::Tensor grad_bias = at::empty({r}, pre.options());
+  std::vector<float> k(r), a(r), b(r);
+  const float* w = weight.data_ptr<float>();
+  const double count = static_cast<double>(n * hw);
+  for (int64_t c = 0; c < r; ++c) {
+    double sum_g = 0., sum_gx = 0.;
+    for (int64_t i = 0; i < n; ++i) {
+      sum_g += parts[(i * r + c) * 2];
+      sum_gx += parts[(i * r + c) * 2 + 1];
+    }
+    const double invstd = mean_invstd[r + c];
+    grad_bias.data_ptr<float>()[c] = static_cast<float>(sum_g);
+    grad_weight.data_ptr<float>()[c] = static_cast<float>(sum_gx * invstd);
+    k[c] = static_cast<float>(w[c] * invstd);
+    a[c] = static_cast<float>(sum_g / count);
+    b[c] = static_cast<float>(sum_gx * invstd * invstd / count);
+  }
+  at::parallel_for(0, n * r, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t c = plane % r;
+      bn_input_grad(gp + plane * hw, pp + plane * hw, mean_invstd[c], k[c], a[c], b[c], hw);
+    }
+  });
+  return {dpre, grad_weight, grad_bias};
+}
+
+void check_body(const at::Tensor& reduced, at::TensorList bn_weight, at::TensorList conv_weight) {
+  TORCH_CHECK(reduced.dim() == 4 && reduced.is_contiguous() && reduced.scalar_type() == at::kFloat &&
+                  reduced.device().is_cpu() && reduced.size(0) * reduced.size(2) * reduced.size(3) > 1,
+              "spatial_body: reduced must be a contiguous N x R x H x W float32 CPU map of more than one value");
+  TORCH_CHECK(bn_weight.size() == conv_weight.size() + 1,
+              "spatial_body: one BatchNorm more than dilated convolutions is expected");
+  for (const at::Tensor& t : bn_weight)
+    TORCH_CHECK(t.is_contiguous() && t.scalar_type() == at::kFloat && t.numel() == reduced.size(1),
+                "spatial_body: BatchNorm parameters must hold R contiguous float32 values");
+}
+
+// The branch's forward: (logits, conv outputs pre_1.., activations act_0.., per-layer (mean, invstd)).
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
+spatial_body_forward(const at::Tensor& reduced, at::TensorList bn_weight, at::TensorList bn_bias,
+                     at::TensorList running_mean, at::TensorList running_var, at::ArrayRef<double> momentum,
+                     at::ArrayRef<double> eps, at::TensorList conv_weight, const at::Tensor& final_weight,
+                     const c10::optional<at::Tensor>& final_bias, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  check_body(reduced, bn_weight, conv_weight);
+  const size_t layers = bn_weight.size();
+  TORCH_CHECK(bn_bias.size() == layers && running_mean.size() == layers && running_var.size() == layers &&
+                  momentum.size() == layers && eps.size() == layers,
+              "spatial_body: every BatchNorm needs weight, bias, running statistics, momentum and eps");
+  std::vector<at::Tensor> pres, acts, stats;
+  at::Tensor pre = reduced;
+  for (size_t l = 0; l < layers; ++l) {
+    at::Tensor act = at::empty_like(pre);
+    stats.push_back(bn_relu_train_forward(pre, act, bn_weight[l], bn_bias[l], running_mean[l], running_var[l],
+                                          momentum[l], eps[l]));
+    acts.push_back(act);
+    if (l + 1 < layers) {
+      pre = small_conv_forward(act, conv_weight[l], c10::nullopt, padding, dilation);
+      pres.push_back(pre);
+    }
+  }
+  const std::vector<int64_t> no_padding{0, 0}, no_dilation{1, 1};
+  at::Tensor logits = small_conv_forward(acts.back(), final_weight, final_bias, no_padding, no_dilation);
+  return {logits, pres, acts, stats};
+}
+
+// The branch's backward: (grad_reduced, BatchNorm weight grads, bias grads, conv weight grads, final weight
+// grad, final bias grad).
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor,
+           at::Tensor>
+spatial_body_backward(const at::Tensor& grad_logits, const at::Tensor& reduced, at::TensorList pres,
+                      at::TensorList acts, at::TensorList stats, at::TensorList bn_weight,
+                      at::TensorList conv_weight, const at::Tensor& final_weight, at::IntArrayRef padding,
+                      at::IntArrayRef dilation) {
+  check_body(reduced, bn_weight, conv_weight);
+  const size_t layers = bn_weight.size();
+  TORCH_CHECK(acts.size() == layers && stats.size() == layers && pres.size() + 1 == layers,
+              "spatial_body: the saved tensors do not match the layers");
+  const std::vector<int64_t> no_padding{0, 0}, no_dilation{1, 1};
+  auto final_grads = small_conv_backward(grad_logits.contiguous(), acts.back(), final_weight, no_padding,
+                                         no_dilation);
+  at::Tensor dact = std::get<0>(final_grads);
+  std::vector<at::Tensor> grad_bn_weight(layers), grad_bn_bias(layers), grad_conv(conv_weight.size());
+  at::Tensor dpre;
+  for (size_t l = layers; l-- > 0;) {
+    const at::Tensor& pre = l == 0 ? reduced : pres[l - 1];
+    std::tie(dpre, grad_bn_weight[l], grad_bn_bias[l]) = bn_relu_train_backward(dact, acts[l], pre, stats[l],
+                                                                                bn_weight[l]);
+    if (l > 0) {
+      auto conv_grads = small_conv_backward(dpre, acts[l - 1], conv_weight[l - 1], padding, dilation);
+      dact = std::get<0>(conv_grads);
+      grad_conv[l - 1] = std::get<1>(conv_grads);
+    }
+  }
+  return {dpre, grad_bn_weight, grad_bn_bias, grad_conv, std::get<1>(final_grads), std::get<2>(final_grads)};
 }
 
 }  // namespace
@@ -496,6 +777,12 @@ TORCH_LIBRARY(bam_zoo, m) {
   m.def("small_conv_forward(Tensor x, Tensor weight, Tensor? bias, int[] padding, int[] dilation) -> Tensor");
   m.def("small_conv_backward(Tensor grad_out, Tensor x, Tensor weight, int[] padding, int[] dilation)"
         " -> (Tensor, Tensor, Tensor)");
+  m.def("spatial_body_forward(Tensor reduced, Tensor[] bn_weight, Tensor[] bn_bias, Tensor(a!)[] running_mean,"
+        " Tensor(b!)[] running_var, float[] momentum, float[] eps, Tensor[] conv_weight, Tensor final_weight,"
+        " Tensor? final_bias, int[] padding, int[] dilation) -> (Tensor, Tensor[], Tensor[], Tensor[])");
+  m.def("spatial_body_backward(Tensor grad_logits, Tensor reduced, Tensor[] pres, Tensor[] acts, Tensor[] stats,"
+        " Tensor[] bn_weight, Tensor[] conv_weight, Tensor final_weight, int[] padding, int[] dilation)"
+        " -> (Tensor, Tensor[], Tensor[], Tensor[], Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(bam_zoo, CompositeExplicitAutograd, m) {
@@ -509,6 +796,8 @@ TORCH_LIBRARY_IMPL(bam_zoo, CPU, m) {
   m.impl("gate_backward", &gate_backward);
   m.impl("small_conv_forward", &small_conv_forward);
   m.impl("small_conv_backward", &small_conv_backward);
+  m.impl("spatial_body_forward", &spatial_body_forward);
+  m.impl("spatial_body_backward", &spatial_body_backward);
 }
 
 // An importable (empty) Python module, so `import bam_zoo._native` loads the library and registers the ops.

@@ -42,6 +42,8 @@ torch.fx.wrap("single_sample_safe_batch_norm")  # a leaf for FX: the test is on 
 
 
 class _SingleSampleSafeBatchNorm:
+    _single_sample_safe = True  # bam_cpu's kernels read its momentum as this forward does
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         momentum = self.momentum if self.momentum is not None else 0.1
         return single_sample_safe_batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,

@@ -10,8 +10,10 @@ Why BAM needs this on a CPU, and the numbers, are in ``docs/performance.md``. Th
   ATen ops writing into one buffer where the kernels are missing (:class:`BamGateFunction`);
 * convolutions with one or two channels as direct loops or matrix products (:func:`few_channel_conv`), where
   oneDNN is several times slower than their size warrants;
-* a training step of a BAM on a large map as one autograd node (:class:`BamBlockFunction`) that adds the
-  pool's and the reduce convolution's input gradients into the gate's in place;
+* a training step of a BAM as one autograd node (:class:`BamBlockFunction`) that adds the pool's and the reduce
+  convolution's input gradients into the gate's in place, on large maps or where the spatial branch is one or two
+  channels wide; there the branch after its reduction runs as compiled kernels, one call each way
+  (:class:`SpatialChain`);
 * a reuse cache for the gate's full-size buffers (in the compiled kernels; :func:`empty_buffer_cache`).
 
 The state dict is the definition's: the fast path reads the same parameters and buffers.
@@ -400,19 +402,117 @@ def bam_gate(x: torch.Tensor, channel_logits: torch.Tensor, spatial_logits: torc
 
 # ---- A training step as one autograd node ------------------------------------------------------------------------
 
-_NODE_MIN_PIXELS = 400  # on smaller maps the node's fixed costs outweigh the passes it saves
+_NODE_MIN_PIXELS = 400  # on smaller maps the node's fixed costs outweigh the passes it saves, ...
+_NARROW_NODE_MIN_PIXELS = 1  # ... unless its spatial branch is narrow enough for SpatialChain, which saves more
 
 
 def _takes_training_node(bam: "BAM", x: torch.Tensor) -> bool:
-    """Training with the kernels, the sum fusion, a large map and a plain 1x1 reduce convolution."""
-    if not (NATIVE and torch.is_grad_enabled() and bam.fusion == "sum" and x.shape[2] * x.shape[3] >= _NODE_MIN_PIXELS):
-        return False
+    """Training with the kernels, the sum fusion, a large map or a narrow spatial branch, and a plain 1x1 reduce
+    convolution."""
     conv = bam.spatial_attn.body.conv_reduce
+    if not (NATIVE and torch.is_grad_enabled() and bam.fusion == "sum"):
+        return False
+    narrow = getattr(conv, "out_channels", _SMALL_CONV_MAX_CHANNEL_PAIRS) ** 2 <= _SMALL_CONV_MAX_CHANNEL_PAIRS
+    if x.shape[2] * x.shape[3] < (_NARROW_NODE_MIN_PIXELS if narrow else _NODE_MIN_PIXELS):
+        return False
     if not isinstance(conv, nn.Conv2d) or conv.weight.dtype != torch.float32 or conv.groups != 1:
         return False
     if conv.kernel_size != (1, 1) or conv.stride != (1, 1) or conv.padding != (0, 0):
         return False
     return x.requires_grad or any(p.requires_grad for p in bam.parameters())
+
+
+class SpatialChain:
+    """The spatial branch after its reduction, run by the compiled kernels (``spatial_body_*``) in training.
+
+    It applies to the definition's chain on one- or two-channel maps (the CIFAR ResNets' BAMs): BatchNorm with
+    batch statistics + ReLU, size-preserving dilated convolutions without bias, a 1x1 convolution to one map. As
+    modules that chain is ~15 small ATen calls and autograd nodes each way, and ATen's BatchNorm reduces one channel
+    on one thread; the kernels make two or three passes per layer, parallel over samples. The running statistics
+    and ``num_batches_tracked`` are updated as the modules would.
+    """
+
+    def __init__(self, bns: List[nn.BatchNorm2d], convs: List[nn.Conv2d], final: nn.Conv2d):
+        self.bns, self.convs, self.final = bns, convs, final
+        self.saved: Tuple = ()
+
+    @classmethod
+    def of(cls, body: nn.Sequential, reduced: torch.Tensor) -> Optional["SpatialChain"]:
+        """The chain of ``body`` (after ``conv_reduce``) when the kernels compute it exactly, else None."""
+        layers = list(body)[1:]
+        n, rd, h, w = reduced.shape
+        if not NATIVE or rd * rd > _SMALL_CONV_MAX_CHANNEL_PAIRS or n * h * w < 2 or len(layers) % 3 != 0:
+            return None
+        bns, acts, convs, final = layers[0::3], layers[1::3], layers[2::3][:-1], layers[-1]
+        if not all(_is_training_batch_norm(bn, rd) for bn in bns) or not all(type(a) is nn.ReLU for a in acts):
+            return None
+        if not all(_is_same_size_conv(c, rd, rd) and c.bias is None for c in convs):
+            return None
+        if len({(c.padding, c.dilation) for c in convs}) > 1:
+            return None
+        if not (_is_same_size_conv(final, rd, 1) and final.kernel_size == (1, 1)):
+            return None
+        return cls(bns, convs, final)
+
+    def forward(self, reduced: torch.Tensor) -> torch.Tensor:
+        """The spatial logits (N x 1 x H x W) from the N x rd x H x W reduction; keeps what backward needs."""
+        bns, convs = self.bns, self.convs
+        geometry = (list(convs[0].padding), list(convs[0].dilation)) if convs else ([0, 0], [1, 1])
+        with torch.no_grad():
+            logits, pres, acts, stats = torch.ops.bam_zoo.spatial_body_forward(
+                reduced, [bn.weight for bn in bns], [bn.bias for bn in bns], [bn.running_mean for bn in bns],
+                [bn.running_var for bn in bns], [_bn_momentum(bn) for bn in bns], [bn.eps for bn in bns],
+                [c.weight.contiguous() for c in convs], self.final.weight.contiguous(), self.final.bias, *geometry)
+            for bn in bns:
+                bn.num_batches_tracked.add_(1)
+        self.saved = (reduced, pres, acts, stats, geometry)
+        return logits
+
+    def backward(self, grad_logits: torch.Tensor) -> Tuple[torch.Tensor, dict]:
+        """``(d reduced, {id(parameter): gradient})`` for the chain's parameters, in their own strides."""
+        (reduced, pres, acts, stats, geometry), self.saved = self.saved, ()
+        bns, convs, final = self.bns, self.convs, self.final
+        grad_reduced, grad_bn_w, grad_bn_b, grad_convs, grad_final_w, grad_final_b = \
+            torch.ops.bam_zoo.spatial_body_backward(
+                grad_logits, reduced, pres, acts, stats, [bn.weight for bn in bns],
+                [c.weight.contiguous() for c in convs], final.weight.contiguous(), *geometry)
+        pairs = [(bn.weight, g) for bn, g in zip(bns, grad_bn_w)] + [(bn.bias, g) for bn, g in zip(bns, grad_bn_b)]
+        pairs += [(c.weight, g) for c, g in zip(convs, grad_convs)] + [(final.weight, grad_final_w)]
+        if final.bias is not None:
+            pairs.append((final.bias, grad_final_b))
+        return grad_reduced, {id(p): _in_strides_of(p, g.view(p.shape)) for p, g in pairs}
+
+
+def _is_training_batch_norm(bn: nn.Module, channels: int) -> bool:
+    """A BatchNorm2d that normalises with batch statistics and updates its running ones (what the kernels do)."""
+    return (isinstance(bn, nn.BatchNorm2d) and bn.training and bn.affine and bn.track_running_stats
+            and bn.running_mean is not None and bn.num_batches_tracked is not None and bn.num_features == channels
+            and bn.weight.dtype == torch.float32 and _bn_momentum(bn) is not None)
+
+
+def _bn_momentum(bn: nn.BatchNorm2d) -> Optional[float]:
+    """The momentum of the running statistics: the definition's BatchNorm takes 0.1 for None; plain BatchNorm2d
+    then keeps a cumulative average, which the kernels do not (None)."""
+    if bn.momentum is None:
+        return 0.1 if hasattr(bn, "_single_sample_safe") else None
+    return bn.momentum
+
+
+def _is_same_size_conv(conv: nn.Module, in_channels: int, out_channels: int) -> bool:
+    """A float32 stride-1, zero-padded, ungrouped convolution whose output has its input's size."""
+    if not isinstance(conv, nn.Conv2d) or conv.weight.dtype != torch.float32:
+        return False
+    if (conv.in_channels, conv.out_channels, conv.groups, conv.stride) != (in_channels, out_channels, 1, (1, 1)):
+        return False
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return False
+    return all(k % 2 == 1 and p == d * (k - 1) // 2
+               for k, p, d in zip(conv.kernel_size, conv.padding, conv.dilation))
+
+
+def _in_strides_of(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``grad`` laid out like ``param`` (channels_last weights), so DDP's buckets take it without a copy."""
+    return grad if grad.stride() == param.stride() else torch.empty_like(param).copy_(grad)
 
 
 class BamBlockFunction(torch.autograd.Function):
@@ -430,14 +530,20 @@ class BamBlockFunction(torch.autograd.Function):
                 bam: "BAM", *branch_params: torch.Tensor) -> torch.Tensor:
         saved_x, x = x, x.detach()
         pooled = global_avg_pool(x).requires_grad_()
-        reduced = few_channel_conv(bam.spatial_attn.body.conv_reduce, x).requires_grad_()
+        body = bam.spatial_attn.body
+        reduced = few_channel_conv(body.conv_reduce, x)
+        chain = SpatialChain.of(body, reduced)
         with torch.enable_grad():
             channel_logits = _channel_logits(bam.channel_attn, pooled)
-            body = bam.spatial_attn.body
-            first = next((m for m in list(body)[1:] if not isinstance(m, nn.Identity)), None)
-            # an in-place first layer (bn_reduce folded away) must not write over the leaf
-            spatial_logits = _spatial_logits(body, reduced.clone() if getattr(first, "inplace", False) else reduced,
-                                             start=1)
+            if chain is not None:  # the kernels, no graph: their backward gives the gradients
+                spatial_logits = chain.forward(reduced.contiguous())
+            else:
+                reduced.requires_grad_()
+                first = next((m for m in list(body)[1:] if not isinstance(m, nn.Identity)), None)
+                # an in-place first layer (bn_reduce folded away) must not write over the leaf
+                spatial_logits = _spatial_logits(
+                    body, reduced.clone() if getattr(first, "inplace", False) else reduced, start=1)
+        ctx.chain = chain
         factors = _native_factors(x, channel_logits, spatial_logits, False)
         ctx.native = factors is not None
         if not ctx.native:  # saturated logits: the ATen gate (same function); the backward then takes the logits
@@ -460,13 +566,22 @@ class BamBlockFunction(torch.autograd.Function):
         del ctx.graph  # the branch graphs are freed with this call, as autograd frees saved tensors
         grad_x, grad_c, grad_s = _gate_backward(grad_out, x, first, second, False,
                                                 (first, second) if ctx.native else None)
-        trainable = [p for p in branch_params if p.requires_grad]
-        grads = torch.autograd.grad((channel_logits, spatial_logits), [pooled, reduced] + trainable,
-                                    (grad_c.view_as(channel_logits), grad_s.view_as(spatial_logits)),
-                                    allow_unused=True)
-        grad_pooled, grad_reduced = grads[0], grads[1]
-        trainable_grads = iter(grads[2:])
-        grad_params = [next(trainable_grads) if p.requires_grad else None for p in branch_params]
+        chain, ctx.chain = ctx.chain, None
+        if chain is not None:
+            grad_reduced, chain_grads = chain.backward(grad_s)
+            trainable = [p for p in branch_params if p.requires_grad and id(p) not in chain_grads]
+            grads = torch.autograd.grad(channel_logits, [pooled] + trainable, grad_c.view_as(channel_logits),
+                                        allow_unused=True)
+            grad_pooled, trainable_grads = grads[0], {id(p): g for p, g in zip(trainable, grads[1:])}
+            trainable_grads.update(chain_grads)
+        else:
+            trainable = [p for p in branch_params if p.requires_grad]
+            grads = torch.autograd.grad((channel_logits, spatial_logits), [pooled, reduced] + trainable,
+                                        (grad_c.view_as(channel_logits), grad_s.view_as(spatial_logits)),
+                                        allow_unused=True)
+            grad_pooled, grad_reduced = grads[0], grads[1]
+            trainable_grads = {id(p): g for p, g in zip(trainable, grads[2:])}
+        grad_params = [trainable_grads[id(p)] if p.requires_grad else None for p in branch_params]
         n, c, h, w = x.shape
         rd = reduce_weight.shape[0]
         weight = reduce_weight.reshape(rd, c)
