@@ -177,6 +177,43 @@ def test_native_ops_reject_bad_input_with_a_message():
         torch.ops.bam_zoo.gate_forward(x, torch.ones(2, 4), torch.ones(2, 16))
     with pytest.raises(RuntimeError, match="contiguous or channels_last"):
         torch.ops.bam_zoo.gate_forward(x[..., :2], torch.ones(2, 3), torch.ones(2, 8))
+    with pytest.raises(RuntimeError, match="pool_reduce: x must be a channels_last"):
+        torch.ops.bam_zoo.pool_reduce(x, torch.ones(1, 3), None)
+    with pytest.raises(RuntimeError, match="rd x C matrix"):
+        torch.ops.bam_zoo.pool_reduce(x.contiguous(memory_format=torch.channels_last), torch.ones(1, 4), None)
+    with pytest.raises(RuntimeError, match="spatial_body: reduced must be"):
+        torch.ops.bam_zoo.spatial_body_forward(x.double(), [torch.ones(3)], [torch.zeros(3)], [torch.zeros(3)],
+                                               [torch.ones(3)], [0.1], [1e-5], [], torch.ones(1, 3, 1, 1), None,
+                                               [0, 0], [1, 1])
+
+
+@needs_native
+@pytest.mark.parametrize("channels,rd,size,bias", [
+    (16, 1, (28, 28), False),  # bam_resnet20's first BAM
+    (32, 2, (14, 14), True),   # its second, with a folded bias
+    (24, 2, (5, 3), True),     # rows not a multiple of the 8-pixel blocks, channels not of the vector width
+])
+def test_pool_reduce_kernels_match_float64(channels, rd, size, bias):
+    """The one-pass pool + 1x1 reduction of a channels_last map and its backward, against the same sums in
+    float64 (the node uses them for narrow reductions)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, channels, *size, generator=g).contiguous(memory_format=torch.channels_last)
+    weight, b = torch.randn(rd, channels, generator=g), torch.randn(rd, generator=g) if bias else None
+    pooled, reduced = torch.ops.bam_zoo.pool_reduce(x, weight, b)
+    x64, w64 = x.double(), weight.double()
+    want_reduced = torch.einsum("nchw,rc->nrhw", x64, w64) + (b.double().view(1, -1, 1, 1) if bias else 0)
+    _assert_close(pooled, x64.mean((2, 3)), 1e-5, "pooled")
+    _assert_close(reduced, want_reduced, 1e-5, "reduced")
+    assert reduced.is_contiguous()
+
+    grad_x = torch.randn(x.shape, generator=g).contiguous(memory_format=torch.channels_last)
+    grad_reduced, grad_pooled = torch.randn(reduced.shape, generator=g), torch.randn(3, channels, generator=g)
+    want_dx = (grad_x.double() + torch.einsum("nrhw,rc->nchw", grad_reduced.double(), w64)
+               + grad_pooled.double()[:, :, None, None])
+    want_dw = torch.einsum("nrhw,nchw->rc", grad_reduced.double(), x64)
+    got_dw = torch.ops.bam_zoo.pool_reduce_backward_(grad_x, x, grad_reduced, weight, grad_pooled)
+    _assert_close(grad_x, want_dx, 1e-5, "grad_x (in place)")
+    _assert_close(got_dw, want_dw, 1e-5, "grad_weight")
 
 
 # ---- Few-channel convolutions --------------------------------------------------------------------------------------

@@ -168,3 +168,23 @@ def test_unknown_name_suggests_close_names():
 def test_unknown_tag_lists_available_tags():
     with pytest.raises(UnknownPretrainedTagError, match="Unknown pretrained tag 'nope' for 'resnet18'.*a1_in1k"):
         bam_zoo.create_model("resnet18.nope")
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_zero_pad_shortcut_is_option_a_and_keeps_channels_last_gradients(stride):
+    """The CIFAR ResNets' option-A shortcut subsamples and zero-pads; in a channels_last network the gradient it
+    hands back (summed with the convolution path's) stays channels_last, so the layer below (BAM, or the plain
+    block's ReLU) gets no NCHW gradient to convert or to iterate in mixed layouts."""
+    from bam_zoo.models.cifar_resnet import ZeroPadShortcut
+    shortcut = ZeroPadShortcut(16, 32, stride)
+    x = torch.randn(4, 16, 9, 9).contiguous(memory_format=torch.channels_last)
+    expected = torch.nn.functional.pad(x[:, :, ::stride, ::stride], (0, 0, 0, 0, 0, 16))
+    assert torch.equal(shortcut(x), expected)
+
+    conv = torch.nn.Conv2d(16, 32, 3, stride, 1).to(memory_format=torch.channels_last)
+    leaf = x.clone().requires_grad_()
+    mid = leaf * 1.0  # a non-leaf, as a block's input is
+    layouts = []
+    mid.register_hook(lambda grad: layouts.append(grad.is_contiguous(memory_format=torch.channels_last)))
+    (conv(mid) + shortcut(mid)).square().sum().backward()
+    assert layouts == [True]

@@ -766,6 +766,142 @@ spatial_body_backward(const at::Tensor& grad_logits, const at::Tensor& reduced, 
   return {dpre, grad_bn_weight, grad_bn_bias, grad_conv, std::get<1>(final_grads), std::get<2>(final_grads)};
 }
 
+
+// ---- The pool and the 1x1 reduction of a channels_last map with few reduced channels, one pass each way --------
+//
+// BAM reads its input for the channel branch's global average pool and for the spatial branch's 1x1 reduction,
+// and its backward adds both input gradients into dx and needs x again for the reduction's weight gradient. As a
+// GEMM and a sum these are separate passes over the full map; with one or two reduced channels each pixel's row
+// of C values (contiguous in channels_last) serves all of them at once.
+
+constexpr int64_t kPixelBlock = 8;  // rows summed into the pool (and the weight gradient) per memory update
+
+// One sample's rows (hw x C): pooled (C) += sum of the rows; red[r * hw + p] = row_p . w_r + b_r.
+BAM_ZOO_CLONES
+void pool_reduce_sample(float* __restrict pooled, float* __restrict red, const float* __restrict rows,
+                        const float* __restrict w, const float* __restrict b, int64_t c, int64_t rd, int64_t hw) {
+  int64_t p = 0;
+  for (; p + kPixelBlock <= hw; p += kPixelBlock) {
+    const float* x = rows + p * c;
+    for (int64_t k = 0; k < c; ++k) {
+      float s = 0.f;
+      for (int64_t j = 0; j < kPixelBlock; ++j) s += x[j * c + k];
+      pooled[k] += s;
+    }
+  }
+  for (; p < hw; ++p)
+    for (int64_t k = 0; k < c; ++k) pooled[k] += rows[p * c + k];
+  for (int64_t r = 0; r < rd; ++r) {
+    const float* wr = w + r * c;
+    const float bias = b ? b[r] : 0.f;
+    for (int64_t q = 0; q < hw; ++q) {
+      const float* x = rows + q * c;
+      float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t k = 0; k < c; ++k) acc += x[k] * wr[k];
+      red[r * hw + q] = acc + bias;
+    }
+  }
+}
+
+// x: N x C x H x W channels_last; weight: rd x C contiguous. Returns (mean over H x W: N x C, the reduction:
+// N x rd x H x W contiguous).
+std::tuple<at::Tensor, at::Tensor> pool_reduce(const at::Tensor& x, const at::Tensor& weight,
+                                               const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.device().is_cpu() &&
+                  x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "pool_reduce: x must be a channels_last N x C x H x W float32 CPU tensor");
+  const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == c && weight.is_contiguous() &&
+                  weight.scalar_type() == at::kFloat,
+              "pool_reduce: weight must be a contiguous float32 rd x C matrix");
+  const int64_t rd = weight.size(0);
+  const float* bp = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->is_contiguous() && bias->scalar_type() == at::kFloat && bias->numel() == rd,
+                "pool_reduce: bias must hold rd float32 values");
+    bp = bias->data_ptr<float>();
+  }
+  at::Tensor pooled = at::zeros({n, c}, x.options());
+  at::Tensor red = at::empty({n, rd, x.size(2), x.size(3)}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  float* pp = pooled.data_ptr<float>();
+  float* rp = red.data_ptr<float>();
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      float* pooled_i = pp + i * c;
+      pool_reduce_sample(pooled_i, rp + i * rd * hw, xp + i * hw * c, wp, bp, c, rd, hw);
+      for (int64_t k = 0; k < c; ++k) pooled_i[k] /= static_cast<float>(hw);
+    }
+  });
+  return {pooled, red};
+}
+
+// One sample: dx_p += sum_r dred[r * hw + p] w_r + dpool for every row p; dw_r += sum_p dred[r * hw + p] x_p.
+BAM_ZOO_CLONES
+void reduce_backward_sample(float* __restrict dx, float* __restrict dw, const float* __restrict rows,
+                            const float* __restrict dred, const float* __restrict w, const float* __restrict dpool,
+                            int64_t c, int64_t rd, int64_t hw) {
+  for (int64_t p = 0; p < hw; ++p) {
+    float* d = dx + p * c;
+    for (int64_t k = 0; k < c; ++k) d[k] += dpool[k];
+    for (int64_t r = 0; r < rd; ++r) {
+      const float g = dred[r * hw + p];
+      const float* wr = w + r * c;
+      for (int64_t k = 0; k < c; ++k) d[k] += g * wr[k];
+    }
+  }
+  for (int64_t r = 0; r < rd; ++r) {
+    const float* g = dred + r * hw;
+    float* dwr = dw + r * c;
+    int64_t p = 0;
+    for (; p + kPixelBlock <= hw; p += kPixelBlock) {
+      const float* x = rows + p * c;
+      for (int64_t k = 0; k < c; ++k) {
+        float s = 0.f;
+        for (int64_t j = 0; j < kPixelBlock; ++j) s += g[p + j] * x[j * c + k];
+        dwr[k] += s;
+      }
+    }
+    for (; p < hw; ++p)
+      for (int64_t k = 0; k < c; ++k) dwr[k] += g[p] * rows[p * c + k];
+  }
+}
+
+// Adds the pool's and the reduction's input gradients into grad_x (channels_last, in place): grad_x +=
+// dred @ W + dpool (dpool: N x C, already divided by H x W). Returns the weight's gradient (rd x C).
+at::Tensor pool_reduce_backward_(at::Tensor& grad_x, const at::Tensor& x, const at::Tensor& grad_reduced,
+                                 const at::Tensor& weight, const at::Tensor& grad_pooled) {
+  TORCH_CHECK(x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast) && x.scalar_type() == at::kFloat &&
+                  grad_x.sizes() == x.sizes() && grad_x.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+                  grad_x.scalar_type() == at::kFloat,
+              "pool_reduce_backward_: x and grad_x must be channels_last float32 maps of one shape");
+  const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == c && weight.is_contiguous() &&
+                  weight.scalar_type() == at::kFloat,
+              "pool_reduce_backward_: weight must be a contiguous float32 rd x C matrix");
+  const int64_t rd = weight.size(0);
+  TORCH_CHECK(grad_reduced.is_contiguous() && grad_reduced.scalar_type() == at::kFloat &&
+                  grad_reduced.numel() == n * rd * hw,
+              "pool_reduce_backward_: grad_reduced must be a contiguous N x rd x H x W float32 map");
+  TORCH_CHECK(grad_pooled.is_contiguous() && grad_pooled.scalar_type() == at::kFloat && grad_pooled.numel() == n * c,
+              "pool_reduce_backward_: grad_pooled must be a contiguous N x C float32 matrix");
+  at::Tensor parts = at::zeros({n, rd, c}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* gp = grad_reduced.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  const float* dpp = grad_pooled.data_ptr<float>();
+  float* dxp = grad_x.data_ptr<float>();
+  float* dwp = parts.data_ptr<float>();
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i)
+      reduce_backward_sample(dxp + i * hw * c, dwp + i * rd * c, xp + i * hw * c, gp + i * rd * hw, wp, dpp + i * c,
+                             c, rd, hw);
+  });
+  return parts.sum(0);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(bam_zoo, m) {
@@ -783,6 +919,9 @@ TORCH_LIBRARY(bam_zoo, m) {
   m.def("spatial_body_backward(Tensor grad_logits, Tensor reduced, Tensor[] pres, Tensor[] acts, Tensor[] stats,"
         " Tensor[] bn_weight, Tensor[] conv_weight, Tensor final_weight, int[] padding, int[] dilation)"
         " -> (Tensor, Tensor[], Tensor[], Tensor[], Tensor, Tensor)");
+  m.def("pool_reduce(Tensor x, Tensor weight, Tensor? bias) -> (Tensor, Tensor)");
+  m.def("pool_reduce_backward_(Tensor(a!) grad_x, Tensor x, Tensor grad_reduced, Tensor weight, Tensor grad_pooled)"
+        " -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(bam_zoo, CompositeExplicitAutograd, m) {
@@ -798,6 +937,8 @@ TORCH_LIBRARY_IMPL(bam_zoo, CPU, m) {
   m.impl("small_conv_backward", &small_conv_backward);
   m.impl("spatial_body_forward", &spatial_body_forward);
   m.impl("spatial_body_backward", &spatial_body_backward);
+  m.impl("pool_reduce", &pool_reduce);
+  m.impl("pool_reduce_backward_", &pool_reduce_backward_);
 }
 
 // An importable (empty) Python module, so `import bam_zoo._native` loads the library and registers the ops.

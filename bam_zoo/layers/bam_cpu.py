@@ -529,9 +529,18 @@ class BamBlockFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, reduce_weight: torch.Tensor, reduce_bias: Optional[torch.Tensor],
                 bam: "BAM", *branch_params: torch.Tensor) -> torch.Tensor:
         saved_x, x = x, x.detach()
-        pooled = global_avg_pool(x).requires_grad_()
         body = bam.spatial_attn.body
-        reduced = few_channel_conv(body.conv_reduce, x)
+        conv = body.conv_reduce
+        # A narrow reduction of a channels_last map: the pool and the reduction in one pass over x (and their input
+        # gradients and the weight's in one pass over dx and x), instead of a sum and a GEMM (and three passes).
+        ctx.pool_reduce = conv.out_channels ** 2 <= _SMALL_CONV_MAX_CHANNEL_PAIRS and _channels_last(x)
+        if ctx.pool_reduce:
+            pooled, reduced = torch.ops.bam_zoo.pool_reduce(x, conv.weight.reshape(conv.out_channels, -1).contiguous(),
+                                                            conv.bias)
+            pooled.requires_grad_()
+        else:
+            pooled = global_avg_pool(x).requires_grad_()
+            reduced = few_channel_conv(conv, x)
         chain = SpatialChain.of(body, reduced)
         with torch.enable_grad():
             channel_logits = _channel_logits(bam.channel_attn, pooled)
@@ -586,12 +595,16 @@ class BamBlockFunction(torch.autograd.Function):
         rd = reduce_weight.shape[0]
         weight = reduce_weight.reshape(rd, c)
         grad_pooled = grad_pooled / (h * w)
-        pixel_rows = _channels_last(x)
-        if pixel_rows:  # dX (N x HW x C) += dred (N x HW x rd) @ W (rd x C), then + dpool / HW
+        if ctx.pool_reduce:
+            grad_reduced = grad_reduced.contiguous()
+            grad_weight = torch.ops.bam_zoo.pool_reduce_backward_(grad_x, x, grad_reduced, weight.contiguous(),
+                                                                  grad_pooled.contiguous())
+        elif _channels_last(x):  # dX (N x HW x C) += [dred | 1] (N x HW x (rd + 1)) @ [W ; dpool / HW] ((rd + 1) x C)
             rows = x.permute(0, 2, 3, 1).reshape(n, h * w, c)
             grad_rows = grad_reduced.permute(0, 2, 3, 1).reshape(n, h * w, rd)
-            grad_x.permute(0, 2, 3, 1).view(n, h * w, c).baddbmm_(grad_rows, weight.expand(n, -1, -1)).add_(
-                grad_pooled.unsqueeze(1))
+            lhs = torch.cat([grad_rows, grad_rows.new_ones(n, h * w, 1)], dim=2)
+            rhs = torch.cat([weight.expand(n, -1, -1), grad_pooled.unsqueeze(1)], dim=1)
+            grad_x.permute(0, 2, 3, 1).view(n, h * w, c).baddbmm_(lhs, rhs)
             grad_weight = grad_rows.reshape(n * h * w, rd).t().mm(rows.reshape(n * h * w, c))
         else:  # rows are channels: dX (N x C x HW) += [W^T | dpool / HW] @ [dred ; 1]
             grad_rows = grad_reduced.reshape(n, rd, h * w)
@@ -601,5 +614,5 @@ class BamBlockFunction(torch.autograd.Function):
             grad_x.view(n, c, h * w).baddbmm_(lhs, rhs)
             grad_weight = torch.bmm(grad_rows, x.view(n, c, h * w).transpose(1, 2)).sum(0)
         grad_weight = torch.empty_like(reduce_weight).copy_(grad_weight.view(reduce_weight.shape))  # its strides
-        grad_bias = grad_rows.sum((0, 1) if pixel_rows else (0, 2)) if ctx.has_bias else None
+        grad_bias = grad_reduced.sum((0, 2, 3)) if ctx.has_bias else None
         return (grad_x, grad_weight, grad_bias, None, *grad_params)

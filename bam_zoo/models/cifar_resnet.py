@@ -28,7 +28,10 @@ class ZeroPadShortcut(nn.Module):
         self.pad = out_chs - in_chs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x[:, :, ::self.stride, ::self.stride]
+        if self.stride > 1:
+            # x[:, :, ::s, ::s] as a pooling, whose backward keeps a channels_last gradient channels_last (slicing's
+            # comes back NCHW, and every layer below then pays for the mixed layouts)
+            x = F.avg_pool2d(x, 1, self.stride)
         return F.pad(x, (0, 0, 0, 0, 0, self.pad))
 
 
