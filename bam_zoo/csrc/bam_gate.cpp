@@ -804,6 +804,12 @@ void pool_reduce_sample(float* __restrict pooled, float* __restrict red, const f
   }
 }
 
+void check_reduce_weight(const at::Tensor& weight, int64_t c, const char* op) {
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == c && weight.is_contiguous() &&
+                  weight.scalar_type() == at::kFloat,
+              op, ": weight must be a contiguous float32 rd x C matrix");
+}
+
 // x: N x C x H x W channels_last; weight: rd x C contiguous. Returns (mean over H x W: N x C, the reduction:
 // N x rd x H x W contiguous).
 std::tuple<at::Tensor, at::Tensor> pool_reduce(const at::Tensor& x, const at::Tensor& weight,
@@ -812,9 +818,7 @@ std::tuple<at::Tensor, at::Tensor> pool_reduce(const at::Tensor& x, const at::Te
                   x.is_contiguous(at::MemoryFormat::ChannelsLast),
               "pool_reduce: x must be a channels_last N x C x H x W float32 CPU tensor");
   const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == c && weight.is_contiguous() &&
-                  weight.scalar_type() == at::kFloat,
-              "pool_reduce: weight must be a contiguous float32 rd x C matrix");
+  check_reduce_weight(weight, c, "pool_reduce");
   const int64_t rd = weight.size(0);
   const float* bp = nullptr;
   if (bias.has_value() && bias->defined()) {
@@ -878,9 +882,7 @@ at::Tensor pool_reduce_backward_(at::Tensor& grad_x, const at::Tensor& x, const 
                   grad_x.scalar_type() == at::kFloat,
               "pool_reduce_backward_: x and grad_x must be channels_last float32 maps of one shape");
   const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == c && weight.is_contiguous() &&
-                  weight.scalar_type() == at::kFloat,
-              "pool_reduce_backward_: weight must be a contiguous float32 rd x C matrix");
+  check_reduce_weight(weight, c, "pool_reduce_backward_");
   const int64_t rd = weight.size(0);
   TORCH_CHECK(grad_reduced.is_contiguous() && grad_reduced.scalar_type() == at::kFloat &&
                   grad_reduced.numel() == n * rd * hw,
