@@ -406,18 +406,24 @@ _NODE_MIN_PIXELS = 400  # on smaller maps the node's fixed costs outweigh the pa
 _NARROW_NODE_MIN_PIXELS = 1  # ... unless its spatial branch is narrow enough for SpatialChain, which saves more
 
 
+def _is_narrow(rd_channels: int) -> bool:
+    """Whether a spatial branch of this width runs on the direct-loop kernels (``rd_channels`` 1 or 2): then
+    :class:`SpatialChain` and the pool-reduce kernels apply, and the node pays off on any map size."""
+    return rd_channels * rd_channels <= _SMALL_CONV_MAX_CHANNEL_PAIRS
+
+
 def _takes_training_node(bam: "BAM", x: torch.Tensor) -> bool:
     """Training with the kernels, the sum fusion, a large map or a narrow spatial branch, and a plain 1x1 reduce
     convolution."""
-    conv = bam.spatial_attn.body.conv_reduce
     if not (NATIVE and torch.is_grad_enabled() and bam.fusion == "sum"):
         return False
-    narrow = getattr(conv, "out_channels", _SMALL_CONV_MAX_CHANNEL_PAIRS) ** 2 <= _SMALL_CONV_MAX_CHANNEL_PAIRS
-    if x.shape[2] * x.shape[3] < (_NARROW_NODE_MIN_PIXELS if narrow else _NODE_MIN_PIXELS):
-        return False
+    conv = bam.spatial_attn.body.conv_reduce
     if not isinstance(conv, nn.Conv2d) or conv.weight.dtype != torch.float32 or conv.groups != 1:
         return False
     if conv.kernel_size != (1, 1) or conv.stride != (1, 1) or conv.padding != (0, 0):
+        return False
+    min_pixels = _NARROW_NODE_MIN_PIXELS if _is_narrow(conv.out_channels) else _NODE_MIN_PIXELS
+    if x.shape[2] * x.shape[3] < min_pixels:
         return False
     return x.requires_grad or any(p.requires_grad for p in bam.parameters())
 
@@ -441,7 +447,7 @@ class SpatialChain:
         """The chain of ``body`` (after ``conv_reduce``) when the kernels compute it exactly, else None."""
         layers = list(body)[1:]
         n, rd, h, w = reduced.shape
-        if not NATIVE or rd * rd > _SMALL_CONV_MAX_CHANNEL_PAIRS or n * h * w < 2 or len(layers) % 3 != 0:
+        if not NATIVE or not _is_narrow(rd) or n * h * w < 2 or len(layers) % 3 != 0:
             return None
         bns, acts, convs, final = layers[0::3], layers[1::3], layers[2::3][:-1], layers[-1]
         if not all(_is_training_batch_norm(bn, rd) for bn in bns) or not all(type(a) is nn.ReLU for a in acts):
@@ -533,7 +539,7 @@ class BamBlockFunction(torch.autograd.Function):
         conv = body.conv_reduce
         # A narrow reduction of a channels_last map: the pool and the reduction in one pass over x (and their input
         # gradients and the weight's in one pass over dx and x), instead of a sum and a GEMM (and three passes).
-        ctx.pool_reduce = conv.out_channels ** 2 <= _SMALL_CONV_MAX_CHANNEL_PAIRS and _channels_last(x)
+        ctx.pool_reduce = _is_narrow(conv.out_channels) and _channels_last(x)
         if ctx.pool_reduce:
             pooled, reduced = torch.ops.bam_zoo.pool_reduce(x, conv.weight.reshape(conv.out_channels, -1).contiguous(),
                                                             conv.bias)
@@ -613,6 +619,6 @@ class BamBlockFunction(torch.autograd.Function):
             rhs = torch.cat([grad_rows, grad_rows.new_ones(n, 1, h * w)], dim=1)
             grad_x.view(n, c, h * w).baddbmm_(lhs, rhs)
             grad_weight = torch.bmm(grad_rows, x.view(n, c, h * w).transpose(1, 2)).sum(0)
-        grad_weight = torch.empty_like(reduce_weight).copy_(grad_weight.view(reduce_weight.shape))  # its strides
+        grad_weight = _in_strides_of(reduce_weight, grad_weight.view(reduce_weight.shape))
         grad_bias = grad_reduced.sum((0, 2, 3)) if ctx.has_bias else None
         return (grad_x, grad_weight, grad_bias, None, *grad_params)
