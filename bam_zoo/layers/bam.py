@@ -115,7 +115,12 @@ torch.fx.wrap("check_bam_input")  # plain torch.fx.symbolic_trace and torchvisio
 
 
 class BAM(nn.Module):
-    """Bottleneck Attention Module: ``y = x * (1 + gate(Mc(x) + Ms(x)))``.
+    """Bottleneck Attention Module: ``y = x * (1 + gate(Mc(x) + Ms(x)))``, the paper's block.
+
+    With ``identity_init=True`` the refinement gets a learned per-channel scale that starts at zero,
+    ``y = x + gamma * x * gate(Mc(x) + Ms(x))`` (as ReZero, LayerScale and zero-initialised non-local blocks):
+    the block starts as the identity, so it can be added to a trained network (:func:`bam_zoo.add_bam`) without
+    changing what the network computes, and ``gamma`` learns from the first step.
 
     Same signature as timm's attention layers (``timm.layers.CbamModule``), so it goes wherever timm takes an
     ``attn_layer``.
@@ -130,6 +135,7 @@ class BAM(nn.Module):
         fusion: ``"sum"`` (paper) or ``"product"`` (official code).
         act_layer: Activation inside both branches.
         gate_layer: Gate on the merged logits (paper: sigmoid).
+        identity_init: Add the zero-initialised scale ``gamma`` (C values); the paper's block has none.
 
     Set ``store_attention = True`` (or use :func:`bam_zoo.capture_attention`) to keep the last attention map
     ``gate(Mc + Ms)`` (N x C x H x W, detached) in ``attention_map``.
@@ -138,7 +144,8 @@ class BAM(nn.Module):
 
     def __init__(self, channels: int, rd_ratio: float = 1. / 16, rd_channels: Optional[int] = None,
                  rd_divisor: int = 1, dilation: int = 4, num_dilated_convs: int = 2, fusion: str = "sum",
-                 act_layer: LayerType = nn.ReLU, gate_layer: LayerType = "sigmoid", device=None, dtype=None):
+                 act_layer: LayerType = nn.ReLU, gate_layer: LayerType = "sigmoid", identity_init: bool = False,
+                 device=None, dtype=None):
         super().__init__()
         if not isinstance(channels, int) or channels < 1:
             raise ValueError(f"BAM: channels must be a positive int, got {channels!r}.")
@@ -154,16 +161,18 @@ class BAM(nn.Module):
         self.spatial_attn = SpatialAttn(channels, self.rd_channels, dilation, num_dilated_convs, act_layer, **dd)
         gate = get_act_layer(gate_layer)
         self.gate = gate() if isinstance(gate, type) else gate
+        self.gamma = nn.Parameter(torch.zeros(channels, **dd)) if identity_init else None
         self.store_attention = False
         self.attention_map = None
         self._cpu_fast_path_disabled = False  # bam_cpu.disable_cpu_fast_path's switch
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, rd_channels={self.rd_channels}, fusion={self.fusion!r}"
+        scale = ", identity_init=True" if self.gamma is not None else ""
+        return f"channels={self.channels}, rd_channels={self.rd_channels}, fusion={self.fusion!r}{scale}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = check_bam_input(x, self.channels)
-        if not torch.jit.is_scripting() and self._cpu_fast_path_applies(x):
+        if self.gamma is None and not torch.jit.is_scripting() and self._cpu_fast_path_applies(x):
             return self._cpu_fast_forward(x)  # the same function, faster (eager CPU only)
         channel_logits = self.channel_attn(x)
         spatial_logits = self.spatial_attn(x)
@@ -171,6 +180,8 @@ class BAM(nn.Module):
         attention = self.gate(logits)
         if self.store_attention:
             self.attention_map = attention.detach()
+        if self.gamma is not None:
+            return x + self.gamma[:, None, None] * (x * attention)
         return x * (1 + attention)
 
     @torch.jit.unused  # TorchScript compiles the definition only
