@@ -250,10 +250,19 @@ def strict_keys(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, Any]:
 
     Why: timm loads with ``strict=False`` whenever it drops a classifier of another size, which would also let
     missing or unexpected keys elsewhere pass. Shapes stay torch's to check (it raises on them either way) and
-    the stem is adapted by timm after this filter, so only the head and stem adaptation is allowed.
+    the stem is adapted by timm after this filter, so only the head and stem adaptation is allowed. A model
+    built for another ``num_classes`` (0: no head) does not take the weights' classifier: its keys are left out
+    on both sides and the new head keeps its initialisation, as timm does.
     """
     state_dict = convert_state_dict(state_dict, model, check_shapes=False)
-    if state_dict.keys() != model.state_dict().keys():
+    expected = model.state_dict().keys()
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if getattr(model, "num_classes", None) != cfg.get("num_classes"):
+        heads = cfg.get("classifier") or ()
+        heads = {heads} if isinstance(heads, str) else set(heads)
+        state_dict = {k: v for k, v in state_dict.items() if k.rpartition(".")[0] not in heads}
+        expected = {k for k in expected if k.rpartition(".")[0] not in heads}
+    if state_dict.keys() != expected:
         model.load_state_dict(state_dict, strict=True)  # raises, listing missing, unexpected, misshaped keys
     return state_dict
 
