@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -75,33 +76,49 @@ def test_configure_optimizers_uses_the_no_decay_groups(fmnist: Path, tmp_path: P
         assert decay[id(p)] == (0.0 if p.ndim <= 1 else 5e-4), name
 
 
-def lrs(name: str, steps: int = 100, per_epoch: int = 10, **kwargs: float) -> list[float]:
-    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1, momentum=0.9)
+def lrs(name: str, steps: int = 100, per_epoch: int = 10, peaks: tuple[float, ...] = (0.1,),
+        **kwargs: float) -> list[list[float]]:
+    """Each param group's LR at every step (one list per group) of a run whose groups peak at ``peaks``."""
+    opt = torch.optim.SGD([{"params": [nn.Parameter(torch.zeros(1))], "lr": lr} for lr in peaks], momentum=0.9)
     sched = create_lr_scheduler(opt, name, total_steps=steps, steps_per_epoch=per_epoch, **kwargs)
     out = []
     for _ in range(steps):
-        out.append(opt.param_groups[0]["lr"])
+        out.append([g["lr"] for g in opt.param_groups])
         opt.step()
         sched.step()
-    return out
+    return [list(group) for group in zip(*out)]
 
 
 def test_warmup_then_cosine() -> None:
-    lr = lrs("cosine", warmup_epochs=1, warmup_start_factor=0.01)
-    assert lr[0] == pytest.approx(0.001) and lr[10] == pytest.approx(0.1)
+    (lr,) = lrs("cosine", warmup_epochs=1, warmup_start_factor=0.01)
+    assert lr[0] == pytest.approx(0.001) and lr[5] == pytest.approx(0.0505) and lr[10] == pytest.approx(0.1)
     assert all(a < b for a, b in zip(lr[:10], lr[1:11]))  # linear ramp up
     assert all(a >= b for a, b in zip(lr[10:], lr[11:]))  # then monotone decay
-    assert lr[55] == pytest.approx(0.05, abs=2e-3) and lr[-1] < 1e-3
+    assert lr[55] == pytest.approx(0.05) and lr[-1] == pytest.approx(0.05 * (1 + math.cos(math.pi * 89 / 90)))
+
+
+def test_each_group_decays_from_its_own_peak_to_min_lr_ratio_of_it() -> None:
+    """Fine-tuning's 0.1x backbone LR ramps, peaks and ends at its own scale, not the head's."""
+    head, body = lrs("cosine", peaks=(0.1, 0.01), warmup_epochs=1, min_lr_ratio=0.1)
+    end = 0.1 + 0.45 * (1 + math.cos(math.pi * 89 / 90))  # 89 of the 90 steps after the warm-up
+    for peak, lr in ((0.1, head), (0.01, body)):
+        assert lr[0] == pytest.approx(0.01 * peak) and lr[10] == pytest.approx(peak)
+        assert lr[55] == pytest.approx(0.55 * peak) and lr[-1] == pytest.approx(end * peak)
 
 
 def test_step_and_multistep_and_onecycle() -> None:
-    step = lrs("step", decay_epochs=3, decay_rate=0.1)
+    (step,) = lrs("step", decay_epochs=3, decay_rate=0.1)
     assert step[29] == pytest.approx(0.1) and step[30] == pytest.approx(0.01) and step[60] == pytest.approx(1e-3)
-    multi = lrs("multistep", decay_milestones=[2, 7], decay_rate=0.1)
-    assert multi[19] == pytest.approx(0.1) and multi[20] == pytest.approx(0.01) and multi[70] == pytest.approx(1e-3)
-    one = lrs("onecycle", warmup_epochs=2)
+    (step,) = lrs("step", decay_epochs=3, decay_rate=0.1, warmup_epochs=1)  # periods count from the warm-up's end
+    assert step[39] == pytest.approx(0.1) and step[40] == pytest.approx(0.01) and step[70] == pytest.approx(1e-3)
+    for warmup in (0, 1):  # milestones are epochs of the whole run, warm-up or not
+        (multi,) = lrs("multistep", decay_milestones=[2, 7], decay_rate=0.1, warmup_epochs=warmup)
+        assert multi[19] == pytest.approx(0.1) and multi[20] == pytest.approx(0.01)
+        assert multi[69] == pytest.approx(0.01) and multi[70] == pytest.approx(1e-3)
+    (one,) = lrs("onecycle", warmup_epochs=2)
     assert max(one) == pytest.approx(0.1) and one.index(max(one)) in (19, 20) and one[0] < 0.01 and one[-1] < 1e-3
-    assert set(lrs("constant")) == {0.1}
+    assert set(lrs("constant")[0]) == {0.1}
+    assert lrs("constant", warmup_epochs=1)[0][10:] == [0.1] * 90
 
 
 # --- the LightningModule ----------------------------------------------------------------------------------

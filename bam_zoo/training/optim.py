@@ -1,13 +1,14 @@
 """Parameter groups and learning-rate schedules, as plain functions the LightningModule calls.
 
 Optimizers come from timm's ``create_optimizer_v2`` (``sgd`` is Nesterov SGD, ``momentum`` plain
-momentum SGD, ``adamw`` ...); schedules are PyTorch's own schedulers stepped every optimizer step, so a
-warm-up of a fraction of an epoch and a cosine over all steps need no custom code and their state is
-saved in Lightning checkpoints for resuming.
+momentum SGD, ``adamw`` ...). Schedules are one ``LambdaLR`` factor per step (``OneCycleLR`` for
+``onecycle``, which also cycles momentum): every param group follows it from its own peak LR, and
+PyTorch saves its step in Lightning checkpoints for resuming.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Sequence
 from typing import Literal
@@ -15,16 +16,7 @@ from typing import Literal
 import torch
 from timm.optim import param_groups_weight_decay
 from torch import nn
-from torch.optim.lr_scheduler import (
-    ConstantLR,
-    CosineAnnealingLR,
-    LinearLR,
-    LRScheduler,
-    MultiStepLR,
-    OneCycleLR,
-    SequentialLR,
-    StepLR,
-)
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
 
 __all__ = ["SchedulerName", "param_groups", "create_lr_scheduler"]
 
@@ -102,34 +94,21 @@ def create_lr_scheduler(
         max_lr = [g["lr"] for g in optimizer.param_groups]
         pct_start = warmup / total_steps if warmup > 0 else 0.3
         return OneCycleLR(optimizer, max_lr=max_lr, total_steps=total_steps, pct_start=pct_start)
-    if name == "cosine":
-        eta_min = [g["lr"] * min_lr_ratio for g in optimizer.param_groups]
-        main: LRScheduler = CosineAnnealingLR(optimizer, T_max=max(total_steps - warmup, 1), eta_min=eta_min[0])
-        if len(set(eta_min)) > 1:  # CosineAnnealingLR has one eta_min for all groups
-            main = _GroupCosine(optimizer, max(total_steps - warmup, 1), min_lr_ratio)
-    elif name == "step":
-        main = StepLR(optimizer, step_size=max(int(round(decay_epochs * steps_per_epoch)), 1), gamma=decay_rate)
-    elif name == "multistep":
-        milestones = sorted(max(int(round(m * steps_per_epoch)) - warmup, 1) for m in decay_milestones)
-        main = MultiStepLR(optimizer, milestones=milestones, gamma=decay_rate)
-    elif name == "constant":
-        main = ConstantLR(optimizer, factor=1.0, total_iters=0)
-    else:
+    span, every = max(total_steps - warmup, 1), max(int(round(decay_epochs * steps_per_epoch)), 1)
+    milestones = sorted(max(int(round(m * steps_per_epoch)) - warmup, 1) for m in decay_milestones)
+    after_warmup = {  # factor of the peak LR, t steps after the warm-up
+        "cosine": lambda t: min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, span) / span)),
+        "step": lambda t: decay_rate ** (t // every),
+        "multistep": lambda t: decay_rate ** bisect.bisect_right(milestones, t),
+        "constant": lambda t: 1.0,
+    }
+    if name not in after_warmup:
         raise ValueError(f"unknown scheduler {name!r}; choose cosine, step, multistep, onecycle or constant")
-    if warmup <= 0:
-        return main
-    ramp = LinearLR(optimizer, start_factor=warmup_start_factor, end_factor=1.0, total_iters=warmup)
-    return SequentialLR(optimizer, [ramp, main], milestones=[warmup])
+    schedule = after_warmup[name]
 
+    def factor(step: int) -> float:
+        if step < warmup:
+            return warmup_start_factor + (1 - warmup_start_factor) * step / warmup
+        return schedule(step - warmup)
 
-class _GroupCosine(LRScheduler):
-    """Cosine to ``min_lr_ratio`` of each group's own peak LR (groups with different LRs, e.g. fine-tuning)."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, t_max: int, min_lr_ratio: float) -> None:
-        self.t_max, self.min_lr_ratio = t_max, min_lr_ratio
-        super().__init__(optimizer)
-
-    def get_lr(self) -> list[float]:
-        t = min(self.last_epoch, self.t_max)
-        scale = self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t / self.t_max))
-        return [base * scale for base in self.base_lrs]
+    return LambdaLR(optimizer, factor)
