@@ -81,9 +81,9 @@ def create_lr_scheduler(
         warmup_epochs: length of the linear warm-up, in (possibly fractional) epochs.
         warmup_start_factor: LR multiplier at the first warm-up step.
         min_lr_ratio: final LR of ``cosine`` as a fraction of the peak LR.
-        decay_epochs: period of ``step`` decay.
+        decay_epochs: period of ``step`` decay, counted from the end of the warm-up.
         decay_rate: multiplier of ``step`` and ``multistep`` decay.
-        decay_milestones: epochs at which ``multistep`` multiplies the LR by ``decay_rate``.
+        decay_milestones: epochs of the whole run at which ``multistep`` multiplies the LR by ``decay_rate``.
 
     Returns:
         A scheduler to be stepped after every optimizer step.
