@@ -30,9 +30,9 @@ import yaml
 from huggingface_hub import CommitInfo, EvalResult, HfApi, ModelCard, ModelCardData
 from timm.models import save_for_hf
 
-from . import __version__
-from .errors import CorruptCheckpointError, MetricConflictError
-from .models.convert import from_official, from_pytorchcv, read_checkpoint
+from . import __version__, create_model
+from .errors import CorruptCheckpointError, MetricConflictError, UnsafeCheckpointError
+from .models.convert import check_keys, from_official, from_pytorchcv, read_checkpoint
 from .models.pretrained import WEIGHTS_NAME
 
 __all__ = ["CONFIG_NAME", "README_NAME", "RECIPE_NAME", "WEIGHTS_NAME", "Export", "convert", "lightning_model",
@@ -104,8 +104,10 @@ def save_pretrained(
         if label_names is not None:
             raise ValueError(f"{len(labels)} label_names for a model with {model.num_classes} classes.")
         labels = None
+    insertion = getattr(model, "bam_insertion", {})  # add_bam's record: which plain weights BAM went into
+    inserted_into = insertion.get("base_weights") or insertion.get("base_model")
     meta = {k: v for k, v in {"model_name": model_name, "dataset": dataset, "metrics": metrics,
-                              "details": dict(details) if details else None}.items() if v}
+                              "inserted_into": inserted_into, "details": dict(details) if details else None}.items() if v}
     folder = Path(save_directory)
     model.pretrained_cfg = {k: v for k, v in source_cfg.items() if k not in ("tag", "label_names", "label_descriptions")}
     # safetensors stores contiguous tensors only: a model trained channels_last exports the same weights, NCHW
@@ -124,7 +126,7 @@ def save_pretrained(
 
 
 def convert(source: Literal["pytorchcv", "official"], checkpoint: str | Path, out: str | Path,
-            model: str = "bam_resnet50") -> Path:
+            model: str = "bam_resnet50", trust_checkpoint_code: bool = False) -> Path:
     """Write a pytorchcv or official-code BAM checkpoint as an export folder (Hub layout), ready for ``push``.
 
     The biases of the spatial branch fold into its BatchNorms and the model multiplies the branches
@@ -137,11 +139,15 @@ def convert(source: Literal["pytorchcv", "official"], checkpoint: str | Path, ou
         checkpoint: The checkpoint file (read with ``torch.load(weights_only=True)``).
         out: Folder to write.
         model: The bam-zoo architecture the checkpoint was trained as, e.g. ``bam_resnet50``.
+        trust_checkpoint_code: Unpickle ``checkpoint`` fully, which runs any code its pickle holds. Only for a
+            file you trust that torch's ``weights_only`` loader refuses.
 
     Raises:
-        CheckpointKeysError: Unknown, missing or misshaped keys (all listed): another architecture or layout.
+        CheckpointKeysError: Unexpected, missing or misshaped keys (counted): another architecture or layout.
+        UnsafeCheckpointError: The pickle needs more than ``weights_only`` allows, and it is not trusted.
     """
-    net = (from_pytorchcv if source == "pytorchcv" else from_official)(read_checkpoint(checkpoint), model)
+    state = read_checkpoint(checkpoint, trust_checkpoint_code=trust_checkpoint_code)
+    net = (from_pytorchcv if source == "pytorchcv" else from_official)(state, model)
     return save_pretrained(net, out, model_name=f"{model}.{source}")
 
 
@@ -174,8 +180,7 @@ def write_card(folder: Path, *, num_params: int, repo_id: str | None = None) -> 
     text = f"""
 # {name}
 
-A {arch} image classifier{' with BAM (Bottleneck Attention Module) blocks' if 'bam' in arch else ''}, exported by \
-bam-zoo{f'; trained on {dataset}' if dataset else ''}.
+{_describe(arch, meta.get("inserted_into"))}, exported by bam-zoo{f'; trained on {dataset}' if dataset else ''}.
 
 - Classes ({config.get('num_classes')}): {', '.join(labels) if labels else 'unnamed'}
 - Input: {'x'.join(str(s) for s in cfg.get('input_size', ()))}, mean {cfg.get('mean')}, std {cfg.get('std')}
@@ -204,6 +209,12 @@ transform = timm.data.create_transform(**timm.data.resolve_data_config({{}}, mod
 ```
 """
     ModelCard(f"---\n{data.to_yaml()}\n---\n{text}").save(folder / README_NAME)
+
+
+def _describe(arch: str, inserted_into: str | None) -> str:
+    if inserted_into:
+        return f"BAM inserted into {inserted_into} (bam_zoo.add_bam, each BAM starting as the identity)"
+    return f"A {arch} image classifier" + (" with BAM (Bottleneck Attention Module) blocks" if "bam" in arch else "")
 
 
 def render_details(details: Mapping[str, Any]) -> str:
@@ -260,16 +271,18 @@ class Export:
     folder: Path | None = None
 
 
-def load_export(path: str | Path) -> Export:
+def load_export(path: str | Path, trust_checkpoint_code: bool = False) -> Export:
     """Read an export folder or a Lightning ``.ckpt`` of ``cli.py fit`` into a strictly loaded model.
 
     Why strictly and before any upload: a push is public, and what goes up must load with ``hf-hub:``.
-    A ``.ckpt`` is a pickle: it is read only from the user's own disk, with ``weights_only=True`` first.
+    A ``.ckpt`` is a pickle: it is read only from the user's own disk, with torch's ``weights_only`` loader
+    unless ``trust_checkpoint_code`` (``cli.py fit`` writes checkpoints that load that way).
 
     Raises:
         FileNotFoundError: ``path`` does not exist, or a folder lacks ``config.json`` / ``model.safetensors``.
         CorruptCheckpointError: The file is not a Lightning checkpoint of bam-zoo.
-        RuntimeError: The weights do not fit the architecture (torch's strict ``load_state_dict``).
+        UnsafeCheckpointError: The pickle needs more than ``weights_only`` allows, and it is not trusted.
+        CheckpointKeysError: The weights do not fit the architecture (a ``RuntimeError`` too, like torch's).
     """
     path = Path(path).expanduser()
     if path.is_dir():
@@ -284,7 +297,7 @@ def load_export(path: str | Path) -> Export:
                       meta.get("dataset"), recipe, path)
     if not path.is_file():
         raise FileNotFoundError(f"--checkpoint {path}: no such file or folder")
-    ckpt = _load_lightning(path)
+    ckpt = _load_lightning(path, trust_checkpoint_code)
     hp = dict(ckpt.get("hyper_parameters") or {})
     state = ckpt.get("state_dict")
     if not isinstance(state, Mapping) or not isinstance(hp.get("model_name"), str):
@@ -307,18 +320,21 @@ def lightning_model(ckpt: Mapping[str, Any], prefix: str = "model.") -> nn.Modul
     (``model.``: what SGD reached; ``model_ema.module.``: their moving average, where the run kept one)."""
     hp, state = ckpt["hyper_parameters"], ckpt["state_dict"]
     kwargs = {"num_classes": hp.get("num_classes"), "in_chans": hp.get("in_chans"), **(hp.get("model_kwargs") or {})}
-    model = timm.create_model(hp["model_name"], **{k: v for k, v in kwargs.items() if v is not None})
-    model.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
+    model = create_model(hp["model_name"], add_bam=bool(hp.get("add_bam")),
+                         **{k: v for k, v in kwargs.items() if v is not None})
+    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    check_keys(weights, model, f"The {prefix}* weights of this checkpoint", f"Its hyper_parameters (model_name "
+               f"{hp['model_name']}, num_classes, in_chans, model_kwargs) describe another network: pass a checkpoint "
+               "`cli.py fit` wrote, unchanged, or the export folder of its run.")
+    model.load_state_dict(weights, strict=True)
     return model
 
 
-def _load_lightning(path: Path) -> dict[str, Any]:
+def _load_lightning(path: Path, trust_checkpoint_code: bool = False) -> dict[str, Any]:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001  hyperparameters may hold objects; this is the user's own local file
-        pass
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = read_checkpoint(path, trust_checkpoint_code=trust_checkpoint_code)
+    except UnsafeCheckpointError:
+        raise
     except Exception as e:  # noqa: BLE001  pickle raises anything for a file that is not one
         raise CorruptCheckpointError(str(path), f"torch.load could not read it: {type(e).__name__}: {e}") from None
     if not isinstance(ckpt, dict):
@@ -336,6 +352,7 @@ def push(
     metrics: dict[str, float] | None = None,
     dataset: str | None = None,
     token: str | None = None,
+    trust_checkpoint_code: bool = False,
 ) -> CommitInfo:
     """Push a Lightning ``.ckpt`` or an export folder to a Hub repo as one commit that names its parent.
 
@@ -353,13 +370,16 @@ def push(
             export already holds is never replaced.
         dataset: Dataset name for the card, when the export records none.
         token: Hub token; default ``HF_TOKEN`` or the ``hf auth login`` one.
+        trust_checkpoint_code: Unpickle a ``.ckpt`` fully, which runs any code its pickle holds. Only for a
+            file you trust that torch's ``weights_only`` loader refuses.
 
     Raises:
         MetricConflictError: ``metrics`` would replace a measured value.
+        UnsafeCheckpointError: The ``.ckpt`` needs more than ``weights_only`` allows, and it is not trusted.
         huggingface_hub.errors.HfHubHTTPError: The Hub refused the push (401/403/404/412/5xx); a note says
             the remote is unchanged.
     """
-    export = load_export(checkpoint)
+    export = load_export(checkpoint, trust_checkpoint_code)
     for key, value in _checked_metrics(metrics).items():
         if key in export.metrics and export.metrics[key] != value:
             raise MetricConflictError(key, export.metrics[key], value, str(checkpoint))

@@ -6,18 +6,18 @@ appends BAM to the stages named in :data:`bam_zoo.models.placement.BAM_PLACEMENT
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence, Union
 
 import timm
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import FeatureListNet, build_model_with_cfg, generate_default_cfgs, register_model
 
 from .cifar_resnet import cifar_cfg
-from .placement import BAM_PLACEMENT, insert_bam
+from .placement import BAM_PLACEMENT, INSERTED_ARCH, add_bam, insert_bam
 from .pretrained import FASHION_MNIST_TAGS, prepare_pretrained, tag_model_args
 
-__all__ = ["BAM_ARCHS"]
+__all__ = ["BAM_ARCHS", "FEATURE_ARGS", "feature_net"]
 
 # bam arch -> placement family (its plain twin is the name without "bam_").
 BAM_ARCHS: Dict[str, str] = {
@@ -41,9 +41,9 @@ BAM_ARCHS: Dict[str, str] = {
 
 
 def _build_with_bam(base_arch: str, family: str, bam_args: Optional[Dict[str, Any]] = None, **kwargs) -> nn.Module:
-    """Model constructor handed to ``build_model_with_cfg``: the plain twin, then BAM inserted."""
+    """Model constructor handed to ``build_model_with_cfg``: the plain twin, then the paper's BAM inserted."""
     model = timm.create_model(base_arch, pretrained=False, **kwargs)
-    return insert_bam(model, BAM_PLACEMENT[family], bam_args)
+    return insert_bam(model, BAM_PLACEMENT[family].stages, bam_args=bam_args)
 
 
 def _create_bam_model(variant: str, pretrained: bool = False, **kwargs) -> nn.Module:
@@ -67,6 +67,27 @@ def _create_bam_model(variant: str, pretrained: bool = False, **kwargs) -> nn.Mo
     )
     model._model_args = tag_args  # timm's create_model adds the caller's arguments; exports record both
     return model
+
+
+#: ``create_model`` arguments that ask for a features-only wrapper rather than shape the network.
+FEATURE_ARGS = ("features_only", "out_indices", "feature_cls", "output_fmt", "feature_cfg")
+
+
+def feature_net(model: nn.Module, out_indices: Optional[Sequence[int]] = None, **feature_cfg: Any) -> nn.Module:
+    """``features_only`` for a built (and loaded, and BAM-inserted) model: timm's ``FeatureListNet`` over it.
+
+    Why not timm's own ``features_only``: timm wraps the model before anything can be inserted into it. The
+    stages are called in order, flattening a nested ``nn.Sequential`` where ``feature_info`` names its children.
+    """
+    modules = [f["module"] for f in model.feature_info]
+    if out_indices is None:
+        out_indices = tuple(i for i, m in enumerate(modules) if m)  # '' (the whole model) is no stage
+    feature_cfg.pop("features_only", None)
+    feature_cfg.pop("feature_cls", None)
+    net = FeatureListNet(model, out_indices=tuple(out_indices), flatten_sequential=any("." in m for m in modules),
+                         **feature_cfg)
+    net.pretrained_cfg = net.default_cfg = model.pretrained_cfg
+    return net
 
 
 def _imagenet_cfg(**kwargs) -> Dict[str, Any]:
@@ -106,7 +127,26 @@ default_cfgs = generate_default_cfgs({
     "bam_resnet44": cifar_cfg(paper_ids="arXiv:1807.06514"),
     "bam_resnet56": cifar_cfg(paper_ids="arXiv:1807.06514"),
     "bam_resnet110": cifar_cfg(paper_ids="arXiv:1807.06514"),
+    # add_bam's models: the base network's own cfg travels in each export's config.json; this is resnet50's
+    INSERTED_ARCH: _imagenet_cfg(),
 })
+
+
+@register_model
+def bam_inserted(pretrained: bool = False, base_model: str = "resnet50", bam_stages: Union[str, Sequence[str]] = "auto",
+                 identity_init: bool = True, bam_args: Optional[Dict[str, Any]] = None, **kwargs) -> nn.Module:
+    """Any timm CNN with BAM added by :func:`~bam_zoo.add_bam`: exports of such models rebuild through this name.
+
+    ``config.json`` of an export records the arguments; ``timm.create_model("local-dir:..." or "hf-hub:...",
+    pretrained=True)`` then builds ``base_model``, inserts BAM at ``bam_stages`` and loads the whole state dict.
+    """
+    features = {k: kwargs.pop(k) for k in FEATURE_ARGS if k in kwargs}
+    if pretrained:
+        prepare_pretrained(INSERTED_ARCH, kwargs)
+    model = build_model_with_cfg(
+        lambda **kw: add_bam(timm.create_model(base_model, **kw), bam_stages, identity_init, **(bam_args or {})),
+        INSERTED_ARCH, pretrained, **kwargs)
+    return feature_net(model, **features) if features.get("features_only") else model
 
 
 @register_model

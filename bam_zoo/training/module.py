@@ -87,6 +87,8 @@ class ImageClassifier(pl.LightningModule):
         pretrained: load the registry's pretrained weights (fine-tuning). The classifier is re-initialised
             when ``num_classes`` differs and the stem is adapted when ``in_chans`` differs (timm).
         pretrained_file: load pretrained weights from a local ``model.safetensors`` or export folder instead.
+        add_bam: insert BAM into the network after its weights are loaded, starting as the identity
+            (:func:`bam_zoo.add_bam`): fine-tunes a trained plain network with BAM.
         model_kwargs: extra ``create_model`` arguments (``drop_rate``, ``drop_path_rate`` ...).
         label_names: class names stored with the weights; linked from the DataModule by the CLI. ``None`` with
             ``num_classes=None`` takes the pretrained weights' names.
@@ -123,6 +125,7 @@ class ImageClassifier(pl.LightningModule):
         in_chans: int | None = None,
         pretrained: bool = False,
         pretrained_file: str | None = None,
+        add_bam: bool = False,
         model_kwargs: dict[str, Any] | None = None,
         label_names: list[str] | None = None,
         label_smoothing: float = 0.0,
@@ -155,7 +158,7 @@ class ImageClassifier(pl.LightningModule):
             pretrained = True
             kwargs["pretrained_cfg_overlay"] = _pretrained_overlay(pretrained_file)
         kwargs.update({k: v for k, v in (("num_classes", num_classes), ("in_chans", in_chans)) if v is not None})
-        self.model = create_model(model_name, pretrained=pretrained, **kwargs)
+        self.model = create_model(model_name, pretrained=pretrained, add_bam=add_bam, **kwargs)
         # record what None resolved to, so checkpoints and exports rebuild this exact network
         if label_names is None and num_classes is None:
             names = self.model.pretrained_cfg.get("label_names")
@@ -194,7 +197,7 @@ class ImageClassifier(pl.LightningModule):
     def model_args(self) -> dict[str, Any]:
         """Keyword arguments that rebuild ``self.model`` with ``create_model(model_name, **model_args)``."""
         return {"num_classes": self.hparams.num_classes, "in_chans": self.hparams.in_chans,
-                **(self.hparams.model_kwargs or {})}
+                **({"add_bam": True} if self.hparams.get("add_bam") else {}), **(self.hparams.model_kwargs or {})}
 
     @property
     def eval_model(self) -> nn.Module:
