@@ -34,15 +34,22 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results" / "seed_study"
 RUNS = ROOT / "runs" / "seed_study"
 
+# the insertion study's fine-tune: 5 epochs, cosine from a tenth of the recipe's LR, no warm-up (fixed beforehand,
+# not tuned: the test set is never looked at, and validation selects the checkpoint as in every run)
+FINETUNE = ["--model.pretrained", "true", "--model.lr", "0.01", "--model.warmup_epochs", "0", "--trainer.max_epochs", "5"]
 # variant name -> (config architecture, extra CLI arguments)
 VARIANTS = {
     "bam_resnet20": ("bam_resnet20", []),
     "resnet20": ("resnet20", []),
     "bam_resnet20_product": ("bam_resnet20", ["--model.model_kwargs", '{"bam_args": {"fusion": "product"}}']),
+    # the insertion study: the shipped plain weights fine-tuned with BAM added (identity start) and without
+    "resnet20.fmnist+bam": ("resnet20", [*FINETUNE, "--model.model_name", "resnet20.fmnist", "--model.add_bam", "true"]),
+    "resnet20.fmnist": ("resnet20", [*FINETUNE, "--model.model_name", "resnet20.fmnist"]),
 }
 # README.md's copy of the report sits between these markers
 README_BLOCK = re.compile(r"(<!-- seed-study:start -->\n).*?(<!-- seed-study:end -->)", re.S)
-STUDIES = {"bam_vs_plain": ["bam_resnet20", "resnet20"], "fusion": ["bam_resnet20_product"]}
+STUDIES = {"bam_vs_plain": ["bam_resnet20", "resnet20"], "fusion": ["bam_resnet20_product"],
+           "insertion": ["resnet20.fmnist+bam", "resnet20.fmnist"]}
 
 
 def command(variant: str, seed: int) -> list[str]:

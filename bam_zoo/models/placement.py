@@ -198,7 +198,8 @@ def add_bam(model: nn.Module, stages: Union[str, Sequence[str]] = "auto", identi
     if isinstance(stages, str) and stages != "auto":
         raise ValueError(f"add_bam: stages must be 'auto' or a list of stage names, got {stages!r}.")
     names = bottleneck_stages(model) if stages == "auto" else list(stages)
-    insert_bam(model, names, identity_init=identity_init, bam_args=bam_args)
+    with torch.random.fork_rng(devices=[]):  # the caller's random stream (data order, augmentation) stays as it was
+        insert_bam(model, names, identity_init=identity_init, bam_args=bam_args)
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})
     base = cfg.get("architecture")
     if base and base != INSERTED_ARCH:
