@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 __all__ = [
     "BamZooError", "UnknownModelError", "UnknownPretrainedTagError", "ChecksumMismatchError",
     "CheckpointKeysError", "CorruptCheckpointError", "MetricConflictError", "TrainingError", "DatasetNotFoundError",
-    "NonFiniteLossError", "UnsafeCheckpointError",
+    "NonFiniteLossError", "UnsafeCheckpointError", "WeightsNotFoundError",
 ]
 
 
@@ -59,6 +59,29 @@ class ChecksumMismatchError(BamZooError, ValueError):
     def __init__(self, path: str, name: str, expected: str, actual: str, fix: str, algorithm: str = "sha256") -> None:
         self.path, self.expected, self.actual = str(path), expected, actual
         super().__init__(f"{path} has {algorithm} {actual}, but {name} records {expected}: {fix}")
+
+
+class WeightsNotFoundError(BamZooError, FileNotFoundError):
+    """A tag whose weights are neither on the Hub (nor in its cache) nor in a mirror folder.
+
+    Message::
+
+        No weights for bam_resnet20.fmnist: the Hugging Face Hub was not used because HF_HUB_OFFLINE is set, and
+        no mirror folder is set (BAM_ZOO_CHECKPOINTS). Connect to the Hub, or set BAM_ZOO_CHECKPOINTS to a
+        folder holding bam_resnet20.fmnist/model.safetensors (a copy of the repository's checkpoints/).
+
+    Attributes:
+        name: The tag (``arch.tag``).
+        mirror: The mirror folder looked in, or None where none is set.
+    """
+
+    def __init__(self, name: str, why_not_hub: str, mirror: object = None) -> None:
+        self.name, self.mirror = name, mirror
+        where = (f"{mirror}/{name} holds no model.safetensors" if mirror else
+                 "no mirror folder is set (BAM_ZOO_CHECKPOINTS)")
+        super().__init__(f"No weights for {name}: the Hugging Face Hub was not used because {why_not_hub}, and "
+                         f"{where}. Connect to the Hub, or set BAM_ZOO_CHECKPOINTS to a folder holding "
+                         f"{name}/model.safetensors (a copy of the repository's checkpoints/).")
 
 
 class CheckpointKeysError(BamZooError, ValueError):

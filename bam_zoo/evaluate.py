@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 import bam_zoo
-from bam_zoo.models.pretrained import FASHION_MNIST_TAGS, WEIGHT_METADATA
+from bam_zoo.models.pretrained import FASHION_MNIST_TAGS, WEIGHT_METADATA, weight_facts
 from bam_zoo.training.data import FashionMNISTDataModule
 
 __all__ = ["evaluate", "measure", "main"]
@@ -91,7 +91,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     failures = []
     for name in names:
         result = evaluate(name, root=args.root)
-        record = WEIGHT_METADATA.get(name, {})
+        record = weight_facts(name)
         recorded = record.get("top1")
         print(f"{name:<26}{result['params'] / 1e6:>9.3f}M{result['macs'] / 1e6:>9.2f}{result['top1']:>9.2f}"
               f"{result['top5']:>9.2f}{result['top1_flip']:>9.2f}"

@@ -1,28 +1,57 @@
-"""Turn a training run's export into a shipped weight: the offline mirror folder plus its metadata entry.
+"""Turn a training run's export into a shipped weight: the offline mirror folder plus its sha256.
 
     python scripts/ship_weights.py runs/fashion_mnist/bam_resnet20/export bam_resnet20.fmnist --command "..."
-    python scripts/ship_weights.py bam_resnet20.fmnist --update-card   # after editing its metadata
+    python scripts/ship_weights.py bam_resnet20.fmnist --update-card   # after editing its config.json
 
 Writes ``checkpoints/<arch>.<tag>/`` (config.json, model.safetensors, README.md) with the tag's own
-pretrained cfg (``bam_zoo.models.pretrained.fashion_mnist_cfg``), and prints the ``WEIGHT_METADATA`` entry to
-paste into ``bam_zoo/models/pretrained.py``: test top-1/top-5 from the run's ``metrics.json``, parameters,
-MACs, sha256 of the weights and the run's training time, and the top-1 with test-time flip it measures.
+pretrained cfg (``bam_zoo.models.pretrained.fashion_mnist_cfg``). Its config.json's ``bam_zoo.details`` is
+where the weight's facts are written, once: test top-1/top-5 from the run's ``metrics.json``, per class,
+parameters, MACs, the run's training time and the top-1 with test-time flip it measures. Prints the
+``WEIGHT_METADATA`` entry (the sha256) to paste into ``bam_zoo/models/pretrained.py``; then regenerate
+MODEL_CARD.md and README's table (``python -m bam_zoo.model_card``).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import pprint
 import shlex
 from pathlib import Path
+from typing import Any, Dict, Mapping
 
+import torch.nn as nn
 from safetensors.torch import load_file
 
 import bam_zoo
 from bam_zoo.evaluate import measure
 from bam_zoo.hub import save_pretrained, write_card
-from bam_zoo.model_card import checkpoint_details
-from bam_zoo.models.pretrained import WEIGHT_METADATA, fashion_mnist_cfg, sha256sum
+from bam_zoo.models.pretrained import fashion_mnist_cfg, sha256sum, weight_facts
+
+
+def describe_architecture(arch: str, num_classes: int = 10, in_chans: int = 1) -> str:
+    """One line on where the network has BAMs and how they are built, read from the built model itself."""
+    model = bam_zoo.create_model(arch, num_classes=num_classes, in_chans=in_chans)
+    bams = bam_zoo.bam_modules(model)
+    if not bams:
+        return f"`{arch}`, {type(model).__name__} without attention (the plain twin of `bam_{arch}`)"
+    first = bams[0][1]
+    dilated = [m for m in first.spatial_attn.modules() if isinstance(m, nn.Conv2d) and m.dilation[0] > 1]
+    where = ", ".join(f"`{name}` ({bam.channels} ch, {bam.rd_channels} hidden)" for name, bam in bams)
+    return (f"`{arch}`, {type(model).__name__} with a BAM after {where}; {len(dilated)} 3x3 convs of "
+            f"dilation {dilated[0].dilation[0] if dilated else '-'} in the spatial branch, {first.fusion} fusion")
+
+
+def checkpoint_details(name: str, meta: Mapping[str, Any]) -> Dict[str, Any]:
+    """The card facts of a Fashion-MNIST weight (:func:`bam_zoo.hub.render_details` keys), for its config.json."""
+    return {
+        "architecture": describe_architecture(name.split(".")[0]), "num_params": meta["num_params"],
+        "macs": meta["macs"], "input_size": [1, 28, 28], "data": "Fashion-MNIST, 55,000 training images (5,000 "
+        "more held out for validation, fixed seed 0), tested on the official 10,000", "recipe": meta["recipe"],
+        "command": meta["command"], "epochs": meta["epochs"], "train_time_s": meta["train_time_s"],
+        "train_setting": "2-core CPU, " + ("one thread, with another run on the other core"
+                                           if meta["command"].startswith("OMP_NUM_THREADS=1 ") else "both cores"),
+        "seed": meta["seed"], "top1": meta["top1"], "top5": meta["top5"], "per_class": meta["per_class"],
+        "top1_flip": meta["top1_flip"],
+    }
 
 
 def recipe_of(command: str) -> str:
@@ -41,20 +70,17 @@ def main() -> None:
     parser.add_argument("name", help="arch.tag, e.g. bam_resnet20.fmnist")
     parser.add_argument("--command", help="the exact command that trained the run (required with export_dir)")
     parser.add_argument("--update-card", action="store_true",
-                        help="no export_dir: rewrite a shipped weight's card facts (config.json, README.md) from "
-                             "its WEIGHT_METADATA entry, leaving the weights untouched")
+                        help="no export_dir: rewrite a shipped weight's README.md from its config.json (after "
+                             "editing its facts there), leaving the weights untouched")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "checkpoints")
     args = parser.parse_args()
 
     arch, tag = args.name.split(".", 1)
     if args.update_card:
         folder = args.out / args.name
-        config = json.loads((folder / "config.json").read_text())
-        config["bam_zoo"]["details"] = checkpoint_details(args.name, WEIGHT_METADATA[args.name])
-        (folder / "config.json").write_text(json.dumps(config, indent=2))
-        write_card(folder, num_params=WEIGHT_METADATA[args.name]["num_params"],
+        write_card(folder, num_params=weight_facts(args.name, folder)["num_params"],
                    repo_id=fashion_mnist_cfg(arch, tag)["hf_hub_id"])
-        print(f"rewrote {folder}/config.json and README.md")
+        print(f"rewrote {folder}/README.md")
         return
     if args.export_dir is None or args.command is None:
         parser.error("give export_dir and --command (or --update-card for a shipped weight)")
@@ -81,9 +107,8 @@ def main() -> None:
         model, args.out / args.name, model_name=args.name, label_names=list(cfg["label_names"]),
         metrics=metrics, dataset="fashion_mnist", recipe=run.get("recipe"), model_args=run["model_args"],
         repo_id=cfg["hf_hub_id"], details=checkpoint_details(args.name, entry))
-    entry["sha256"] = sha256sum(out / "model.safetensors")
-    print(f"wrote {out}\nWEIGHT_METADATA entry:")
-    pprint.pprint({args.name: entry}, sort_dicts=False, width=110)
+    print(f"wrote {out}\nWEIGHT_METADATA entry:\n"
+          f'    "{args.name}": {{"sha256": "{sha256sum(out / "model.safetensors")}"}},')
 
 
 if __name__ == "__main__":

@@ -1,15 +1,17 @@
-"""Shipped pretrained weights: one timm tag per weight, its metadata beside it.
+"""Shipped pretrained weights: one timm tag per weight.
 
-Each entry is a timm pretrained cfg (``arch.tag``) carrying where the weights live (``hf_hub_id`` on the
-Hub, mirrored in the repository's ``checkpoints/<arch>.<tag>/``; or the ``url`` of weights published
-elsewhere, converted on load), what they were trained on and what they measured. ``list_pretrained()``,
-MODEL_CARD.md and the Hub model cards are generated from this table.
+Each entry is a timm pretrained cfg (``arch.tag``) saying where the weights live: ``hf_hub_id`` on the Hub,
+or a mirror folder ``<arch>.<tag>/`` (the repository's ``checkpoints/``, or ``$BAM_ZOO_CHECKPOINTS``); or the
+``url`` of weights published elsewhere, converted on load. :data:`WEIGHT_METADATA` holds what identifies each
+file (its sha256). What a weight measured is written once, in its own ``config.json``, and
+``list_pretrained()``, MODEL_CARD.md and the README table are rendered from there (:func:`weight_facts`).
 """
 from __future__ import annotations
 
 import copy
 import fnmatch
 import hashlib
+import json
 import logging
 import os
 import zipfile
@@ -26,13 +28,13 @@ from huggingface_hub.errors import (
 )
 from timm.models import get_pretrained_cfg, resolve_pretrained_cfg
 
-from ..errors import ChecksumMismatchError
+from ..errors import ChecksumMismatchError, WeightsNotFoundError
 from .convert import convert_state_dict
 
 __all__ = [
     "FASHION_MNIST_LABELS", "FASHION_MNIST_MEAN", "FASHION_MNIST_STD", "FASHION_MNIST_TAGS", "HF_HUB_ORG",
     "PretrainedInfo", "WEIGHTS_NAME", "WEIGHT_METADATA", "fashion_mnist_cfg", "list_pretrained", "mirror_root",
-    "prepare_pretrained", "resolve_weights", "sha256sum", "strict_keys", "tag_model_args",
+    "prepare_pretrained", "resolve_weights", "sha256sum", "strict_keys", "tag_model_args", "weight_facts",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -67,55 +69,18 @@ FASHION_MNIST_TAGS: Dict[str, Dict[str, Any]] = {
     "resnet56.fmnist_long": fashion_mnist_cfg("resnet56", "fmnist_long"),
 }
 
-# arch.tag -> what the weights measured and how they were made (timm's cfg has no fields for these).
-# Keys: dataset, top1, top5, per_class (percent, official test split), num_params, macs (per image at
-# input_size), recipe (config path), epochs, seed, train_time_s (wall clock of fit on the 2-core CPU), command,
-# sha256 (of model.safetensors, checked on every load), top1_flip (with test-time flip) and, where the default
-# (the 2-core CPU, one or both cores) does not say how the time was taken, train_setting. Entries are printed by
-# scripts/ship_weights.py.
-# Weights published elsewhere record instead: source, license, what the publisher lists (never measured here),
-# the publisher's hash of the download, and the create_model arguments the weights need (model_args).
+# arch.tag -> what identifies the weights: the sha256 of model.safetensors, checked on every load, and, once
+# pinned, the Hub revision (hf_hub_revision). What trained weights measured and how they were made lives in
+# their own config.json (see weight_facts). The hash stays here because the package is what vouches for a
+# file: a mirror folder, copied from anywhere, cannot vouch for itself.
+# Weights published elsewhere have no folder, so their entry holds their facts: source, license, what the
+# publisher lists (never measured here), the publisher's hash of the download, and the create_model arguments
+# the weights need (model_args).
 WEIGHT_METADATA: Dict[str, Dict[str, Any]] = {
-    "bam_resnet20.fmnist": {
-        "dataset": "fashion_mnist", "top1": 93.14, "top5": 99.89, "top1_flip": 93.33,
-        "num_params": 269844, "macs": 30875896,
-        "per_class": {"T-shirt/top": 89.0, "Trouser": 99.0, "Pullover": 90.3, "Dress": 93.6, "Coat": 90.3,
-                      "Sandal": 98.5, "Shirt": 78.2, "Sneaker": 97.1, "Bag": 99.0, "Ankle boot": 96.4},
-        "epochs": 15, "seed": 0, "train_time_s": 1457, "recipe": "configs/fashion_mnist/bam_resnet20.yaml",
-        "command": "OMP_NUM_THREADS=1 python cli.py fit --config configs/fashion_mnist/bam_resnet20.yaml",
-        "sha256": "a9ce83f8bc81dab25ac12f4d00e0cb1ca4547c749228dccf9ffd99069eb79011",
-    },
-    "resnet20.fmnist": {
-        "dataset": "fashion_mnist", "top1": 93.08, "top5": 99.89, "top1_flip": 93.28,
-        "num_params": 269434, "macs": 30821248,
-        "per_class": {"T-shirt/top": 88.0, "Trouser": 98.4, "Pullover": 89.7, "Dress": 93.2, "Coat": 91.0,
-                      "Sandal": 98.3, "Shirt": 78.6, "Sneaker": 97.7, "Bag": 99.0, "Ankle boot": 96.9},
-        "epochs": 15, "seed": 0, "train_time_s": 1403, "recipe": "configs/fashion_mnist/resnet20.yaml",
-        "command": "OMP_NUM_THREADS=1 python cli.py fit --config configs/fashion_mnist/resnet20.yaml",
-        "sha256": "dbb47f773ca5b5c41e536c5914a2140dc07237e3c2dd681de40e53721f2cdc5c",
-    },
-    "bam_resnet56.fmnist_long": {
-        "dataset": "fashion_mnist", "top1": 94.6, "top5": 99.94, "top1_flip": 94.67, "num_params": 853140,
-        "macs": 95903992,
-        "per_class": {"T-shirt/top": 91.0, "Trouser": 99.3, "Pullover": 91.6, "Dress": 94.7, "Coat": 93.6,
-                      "Sandal": 98.9, "Shirt": 82.3, "Sneaker": 98.3, "Bag": 99.5, "Ankle boot": 96.8},
-        "epochs": 55, "seed": 0, "train_time_s": 6320, "recipe": "configs/fashion_mnist_long/bam_resnet56.yaml",
-        "command": "python cli.py fit --config configs/fashion_mnist_long/bam_resnet56.yaml",
-        "sha256": "90b9b02e82657115b7af0b6fdea65c66d223a8fc04d7a061263cc717a3a1a614",
-    },
-    "resnet56.fmnist_long": {
-        "dataset": "fashion_mnist", "top1": 94.82, "top5": 99.95, "top1_flip": 94.92, "num_params": 852730,
-        "macs": 95849344,
-        "per_class": {"T-shirt/top": 91.0, "Trouser": 99.1, "Pullover": 92.4, "Dress": 96.0, "Coat": 93.1,
-                      "Sandal": 99.0, "Shirt": 83.2, "Sneaker": 98.2, "Bag": 99.6, "Ankle boot": 96.6},
-        "epochs": 55, "seed": 0, "train_time_s": 8943, "recipe": "configs/fashion_mnist_long/resnet56.yaml",
-        "command": "python cli.py fit --config configs/fashion_mnist_long/resnet56.yaml",
-        "sha256": "5ac41146f144be97f9497094703a9823af0a43c7a06384bcef2a99f602830163",
-        # not the run's own clock (15,755 s): that adds up both machines and the pauses for benchmarks
-        "train_setting": "2-core CPU, both cores; epochs 21-55 took 2.71 min each (validation included) on the "
-                         "AVX-512 machine of 2026-12-01, and the time is 55 epochs at that rate; epochs 1-20 ran on "
-                         "a slower AVX2 machine (5.5 min each) and were resumed from there",
-    },
+    "bam_resnet20.fmnist": {"sha256": "a9ce83f8bc81dab25ac12f4d00e0cb1ca4547c749228dccf9ffd99069eb79011"},
+    "resnet20.fmnist": {"sha256": "dbb47f773ca5b5c41e536c5914a2140dc07237e3c2dd681de40e53721f2cdc5c"},
+    "bam_resnet56.fmnist_long": {"sha256": "90b9b02e82657115b7af0b6fdea65c66d223a8fc04d7a061263cc717a3a1a614"},
+    "resnet56.fmnist_long": {"sha256": "5ac41146f144be97f9497094703a9823af0a43c7a06384bcef2a99f602830163"},
     "bam_resnet50.imgclsmob_in1k": {
         "dataset": "imagenet-1k", "num_params": 25914763,
         "source": "pytorchcv (osmr/imgclsmob) release v0.0.499, bam_resnet50-0547-a04adf3c.pth.zip",
@@ -128,10 +93,20 @@ WEIGHT_METADATA: Dict[str, Dict[str, Any]] = {
 }
 
 
-def mirror_root() -> Path:
-    """The offline mirror: ``$BAM_ZOO_CHECKPOINTS``, else the repository's ``checkpoints/`` (one ``<arch>.<tag>/`` each)."""
+def mirror_root() -> Optional[Path]:
+    """The offline mirror (one ``<arch>.<tag>/`` each): ``$BAM_ZOO_CHECKPOINTS``, else the ``checkpoints/`` of the
+    source checkout this package runs from; ``None`` for an installed package without the variable."""
     env = os.environ.get("BAM_ZOO_CHECKPOINTS")
-    return Path(env).expanduser() if env else Path(__file__).resolve().parents[2] / "checkpoints"
+    if env:
+        return Path(env).expanduser()
+    checkout = Path(__file__).resolve().parents[2]
+    return checkout / "checkpoints" if (checkout / "pyproject.toml").is_file() else None
+
+
+def _mirrored(name: str) -> Optional[Path]:
+    root = mirror_root()
+    path = root / name / WEIGHTS_NAME if root else None
+    return path if path is not None and path.is_file() else None
 
 
 def sha256sum(path: str | Path, algorithm: str = "sha256") -> str:
@@ -174,16 +149,19 @@ def _download(url: str, name: str, sha1: str) -> str:
 _mirror_notice_given = False
 
 
+def _why_not_hub(error: Exception, repo_id: str) -> str:
+    return ("HF_HUB_OFFLINE is set" if constants.is_offline_mode() else
+            "it cannot be reached" if isinstance(error, LocalEntryNotFoundError) else f"{repo_id} does not hold them yet")
+
+
 def _notice_mirror(error: Exception, repo_id: str) -> None:
     """Say once per process, in plain words, that weights come from the mirror and why."""
     global _mirror_notice_given
     if _mirror_notice_given:
         return
     _mirror_notice_given = True
-    why = ("HF_HUB_OFFLINE is set" if constants.is_offline_mode() else
-           "it cannot be reached" if isinstance(error, LocalEntryNotFoundError) else f"{repo_id} does not hold them yet")
     _logger.warning("bam-zoo loads pretrained weights from its offline copies in %s (sha256-checked): the "
-                    "Hugging Face Hub was not used because %s.", mirror_root(), why)
+                    "Hugging Face Hub was not used because %s.", mirror_root(), _why_not_hub(error, repo_id))
 
 
 def _hub_unreachable(repo_id: str, revision: Optional[str]) -> bool:
@@ -208,8 +186,8 @@ def resolve_weights(cfg: Dict[str, Any], variant: str) -> Optional[str]:
 
     Raises:
         ChecksumMismatchError: The file differs from the recorded sha256.
-        huggingface_hub.errors.HfHubHTTPError: and its subclasses, when the Hub fails and nothing is mirrored
-            (a note says where the mirror was looked for).
+        WeightsNotFoundError: A tag's weights are neither on the Hub (or its cache) nor mirrored.
+        huggingface_hub.errors.HfHubHTTPError: and its subclasses, for ``hf-hub:`` names the Hub cannot serve.
     """
     if cfg.get("file"):
         path = Path(cfg["file"]).expanduser()
@@ -223,18 +201,17 @@ def resolve_weights(cfg: Dict[str, Any], variant: str) -> Optional[str]:
     meta = WEIGHT_METADATA.get(name, {}) if tag else {}
     repo_id, _, revision = cfg["hf_hub_id"].partition("@")
     revision = meta.get("hf_hub_revision") or revision or None
-    mirrored = mirror_root() / name / WEIGHTS_NAME if tag else None
-    mirrored = mirrored if mirrored is not None and mirrored.is_file() else None
+    mirrored = _mirrored(name) if tag else None
     local_only = bool(mirrored) and not constants.is_offline_mode() and _hub_unreachable(repo_id, revision)
     try:
         path = hf_hub_download(repo_id, WEIGHTS_NAME, revision=revision, library_name="bam-zoo",
                                local_files_only=local_only)
     except (LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as e:
+        if mirrored is None and tag:
+            raise WeightsNotFoundError(name, _why_not_hub(e, repo_id), mirror_root()) from None
         if mirrored is None:
-            e.add_note(f"bam-zoo: {name} has no offline copy either (looked in {mirror_root() / name}); "
-                       f"set BAM_ZOO_CHECKPOINTS to a folder holding <arch>.<tag>/{WEIGHTS_NAME}." if tag else
-                       f"bam-zoo reads {WEIGHTS_NAME} only: a repo holding only pytorch_model.bin is refused, "
-                       f"never unpickled.")
+            e.add_note(f"bam-zoo reads {WEIGHTS_NAME} only: a repo holding only pytorch_model.bin is refused, "
+                       "never unpickled.")
             raise
         _notice_mirror(e, repo_id)
         return _verified(mirrored, name, meta.get("sha256"), "the file was changed or is incomplete. These "
@@ -314,17 +291,33 @@ class PretrainedInfo:
         return asdict(self)
 
 
+def weight_facts(name: str, folder: Optional[Path] = None) -> Dict[str, Any]:
+    """What the weight ``name`` measured and how it was made, as one flat dict (``top1``, ``per_class``,
+    ``num_params``, ``command`` ...), merged with its :data:`WEIGHT_METADATA` entry.
+
+    Trained weights: the ``bam_zoo`` section of their ``config.json`` (``dataset``, ``metrics`` and the card's
+    ``details``), read from ``folder`` (default: the mirror's copy). Where no copy is at hand (a pip install
+    without ``BAM_ZOO_CHECKPOINTS``) only the entry's keys are known.
+    """
+    root = mirror_root()
+    folder = folder or (root / name if root else None)
+    config = folder / "config.json" if folder else None
+    meta = json.loads(config.read_text()).get("bam_zoo", {}) if config and config.is_file() else {}
+    facts = {"dataset": meta["dataset"]} if "dataset" in meta else {}
+    return {**facts, **meta.get("metrics", {}), **meta.get("details", {}), **WEIGHT_METADATA.get(name, {})}
+
+
 def list_pretrained(pattern: str = "*") -> List[PretrainedInfo]:
     """The tags in :data:`WEIGHT_METADATA` that timm has registered, with their metrics, sorted by name."""
     out = []
     for name in timm.list_pretrained(pattern):
         if name not in WEIGHT_METADATA or not fnmatch.fnmatch(name, pattern):
             continue
-        meta, cfg = dict(WEIGHT_METADATA[name]), get_pretrained_cfg(name)
+        meta, cfg = weight_facts(name), get_pretrained_cfg(name)
         out.append(PretrainedInfo(
             name=name, hf_hub_id=cfg.hf_hub_id, revision=meta.pop("hf_hub_revision", None),
             dataset=meta.pop("dataset", None), metrics={k: meta.pop(k) for k in ("top1", "top5") if k in meta},
             num_classes=cfg.num_classes, input_size=tuple(cfg.input_size) if cfg.input_size else None,
-            mirrored=(mirror_root() / name / WEIGHTS_NAME).is_file(), extra=meta,
+            mirrored=_mirrored(name) is not None, extra=meta,
         ))
     return sorted(out, key=lambda p: p.name)
