@@ -1,10 +1,18 @@
-"""Shipped tags as timm users load them: headless, with a new head, and strict everywhere else."""
+"""Shipped tags as timm users load them: headless, with a new head, strict everywhere else, and from an
+installed package that has no repository beside it."""
+import subprocess
+from pathlib import Path
+
 import huggingface_hub.constants
 import pytest
 import torch
 
 import bam_zoo
-from bam_zoo.models.pretrained import FASHION_MNIST_TAGS, strict_keys
+from bam_zoo.errors import WeightsNotFoundError
+from bam_zoo.models import pretrained
+from bam_zoo.models.pretrained import FASHION_MNIST_TAGS, mirror_root, strict_keys, weight_facts
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -52,3 +60,32 @@ def test_keys_outside_the_head_stay_strict(num_classes):
         strict_keys(missing, model)
     kept = strict_keys(dict(weights), model)
     assert ("fc.weight" in kept) == (num_classes == 10)
+
+
+def test_the_mirror_is_the_named_folder_else_the_checkout(monkeypatch, tmp_path):
+    monkeypatch.delenv("BAM_ZOO_CHECKPOINTS", raising=False)
+    assert mirror_root() == REPO / "checkpoints"
+    monkeypatch.setenv("BAM_ZOO_CHECKPOINTS", str(tmp_path))
+    assert mirror_root() == tmp_path
+
+
+def test_without_hub_or_mirror_one_line_says_where_it_looked(monkeypatch):
+    """As an installed package without BAM_ZOO_CHECKPOINTS: no checkout, so no mirror."""
+    monkeypatch.setattr(pretrained, "mirror_root", lambda: None)
+    with pytest.raises(WeightsNotFoundError) as info:
+        bam_zoo.create_model("bam_resnet20.fmnist", pretrained=True)
+    message = str(info.value)
+    assert "\n" not in message and info.value.__suppress_context__ and isinstance(info.value, FileNotFoundError)
+    assert "HF_HUB_OFFLINE is set" in message and "no mirror folder is set" in message
+    assert "set BAM_ZOO_CHECKPOINTS to a folder holding bam_resnet20.fmnist/model.safetensors" in message
+    assert weight_facts("bam_resnet20.fmnist") == pretrained.WEIGHT_METADATA["bam_resnet20.fmnist"]  # no numbers
+
+
+@pytest.mark.slow
+def test_built_wheel_works_without_the_repository():
+    """scripts/check_wheel.sh (CI runs it too): the wheel in a fresh venv loads a tag from a mirror folder."""
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "check_wheel.sh")], capture_output=True, text=True,
+                          timeout=540)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "loads bam_resnet20.fmnist from BAM_ZOO_CHECKPOINTS" in proc.stdout
+    assert "WeightsNotFoundError: No weights for bam_resnet20.fmnist" in proc.stdout
