@@ -1,7 +1,9 @@
-"""CPU DDP (gloo) through ``cli.py fit`` in a subprocess: disjoint shards, identical weights, synced metrics."""
+"""CPU DDP (gloo) through ``cli.py`` in a subprocess: disjoint shards, identical weights, synced metrics, and
+every prediction written once, in the data's order."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -10,11 +12,13 @@ from pathlib import Path
 
 import torch
 
+import bam_zoo
 from bam_zoo.training import FashionMNISTDataModule
 from test_training_utils import one_torch_thread  # noqa: F401  (autouse)
-from test_training_utils import REPO, TESTS, checkpoint, write_fashion_mnist
+from test_training_utils import REPO, TESTS, checkpoint, write_fashion_mnist, write_idx
 
 CONFIG = str(REPO / "configs" / "fashion_mnist" / "bam_resnet20.yaml")
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)]), "OMP_NUM_THREADS": "1"}
 
 
 def test_cli_fit_with_two_cpu_processes(tmp_path: Path) -> None:
@@ -25,8 +29,7 @@ def test_cli_fit_with_two_cpu_processes(tmp_path: Path) -> None:
            "--trainer.strategy", "ddp", "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(run),
            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
            "--trainer.callbacks+=test_training_utils.ShardRecorder", "--trainer.callbacks.out_dir", str(probe)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)]), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     # the config trains channels_last; every BAM gradient keeps its parameter's strides, so DDP copies none
     assert "Grad strides do not match bucket view strides" not in result.stderr
@@ -55,3 +58,28 @@ def test_cli_fit_with_two_cpu_processes(tmp_path: Path) -> None:
     # rank zero exported once, with test metrics gathered from both ranks' halves of the test set
     record = json.loads((run / "export" / "metrics.json").read_text())
     assert record["world_size"] == 2 and int(torch.tensor(record["confusion_matrix"]).sum()) == 40
+
+
+def test_predict_with_two_cpu_processes_writes_every_image_once_in_order(tmp_path: Path) -> None:
+    """41 test images (an uneven split: 21 and 20): rank zero gathers both shares into one file in data order."""
+    n = 41
+    images = torch.randint(0, 256, (n, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    write_fashion_mnist(tmp_path / "data", n_train=20, n_test=n)
+    write_idx(tmp_path / "data" / "t10k-images-idx3-ubyte", images)  # distinct images, so rows cannot be swapped
+    out = tmp_path / "predictions.csv"
+    cmd = [sys.executable, "cli.py", "predict", "--model.model_name", "resnet20.fmnist", "--model.pretrained", "true",
+           "--data", "FashionMNISTDataModule", "--data.root", str(tmp_path / "data"), "--data.batch_size", "4",
+           "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+           "--trainer.enable_progress_bar", "false", "--predictions.file", str(out), "--predictions.topk", "2"]
+    result = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = list(csv.DictReader(out.open()))
+    assert [r["path"] for r in rows] == [f"#{i}" for i in range(n)]  # every image exactly once, in order
+
+    model = bam_zoo.create_model("resnet20.fmnist", pretrained=True).eval()
+    with torch.no_grad():
+        probs = model(FashionMNISTDataModule(root=str(tmp_path / "data")).eval_augment(images[:, None])).softmax(1)
+    top, labels = probs.topk(2, dim=1)
+    names = model.pretrained_cfg["label_names"]
+    assert [[r["label_1"], r["label_2"]] for r in rows] == [[names[j] for j in row] for row in labels.tolist()]
+    assert torch.allclose(torch.tensor([[float(r["prob_1"]), float(r["prob_2"])] for r in rows]), top, atol=1e-5)

@@ -3,7 +3,7 @@
 ``LastCheckpoint`` writes ``last.ckpt`` after every epoch and, when the process gets SIGTERM (a
 preempted or cancelled cluster job), at the current step, so ``--ckpt_path last`` loses nothing.
 
-``HubExport`` times ``fit`` and, when a test run ends (the CLI tests the best checkpoint right after
+``HubExport`` times training and, when a test run ends (the CLI tests the best checkpoint right after
 ``fit``), writes ``config.json`` + ``model.safetensors`` + ``README.md`` through
 :func:`bam_zoo.hub.save_pretrained` and a ``metrics.json`` with test top-1/top-5, per-class accuracy,
 the confusion matrix and the training wall time. Only global rank zero writes.
@@ -14,14 +14,14 @@ from __future__ import annotations
 import csv
 import json
 import math
-import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 import yaml
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import BasePredictionWriter, ModelCheckpoint, Timer
 from pytorch_lightning.cli import SaveConfigCallback
 from pytorch_lightning.utilities import rank_zero_info
 from pytorch_lightning.utilities.exceptions import SIGTERMException
@@ -55,8 +55,9 @@ class EpochTestAccuracy(pl.Callback):
         pl_module.log("test_curve/acc1", accuracy.compute(), rank_zero_only=True)
 
 
-class PredictionWriter(pl.Callback):
-    """Write ``predict``'s results, one row per image: its path, the top-k labels and their probabilities.
+class PredictionWriter(BasePredictionWriter):
+    """Write ``predict``'s results, one row per image in the data's order: its path, the top-k labels and their
+    probabilities. Under DDP each rank predicts its share, and rank zero gathers and writes all of them.
 
     CSV (``path, label_1, prob_1, ..., label_k, prob_k``) or, for a ``.json`` file, a list of
     ``{"path", "labels", "probs"}``, as timm's ``inference.py`` writes them. Images from a DataModule
@@ -68,36 +69,43 @@ class PredictionWriter(pl.Callback):
     """
 
     def __init__(self, file: str | None = None, topk: int = 5) -> None:
+        super().__init__(write_interval="batch")
         self.file, self.topk = file, topk
-        self.rows: list[dict[str, Any]] = []
+        self.rows: dict[tuple[int, int], dict[str, Any]] = {}  # (dataloader, index in its data set) -> row
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.rows = []
+        self.rows = {}
 
-    def on_predict_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                             batch_idx: int, dataloader_idx: int = 0) -> None:
-        names = pl_module.hparams.label_names or [str(i) for i in range(outputs.shape[-1])]
-        probs, indices = outputs.float().topk(min(self.topk, outputs.shape[-1]), dim=-1)
+    def write_on_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, prediction: Any,
+                           batch_indices: Sequence[int] | None, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
+        names = pl_module.hparams.label_names or [str(i) for i in range(prediction.shape[-1])]
+        probs, indices = prediction.float().topk(min(self.topk, prediction.shape[-1]), dim=-1)
         named = isinstance(batch, (tuple, list)) and len(batch) > 1 and isinstance(batch[1], (tuple, list))
-        paths = list(batch[1]) if named else [f"#{len(self.rows) + i}" for i in range(len(outputs))]
-        for path, p, i in zip(paths, probs.tolist(), indices.tolist()):
-            self.rows.append({"path": path, "labels": [names[j] for j in i], "probs": [round(v, 6) for v in p]})
+        positions = batch_indices or range(len(self.rows), len(self.rows) + len(prediction))
+        for n, (position, p, i) in enumerate(zip(positions, probs.tolist(), indices.tolist())):
+            self.rows[dataloader_idx, position] = {"path": batch[1][n] if named else f"#{position}",
+                                                   "labels": [names[j] for j in i], "probs": [round(v, 6) for v in p]}
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        shares = [self.rows]
+        if trainer.world_size > 1:
+            shares = [None] * trainer.world_size
+            torch.distributed.all_gather_object(shares, self.rows)
         if not trainer.is_global_zero:
             return
+        rows = [row for _, row in sorted({k: r for share in shares for k, r in share.items()}.items())]
         out = Path(self.file) if self.file else Path(trainer.default_root_dir) / "predictions.csv"
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.suffix.lower() == ".json":
-            out.write_text(json.dumps(self.rows, indent=1) + "\n")
+            out.write_text(json.dumps(rows, indent=1) + "\n")
         else:
-            k = max((len(r["labels"]) for r in self.rows), default=0)
+            k = max((len(r["labels"]) for r in rows), default=0)
             with open(out, "w", newline="") as f:
                 writer = csv.writer(f)
                 writer.writerow(["path"] + [c for n in range(1, k + 1) for c in (f"label_{n}", f"prob_{n}")])
-                for r in self.rows:
+                for r in rows:
                     writer.writerow([r["path"]] + [v for pair in zip(r["labels"], r["probs"]) for v in pair])
-        rank_zero_info(f"Wrote {len(self.rows)} predictions to {out}")
+        rank_zero_info(f"Wrote {len(rows)} predictions to {out}")
 
 
 class LastCheckpoint(ModelCheckpoint):
@@ -116,8 +124,9 @@ class LastCheckpoint(ModelCheckpoint):
             rank_zero_info(f"SIGTERM: saved epoch {trainer.current_epoch}, step {trainer.global_step} to {path}")
 
 
-class HubExport(pl.Callback):
-    """Export the evaluated weights and their test results after ``trainer.test``.
+class HubExport(Timer):
+    """Export the evaluated weights and their test results after ``trainer.test``; a ``Timer`` for the training
+    time, which checkpoints carry, so a resumed run adds the earlier runs' time.
 
     Args:
         dirpath: output folder; ``None`` lets the CLI put it in ``<trainer.default_root_dir>/export``
@@ -128,30 +137,17 @@ class HubExport(pl.Callback):
     """
 
     def __init__(self, dirpath: str | None = None, weights_name: str | None = None, enabled: bool = True) -> None:
+        super().__init__()
         self.dirpath = dirpath
         self.weights_name = weights_name
         self.enabled = enabled
-        self.fit_seconds = 0.0
-        self._fit_start: float | None = None
-
-    # wall time of fit, summed over resumed runs through the callback state in checkpoints
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._fit_start = time.perf_counter()
-
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.fit_seconds = self._elapsed()
-        self._fit_start = None
-
-    def _elapsed(self) -> float:
-        running = time.perf_counter() - self._fit_start if self._fit_start is not None else 0.0
-        return self.fit_seconds + running
 
     def state_dict(self) -> dict[str, Any]:
-        return {"fit_seconds": self._elapsed()}
+        return {"fit_seconds": self.time_elapsed()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # resuming adds earlier runs' time; testing "best" after fit must not roll the total back
-        self.fit_seconds = max(self.fit_seconds, float(state_dict.get("fit_seconds", 0.0)))
+        if self.start_time() is None:  # testing "best" right after fit keeps this run's total
+            super().load_state_dict({"time_elapsed": {"train": float(state_dict.get("fit_seconds", 0.0))}})
 
     def export_dir(self, trainer: pl.Trainer) -> Path:
         return Path(self.dirpath) if self.dirpath else Path(trainer.default_root_dir) / "export"
@@ -199,7 +195,7 @@ class HubExport(pl.Callback):
             "confusion_matrix": pl_module.test_report.get("confusion_matrix", []),
             "best_val_acc1": float(best_score) if best_score is not None else None,
             "best_checkpoint": getattr(checkpoint, "best_model_path", None) or None,
-            "train_wall_time_s": round(self._elapsed(), 2),
+            "train_wall_time_s": round(self.time_elapsed(), 2),
             "epochs": trainer.current_epoch,
             "global_step": trainer.global_step,
             "world_size": trainer.world_size,
