@@ -15,25 +15,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from bam_zoo import capture_attention, create_model
-from bam_zoo.training.data import image_files_under
+from bam_zoo.training.data import image_files
 
-__all__ = ["explain", "image_paths"]
-
-
-def image_paths(images: str | list[str]) -> list[Path]:
-    """Image files named directly or found in folders (recursively, sorted); an error names what is missing."""
-    images = [images] if isinstance(images, str) else images
-    found: list[Path] = []
-    for item in map(Path, images):
-        if item.is_dir():
-            found += image_files_under(item)
-        elif item.is_file():
-            found.append(item)
-        else:
-            raise FileNotFoundError(f"explain: {item} is neither an image file nor a folder; check the path.")
-    if not found:
-        raise FileNotFoundError(f"explain: no image files (.png, .jpg, ...) in {', '.join(images)}.")
-    return found
+__all__ = ["explain"]
 
 
 def _figure(rows: int, cols: int, size: float):
@@ -61,7 +45,7 @@ def explain(model: str, images: str | list[str], out: str = "explain", pretraine
     Returns:
         The output folder.
     """
-    paths = image_paths(images)
+    paths = image_files(images, "explain --images")
     net = create_model(model, pretrained=pretrained).eval()
     config = timm.data.resolve_data_config(model=net)
     transform = timm.data.create_transform(**config)

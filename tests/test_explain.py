@@ -8,7 +8,8 @@ from PIL import Image
 
 import bam_zoo
 from bam_zoo.cli import main
-from bam_zoo.explain import explain, image_paths
+from bam_zoo.explain import explain
+from bam_zoo.training.data import NoImagesError, image_files
 
 pytest.importorskip("matplotlib")
 
@@ -24,25 +25,37 @@ def images(tmp_path):
     return folder
 
 
-def test_image_paths_finds_files_in_folders_and_rejects_missing(images):
-    assert [p.name for p in image_paths(str(images))] == ["a.png", "b.png"]
-    assert [p.name for p in image_paths([str(images / "sub" / "b.png")])] == ["b.png"]
-    with pytest.raises(FileNotFoundError, match="neither an image file nor a folder"):
-        image_paths([str(images / "missing.png")])
+def test_image_files_finds_files_in_folders_and_rejects_missing(images):
+    assert [p.name for p in image_files(str(images), "x")] == ["a.png", "b.png"]  # recursive, sorted, images only
+    assert [p.name for p in image_files([str(images / "sub" / "b.png"), str(images)], "x")] == ["b.png", "a.png", "b.png"]
+    with pytest.raises(NoImagesError, match="explain --images: .*missing.png is neither an image file nor a folder"):
+        image_files([str(images / "missing.png")], "explain --images")
     (images / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no image files"):
-        image_paths(str(images / "empty"))
+    with pytest.raises(NoImagesError, match="empty holds no images"):
+        image_files(str(images / "empty"), "x")
+    with pytest.raises(NoImagesError, match="names no images"):
+        image_files([], "x")
 
 
-def test_explain_writes_one_png_per_image_and_an_overview(images, tmp_path):
+def test_explain_writes_one_png_per_image_and_an_overview(images, tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["explain", "--model", "bam_resnet20.fmnist", "--images", str(images), "--out", str(out)]) is None
+    main(["explain", "--model", "bam_resnet20.fmnist", "--images", str(images), "--out", str(out)])
+    assert capsys.readouterr().out.strip() == str(out)  # the command prints where the pictures are
     written = sorted(p.name for p in out.iterdir())
     assert written == ["a.png", "b.png", "overview.png"]
     for name in written:
         with Image.open(out / name) as picture:
             assert picture.size[0] > 200 and picture.size[1] > 100
             assert len(set(picture.convert("L").getdata())) > 20  # drawn, not blank
+
+
+def test_explain_names_a_missing_image_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["explain", "--model", "bam_resnet20.fmnist", "--images", str(tmp_path / "nope.png")])
+    assert info.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"bam-zoo: error: explain --images: {tmp_path / 'nope.png'} is neither an image file nor")
+    assert len(err.splitlines()) == 1
 
 
 def test_explain_shows_the_attention_the_forward_applied(images, monkeypatch, tmp_path):

@@ -44,6 +44,7 @@ __all__ = [
     "ImageFilesDataModule",
     "DatasetDownloadError",
     "NoImagesError",
+    "image_files",
     "read_idx",
 ]
 
@@ -69,7 +70,7 @@ class DatasetDownloadError(TrainingError, ConnectionError):
 
 
 class NoImagesError(TrainingError, ValueError):
-    """An image folder (or one of its class folders) holds no image files.
+    """No image files where some were expected: an empty (class) folder, or a named path that does not exist.
 
     Message::
 
@@ -488,8 +489,19 @@ def image_files_under(folder: Path) -> list[Path]:
     return sorted(Path(d) / f for d, _, files in os.walk(folder) for f in files if is_image_file(f))
 
 
-def _has_image(folder: Path) -> bool:
-    return any(is_image_file(f) for _, _, files in os.walk(folder) for f in files)
+def image_files(paths: str | Sequence[str], what: str) -> list[Path]:
+    """The image files named in ``paths`` and those under its folders; ``what`` names the source in errors."""
+    found: list[Path] = []
+    for path in (Path(p).expanduser() for p in ([paths] if isinstance(paths, str) else paths)):
+        if not (path.is_file() or path.is_dir()):
+            raise NoImagesError(f"{what}: {path} is neither an image file nor a folder; check the path")
+        images = [path] if path.is_file() else image_files_under(path)
+        if not images:
+            raise NoImagesError(f"{what}: {path} holds no images")
+        found += images
+    if not found:
+        raise NoImagesError(f"{what} names no images; name image files or folders")
+    return found
 
 
 def _open_as(mode: str, path: str) -> Image.Image:
@@ -568,24 +580,28 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self._in_chans = in_chans
         self._mean_arg, self._std_arg = mean, std
         self._classes: list[str] | None = None
+        self._first_image: dict[Path, Path] = {}  # checked split folder -> its first image, for in_chans
         self.datasets: dict[str, Dataset] = {}
 
     def _split_dir(self, split: str) -> Path:
-        """The split's folder, checked: it exists, holds class folders, and each of them holds images."""
+        """The split's folder, checked once: it exists, holds class folders, and each of them holds images."""
         path = self.root / self.splits[split]
+        if path in self._first_image:
+            return path
         if not path.is_dir():
             raise DatasetNotFoundError(
                 "ImageFolder data", [self.root], f"the folder '{self.splits[split]}/<class>/<images>'",
                 can_download=False,
             )
-        classes = sorted(d for d in path.iterdir() if d.is_dir())
-        if not classes:
+        images = {d.name: image_files_under(d) for d in sorted(path.iterdir()) if d.is_dir()}
+        if not images:
             raise NoImagesError(f"ImageFolder data: {path} holds no class folders; put each class's images in "
                                 f"{path}/<class>/")
-        empty = [d.name for d in classes if not _has_image(d)]
+        empty = [name for name, files in images.items() if not files]
         if empty:
             raise NoImagesError(f"ImageFolder data: class folder(s) {', '.join(empty)} in {path} hold no images; "
                                 "add images to them or remove them")
+        self._first_image[path] = next(iter(images.values()))[0]
         return path
 
     @property
@@ -608,8 +624,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
     @property
     def in_chans(self) -> int:
         if self._in_chans is None:
-            first = next(iter(image_files_under(self._split_dir("train"))))
-            with Image.open(first) as image:
+            with Image.open(self._first_image[self._split_dir("train")]) as image:
                 self._in_chans = 1 if image.mode in ("L", "I", "I;16", "F", "1", "LA") else 3
         return self._in_chans
 
@@ -698,21 +713,7 @@ class ImageFilesDataModule(pl.LightningDataModule):
 
     def __init__(self, paths: list[str] | str, batch_size: int = 32, num_workers: int = 0) -> None:
         super().__init__()
-        self.files: list[Path] = []
-        for entry in [paths] if isinstance(paths, str) else paths:
-            path = Path(entry).expanduser()
-            if path.is_dir():
-                found = image_files_under(path)
-                if not found:
-                    raise NoImagesError(f"--data.paths: {path} holds no images")
-                self.files += found
-            elif path.is_file():
-                self.files.append(path)
-            else:
-                raise DatasetNotFoundError("Images to predict on", [str(path.parent)], f"'{path.name}'",
-                                           can_download=False)
-        if not self.files:
-            raise NoImagesError("--data.paths is empty; name image files or folders")
+        self.files = image_files(paths, "--data.paths")
         self.batch_size, self.num_workers = batch_size, num_workers
         self.dataset: _ImageFiles | None = None
 
