@@ -59,7 +59,8 @@ machine of a later session each training step took about 2.6x as long (README, P
 Hub repo: where the tag looks first. The weights are not on the public Hub yet (they were made on machines
 without network access); until they are pushed there (`python cli.py push --checkpoint checkpoints/<name>
 --repo-id <repo>`), they load from the repository's offline mirror `checkpoints/<name>/`, which has the
-same files and is checked against the sha256 recorded for the tag.
+same files and is checked against the sha256 recorded for the tag. A pip-installed bam-zoo has no repository
+beside it: point `BAM_ZOO_CHECKPOINTS` at a copy of `checkpoints/`.
 """
 
 _ATTENTION = """
