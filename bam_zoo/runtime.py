@@ -2,11 +2,8 @@
 
 glibc's malloc returns large freed blocks to the OS (``munmap``, heap trimming), so the next tensor of that
 size is faulted in page by page again. PyTorch's CPU allocator has no cache of its own, so on CPU every
-training or inference step pays for it: on this project's 2-core machine a fresh 12.8 MB tensor costs ~3 ms
-to first touch against 0.3 ms for a reused one (``python -m bam_zoo.runtime`` measures it), and plain
-ResNet-50 inference (batch 8, 224 px) takes ~480-530 ms with glibc's defaults against ~430 ms with freed
-memory kept. How much a step pays also depends on the order of earlier allocations, which makes CPU timings
-drift by several percent between runs.
+training or inference step pays for it (``python -m bam_zoo.runtime`` measures a first touch against a
+reuse), and how much depends on the order of earlier allocations, which makes CPU timings drift between runs.
 
 ``cli.py`` (``bam-zoo``) applies :func:`keep_freed_memory` at start, as does ``python -m bam_zoo.benchmark``
 by default; a program of your own can call it, or set the equivalent environment variables before Python

@@ -47,4 +47,4 @@ def test_first_touch_diagnostic_reports_both_costs():
     out = subprocess.run([sys.executable, "-m", "bam_zoo.runtime"], capture_output=True, text=True, check=True)
     import re
     first, again = (float(v) for v in re.findall(r"([0-9.]+) ms", out.stdout))
-    assert first > 0 and again > 0
+    assert first > 2 * again, out.stdout  # ~10x here: a fresh tensor's pages fault in, a reused one's do not
