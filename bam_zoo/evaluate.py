@@ -12,11 +12,13 @@ Tags of other data sets (the converted ImageNet weights) are named as not measur
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
 import torch
+from torchmetrics.classification import MulticlassAccuracy
 
 import bam_zoo
 from bam_zoo.models.pretrained import FASHION_MNIST_TAGS, WEIGHT_METADATA, weight_facts
@@ -44,27 +46,21 @@ def measure(model: torch.nn.Module, root: Optional[str] = None, batch_size: int 
     data = FashionMNISTDataModule(root=root, val_size=0)
     data.setup("test")
     images, labels = data.test_set.tensors
-    mean = torch.tensor(cfg["mean"]).view(1, -1, 1, 1)
-    std = torch.tensor(cfg["std"]).view(1, -1, 1, 1)
-    correct1 = correct5 = correct_flip = 0
-    class_correct = torch.zeros(len(cfg["label_names"]))
+    mean, std = (torch.tensor(cfg[key]).view(1, -1, 1, 1) for key in ("mean", "std"))
+    accuracy = functools.partial(MulticlassAccuracy, len(cfg["label_names"]), average="micro")
+    top1, top5, flip, per_class = accuracy(), accuracy(top_k=5), accuracy(), accuracy(average=None)
     start = time.perf_counter()
-    for i in range(0, len(labels), batch_size):
-        x = (images[i:i + batch_size].float() / 255 - mean) / std
-        y = labels[i:i + batch_size]
+    for x, y in zip(((images.float() / 255 - mean) / std).split(batch_size), labels.split(batch_size)):
         logits = model(x)
-        top5 = logits.topk(5, dim=1).indices
-        correct1 += (top5[:, 0] == y).sum().item()
-        class_correct += torch.bincount(y[top5[:, 0] == y], minlength=len(class_correct))
-        correct5 += (top5 == y[:, None]).any(1).sum().item()
-        flip_probs = logits.softmax(1) + model(x.flip(3)).softmax(1)  # the crop-and-flip recipes train on mirrors
-        correct_flip += (flip_probs.argmax(1) == y).sum().item()
+        for metric in (top1, top5, per_class):
+            metric.update(logits, y)
+        flip.update(logits.softmax(1) + model(x.flip(3)).softmax(1), y)  # the crop-and-flip recipes train on mirrors
     seconds = time.perf_counter() - start
     n = len(labels)
     return {
-        "top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "top1_flip": 100.0 * correct_flip / n, "images": n,
-        "per_class": {label: round(100.0 * c / t, 2) for label, c, t in
-                      zip(cfg["label_names"], class_correct.tolist(), torch.bincount(labels).tolist())},
+        **{key: round(100.0 * metric.compute().item(), 4) for key, metric in
+           (("top1", top1), ("top5", top5), ("top1_flip", flip))}, "images": n,
+        "per_class": dict(zip(cfg["label_names"], (round(100.0 * a, 2) for a in per_class.compute().tolist()))),
         "params": bam_zoo.count_params(model), "macs": bam_zoo.count_macs(model, cfg["input_size"]),
         "images_per_s": 2 * n / seconds,  # two forwards per image (as is and flipped)
     }

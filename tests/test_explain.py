@@ -27,7 +27,8 @@ def images(tmp_path):
 
 def test_image_files_finds_files_in_folders_and_rejects_missing(images):
     assert [p.name for p in image_files(str(images), "x")] == ["a.png", "b.png"]  # recursive, sorted, images only
-    assert [p.name for p in image_files([str(images / "sub" / "b.png"), str(images)], "x")] == ["b.png", "a.png", "b.png"]
+    named = [str(images / "sub" / "b.png"), str(images)]
+    assert [p.name for p in image_files(named, "x")] == ["b.png", "a.png", "b.png"]  # in the order named
     with pytest.raises(NoImagesError, match="explain --images: .*missing.png is neither an image file nor a folder"):
         image_files([str(images / "missing.png")], "explain --images")
     (images / "empty").mkdir()

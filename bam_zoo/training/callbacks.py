@@ -77,7 +77,8 @@ class PredictionWriter(BasePredictionWriter):
         self.rows = {}
 
     def write_on_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, prediction: Any,
-                           batch_indices: Sequence[int] | None, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
+                           batch_indices: Sequence[int] | None, batch: Any, batch_idx: int,
+                           dataloader_idx: int) -> None:
         names = pl_module.hparams.label_names or [str(i) for i in range(prediction.shape[-1])]
         probs, indices = prediction.float().topk(min(self.topk, prediction.shape[-1]), dim=-1)
         named = isinstance(batch, (tuple, list)) and len(batch) > 1 and isinstance(batch[1], (tuple, list))
