@@ -12,10 +12,9 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from bam_zoo import capture_attention, create_model
-from bam_zoo.training.data import image_files
+from bam_zoo.training.data import image_files, image_loader
 
 __all__ = ["explain"]
 
@@ -49,12 +48,8 @@ def explain(model: str, images: str | list[str], out: str = "explain", pretraine
     net = create_model(model, pretrained=pretrained).eval()
     config = timm.data.resolve_data_config(model=net)
     transform = timm.data.create_transform(**config)
-    mode = "L" if config["input_size"][0] == 1 else "RGB"
-    inputs = []
-    for path in paths:
-        with Image.open(path) as image:
-            inputs.append(transform(image.convert(mode)))
-    inputs = torch.stack(inputs)
+    mode, load = "L" if config["input_size"][0] == 1 else "RGB", image_loader(config["input_size"][0])
+    inputs = torch.stack([transform(load(str(path))) for path in paths])
     # what the network saw (resized, cropped), back in [0, 1], so the maps line up with it exactly
     shown = inputs * torch.tensor(config["std"]).view(-1, 1, 1) + torch.tensor(config["mean"]).view(-1, 1, 1)
     pictures = [p[0] if mode == "L" else p.permute(1, 2, 0) for p in shown.clamp(0, 1)]
