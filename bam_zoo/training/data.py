@@ -22,7 +22,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from PIL import Image
-from timm.data import create_transform, resolve_data_config
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform, resolve_data_config
 from timm.data.random_erasing import RandomErasing
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, default_convert, random_split
@@ -568,17 +568,11 @@ class ImageFolderDataModule(pl.LightningDataModule):
         super().__init__()
         self.root = Path(root).expanduser()
         self.splits = {"train": train_split, "val": val_split, "test": test_split}
-        self.img_size = img_size
-        self.crop_pct = crop_pct
-        self.batch_size = batch_size
+        self.img_size, self.batch_size, self.num_workers = img_size, batch_size, num_workers
         self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = num_workers
-        self.scale = tuple(scale)
-        self.color_jitter = color_jitter
-        self.auto_augment = auto_augment
-        self.interpolation = interpolation
-        self._in_chans = in_chans
-        self._mean_arg, self._std_arg = mean, std
+        self.transform_args = dict(scale=tuple(scale), color_jitter=color_jitter, auto_augment=auto_augment,
+                                   interpolation=interpolation, crop_pct=crop_pct)  # timm's create_transform's
+        self._in_chans, self._mean_arg, self._std_arg = in_chans, mean, std
         self._classes: list[str] | None = None
         self._first_image: dict[Path, Path] = {}  # checked split folder -> its first image, for in_chans
         self.datasets: dict[str, Dataset] = {}
@@ -630,26 +624,19 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
     @property
     def mean(self) -> tuple[float, ...]:
-        if self._mean_arg is not None:
-            return tuple(self._mean_arg)
-        return (0.449,) if self.in_chans == 1 else (0.485, 0.456, 0.406)
+        return tuple(self._mean_arg or ((0.449,) if self.in_chans == 1 else IMAGENET_DEFAULT_MEAN))
 
     @property
     def std(self) -> tuple[float, ...]:
-        if self._std_arg is not None:
-            return tuple(self._std_arg)
-        return (0.226,) if self.in_chans == 1 else (0.229, 0.224, 0.225)
+        return tuple(self._std_arg or ((0.226,) if self.in_chans == 1 else IMAGENET_DEFAULT_STD))
 
     @property
     def input_size(self) -> tuple[int, int, int]:
         return (self.in_chans, self.img_size, self.img_size)
 
     def _transform(self, training: bool) -> Any:
-        return create_transform(
-            self.input_size, is_training=training, scale=self.scale, color_jitter=self.color_jitter,
-            auto_augment=self.auto_augment, interpolation=self.interpolation, mean=self.mean, std=self.std,
-            crop_pct=self.crop_pct,
-        )
+        return create_transform(self.input_size, is_training=training, mean=self.mean, std=self.std,
+                                **self.transform_args)
 
     def setup(self, stage: str | None = None) -> None:
         for split in ("train", "val", "test"):
