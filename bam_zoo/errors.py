@@ -84,28 +84,31 @@ class WeightsNotFoundError(BamZooError, FileNotFoundError):
                          f"{name}/model.safetensors (a copy of the repository's checkpoints/).")
 
 
-class CheckpointKeysError(BamZooError, ValueError):
-    """A converted checkpoint whose keys do not fit the model: another architecture, or another layout.
+class CheckpointKeysError(BamZooError, ValueError, RuntimeError):
+    """Weights whose keys or shapes do not fit the model: another architecture, or another layout.
+
+    Also a ``RuntimeError``, which torch's strict ``load_state_dict`` raises for the same problem. Each kind is
+    counted, with its first few keys: a checkpoint of another depth misses hundreds.
 
     Message::
 
-        This pytorchcv checkpoint does not fit bam_resnet18: 3 unknown keys (features.stage4.unit3...), 1 missing
-        (fc.bias), 2 misshaped (...). Pass the architecture it was trained as (--model) and its layout (--source).
+        This pytorchcv checkpoint does not fit bam_resnet18: 312 missing (layer1.0.conv1.weight, layer1.0.bn1.weight,
+        layer1.0.bn1.bias, ... 309 more); 2 unexpected (features.stage4.unit3..., ...). Pass the architecture it
+        was trained as (--model) and its layout (--source pytorchcv or official).
 
     Attributes:
-        unknown: Checkpoint keys the model has no place for (the checkpoint's own names).
+        unexpected: Checkpoint keys the model has no place for (the checkpoint's own names).
         missing: Model keys the checkpoint does not fill.
         misshaped: Keys whose shapes differ, each with both shapes.
     """
 
-    def __init__(self, source: str, arch: str, unknown: Sequence[str], missing: Sequence[str],
-                 misshaped: Sequence[str]) -> None:
-        self.unknown, self.missing, self.misshaped = list(unknown), list(missing), list(misshaped)
-        found = [f"{len(keys)} {kind} ({', '.join(keys[:8])}{f', ... {len(keys) - 8} more' if len(keys) > 8 else ''})"
-                 for kind, keys in (("unknown", self.unknown), ("missing", self.missing), ("misshaped", self.misshaped))
-                 if keys]
-        super().__init__(f"This {source} checkpoint does not fit {arch}: {'; '.join(found)}. Pass the architecture "
-                         "it was trained as (--model) and its layout (--source pytorchcv or official).")
+    def __init__(self, what: str, arch: str, unexpected: Sequence[str], missing: Sequence[str],
+                 misshaped: Sequence[str], fix: str) -> None:
+        self.unexpected, self.missing, self.misshaped = list(unexpected), list(missing), list(misshaped)
+        found = [f"{len(keys)} {kind} ({', '.join(keys[:3])}{f', ... {len(keys) - 3} more' if len(keys) > 3 else ''})"
+                 for kind, keys in (("missing", self.missing), ("unexpected", self.unexpected),
+                                    ("misshaped", self.misshaped)) if keys]
+        super().__init__(f"{what} does not fit {arch}: {'; '.join(found)}. {fix}")
 
 
 class CorruptCheckpointError(BamZooError, ValueError):

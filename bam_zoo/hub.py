@@ -32,7 +32,7 @@ from timm.models import save_for_hf
 
 from . import __version__, create_model
 from .errors import CorruptCheckpointError, MetricConflictError
-from .models.convert import from_official, from_pytorchcv, read_checkpoint
+from .models.convert import check_keys, from_official, from_pytorchcv, read_checkpoint
 from .models.pretrained import WEIGHTS_NAME
 
 __all__ = ["CONFIG_NAME", "README_NAME", "RECIPE_NAME", "WEIGHTS_NAME", "Export", "convert", "lightning_model",
@@ -141,7 +141,7 @@ def convert(source: Literal["pytorchcv", "official"], checkpoint: str | Path, ou
         model: The bam-zoo architecture the checkpoint was trained as, e.g. ``bam_resnet50``.
 
     Raises:
-        CheckpointKeysError: Unknown, missing or misshaped keys (all listed): another architecture or layout.
+        CheckpointKeysError: Unexpected, missing or misshaped keys (counted): another architecture or layout.
     """
     net = (from_pytorchcv if source == "pytorchcv" else from_official)(read_checkpoint(checkpoint), model)
     return save_pretrained(net, out, model_name=f"{model}.{source}")
@@ -276,7 +276,7 @@ def load_export(path: str | Path) -> Export:
     Raises:
         FileNotFoundError: ``path`` does not exist, or a folder lacks ``config.json`` / ``model.safetensors``.
         CorruptCheckpointError: The file is not a Lightning checkpoint of bam-zoo.
-        RuntimeError: The weights do not fit the architecture (torch's strict ``load_state_dict``).
+        CheckpointKeysError: The weights do not fit the architecture (a ``RuntimeError`` too, like torch's).
     """
     path = Path(path).expanduser()
     if path.is_dir():
@@ -316,7 +316,11 @@ def lightning_model(ckpt: Mapping[str, Any], prefix: str = "model.") -> nn.Modul
     kwargs = {"num_classes": hp.get("num_classes"), "in_chans": hp.get("in_chans"), **(hp.get("model_kwargs") or {})}
     model = create_model(hp["model_name"], add_bam=bool(hp.get("add_bam")),
                          **{k: v for k, v in kwargs.items() if v is not None})
-    model.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
+    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    check_keys(weights, model, f"This checkpoint (its {prefix}* weights)", f"Its hyper_parameters (model_name "
+               f"{hp['model_name']}, num_classes, in_chans, model_kwargs) describe another network: pass a checkpoint "
+               "`cli.py fit` wrote, unchanged, or the export folder of its run.")
+    model.load_state_dict(weights, strict=True)
     return model
 
 

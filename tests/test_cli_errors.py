@@ -142,3 +142,28 @@ def test_fit_ckpt_path_last_with_nothing_starts_from_scratch(tmp_path: Path, cap
     assert cli.trainer.global_step == 1
     err = capsys.readouterr().err
     assert "no last.ckpt in" in err and "starts from scratch" in err and "save_last" not in err
+
+
+def test_push_of_weights_that_do_not_fit_counts_the_keys(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A checkpoint whose hyperparameters name another network: counts and a few keys, not every name."""
+    import torch
+
+    import bam_zoo
+    from bam_zoo.errors import CheckpointKeysError
+
+    plain = bam_zoo.create_model("resnet20", in_chans=1, num_classes=10).state_dict()
+    bam = bam_zoo.create_model("bam_resnet20", in_chans=1, num_classes=10).state_dict()
+    lacking = [k for k in bam if k not in plain]
+    path = tmp_path / "renamed.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in plain.items()},
+                "hyper_parameters": {"model_name": "bam_resnet20", "num_classes": 10, "in_chans": 1}}, path)
+    err = error_of(capsys, "push", "--checkpoint", str(path), "--repo-id", "alice/x", code=1)
+    assert len(lacking) > 20 and len(err.strip().splitlines()) == 1
+    assert (f"This checkpoint (its model.* weights) does not fit bam_resnet20: {len(lacking)} missing "
+            f"({', '.join(lacking[:3])}, ... {len(lacking) - 3} more). Its hyper_parameters") in err
+    assert lacking[3] not in err and "unexpected" not in err
+
+    from bam_zoo.hub import load_export
+    with pytest.raises(RuntimeError) as info:  # torch's strict load raises RuntimeError; so does this
+        load_export(path)
+    assert isinstance(info.value, CheckpointKeysError) and info.value.missing == lacking

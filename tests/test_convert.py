@@ -204,7 +204,7 @@ def test_cli_reads_the_zip_and_lists_what_does_not_fit(tmp_path: Path, capsys) -
     del state["features.stage2.unit1.bam.sp_att.final_conv.bias"]
     with pytest.raises(CheckpointKeysError) as info:
         from_pytorchcv(state, "bam_resnet18")
-    assert info.value.unknown == ["features.stage9.extra.weight"]
+    assert info.value.unexpected == ["features.stage9.extra.weight"]
     assert info.value.missing == ["layer1.bam.spatial_attn.body.conv_final.bias"]
     assert info.value.misshaped == ["output.weight (1000, 3) (bam-zoo fc.weight (1000, 512))"]
 

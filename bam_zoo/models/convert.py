@@ -15,7 +15,7 @@ import io
 import re
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Collection, Dict, Mapping, Optional, Tuple, Union
 
 import timm
 import torch
@@ -24,7 +24,8 @@ import torch.nn as nn
 from ..errors import CheckpointKeysError
 from .placement import bam_modules
 
-__all__ = ["SOURCES", "convert_state_dict", "detect_source", "from_official", "from_pytorchcv", "read_checkpoint"]
+__all__ = ["SOURCES", "check_keys", "convert_state_dict", "detect_source", "from_official", "from_pytorchcv",
+           "read_checkpoint"]
 
 Rule = Tuple[str, Union[str, Callable[[re.Match], str]]]
 
@@ -109,14 +110,40 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module,
     for key in expected:  # checkpoints from before torch 0.4.1 have no BatchNorm counters
         if key.endswith(".num_batches_tracked"):
             out.setdefault(key, torch.zeros((), dtype=torch.long))
-    unknown = [origin[k] for k in out if k not in expected]
-    missing = [k for k in expected if k not in out]
-    misshaped = [f"{origin[k]} {tuple(v.shape)} (bam-zoo {k} {tuple(expected[k].shape)})" for k, v in out.items()
-                 if check_shapes and k in expected and v.shape != expected[k].shape]
-    if unknown or missing or misshaped:
-        arch = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
-        raise CheckpointKeysError(source, arch, unknown, missing, misshaped)
+    check_keys(out, model, f"This {source} checkpoint", "Pass the architecture it was trained as (--model) and its "
+               "layout (--source pytorchcv or official).", expected if check_shapes else expected.keys(), origin)
     return out
+
+
+def check_keys(state_dict: Mapping[str, Any], model: nn.Module, what: str, fix: str,
+               expected: Union[Mapping[str, Any], Collection[str], None] = None,
+               origin: Optional[Mapping[str, str]] = None) -> None:
+    """Raise :class:`CheckpointKeysError` (counts and a few keys of each kind) where ``state_dict`` does not fit.
+
+    Why not torch's strict error: it lists every key, hundreds for a checkpoint of another depth, on one line.
+
+    Args:
+        state_dict: The weights, in the model's names.
+        model: The model they are for (its ``state_dict`` is ``expected`` by default; its name goes in the message).
+        what: What the weights are, for the message: ``"This pytorchcv checkpoint"``.
+        fix: The sentence that says how to fix it.
+        expected: The keys to compare against: a state dict (shapes are compared too) or a set of keys only.
+        origin: The checkpoint's own name of each key, to report unexpected and misshaped keys as the user knows them.
+    """
+    expected = model.state_dict() if expected is None else expected
+    name = (lambda k: origin.get(k, k)) if origin else (lambda k: k)
+    unexpected = [name(k) for k in state_dict if k not in expected]
+    missing = [k for k in expected if k not in state_dict]
+    misshaped = ([f"{name(k)} {_shape(v)} (bam-zoo {k} {_shape(expected[k])})" for k, v in state_dict.items()
+                  if k in expected and _shape(v) != _shape(expected[k])] if isinstance(expected, Mapping) else [])
+    if unexpected or missing or misshaped:
+        arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
+        raise CheckpointKeysError(what, arch, unexpected, missing, misshaped, fix)
+
+
+
+def _shape(value: Any) -> Tuple[int, ...]:
+    return tuple(getattr(value, "shape", ()))
 
 
 def _build(state_dict: Mapping[str, torch.Tensor], source: str, arch: str) -> nn.Module:

@@ -29,7 +29,7 @@ from huggingface_hub.errors import (
 from timm.models import get_pretrained_cfg, resolve_pretrained_cfg
 
 from ..errors import ChecksumMismatchError, WeightsNotFoundError
-from .convert import convert_state_dict
+from .convert import check_keys, convert_state_dict
 
 __all__ = [
     "FASHION_MNIST_LABELS", "FASHION_MNIST_MEAN", "FASHION_MNIST_STD", "FASHION_MNIST_TAGS", "HF_HUB_ORG",
@@ -223,7 +223,7 @@ def resolve_weights(cfg: Dict[str, Any], variant: str) -> Optional[str]:
 
 def strict_keys(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, Any]:
     """timm ``pretrained_filter_fn``: pytorchcv and official-code layouts are converted (:mod:`.convert`), then
-    weights whose keys differ from the model's fail with torch's strict error.
+    weights whose keys differ from the model's fail with :class:`~bam_zoo.errors.CheckpointKeysError`.
 
     Why: timm loads with ``strict=False`` whenever it drops a classifier of another size, which would also let
     missing or unexpected keys elsewhere pass. Shapes stay torch's to check (it raises on them either way) and
@@ -239,8 +239,8 @@ def strict_keys(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, Any]:
         heads = {heads} if isinstance(heads, str) else set(heads)
         state_dict = {k: v for k, v in state_dict.items() if k.rpartition(".")[0] not in heads}
         expected = {k for k in expected if k.rpartition(".")[0] not in heads}
-    if state_dict.keys() != expected:
-        model.load_state_dict(state_dict, strict=True)  # raises, listing missing, unexpected, misshaped keys
+    check_keys(state_dict, model, "The pretrained state dict", "Pass the architecture it was trained as; num_classes "
+               "and in_chans adapt only the head and the stem.", expected)
     return state_dict
 
 
