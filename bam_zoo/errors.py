@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 __all__ = [
     "BamZooError", "UnknownModelError", "UnknownPretrainedTagError", "ChecksumMismatchError",
     "CheckpointKeysError", "CorruptCheckpointError", "MetricConflictError", "TrainingError", "DatasetNotFoundError",
-    "NonFiniteLossError", "UnsafeCheckpointError", "WeightsNotFoundError",
+    "NonFiniteLossError", "TRUST_OPTION", "UnsafeCheckpointError", "WeightsNotFoundError",
 ]
 
 
@@ -190,17 +190,37 @@ class NonFiniteLossError(TrainingError, FloatingPointError):
         )
 
 
-class UnsafeCheckpointError(TrainingError, ValueError):
-    """A Lightning checkpoint asked for from somewhere other than a local path (``.ckpt`` files are pickles).
+#: The option that lets a checkpoint's pickle run code, under one name everywhere (CLI and Python arguments).
+TRUST_OPTION = "trust_checkpoint_code"
+
+
+class UnsafeCheckpointError(BamZooError, ValueError):
+    """A checkpoint bam-zoo will not unpickle: it needs more than torch's ``weights_only`` allowlist, whose
+    classes and functions cannot run code, or it is not a local file.
+
+    Message::
+
+        Refused to unpickle evil.ckpt: it names posix.system, beyond torch's weights_only allowlist, so unpickling
+        it can run any code. If you trust this file and whoever made it, pass --trust_checkpoint_code true
+        (trust_checkpoint_code=True in Python).
 
     Attributes:
-        path: the refused location.
+        path: The refused file or location.
+        refused: The globals the pickle names beyond the allowlist (empty where only ``reason`` is known).
+        reason: The restricted loader's own words, where it refused without naming a global.
     """
 
-    def __init__(self, path: str) -> None:
-        self.path = path
-        super().__init__(
-            f"Refusing to read the Lightning checkpoint {path!r}: .ckpt files are pickles and are only read from "
-            "local paths. Download it yourself if you trust it and pass the local file, or load published weights "
-            "with --model.pretrained true / --model.pretrained_file model.safetensors."
-        )
+    def __init__(self, path: str, refused: Sequence[str] = (), reason: str | None = None) -> None:
+        self.path, self.refused, self.reason = str(path), list(refused), reason
+        if self.refused or reason:
+            names = ", ".join(self.refused[:5]) + (f", ... {len(self.refused) - 5} more" if len(self.refused) > 5 else "")
+            why = (f"it names {names}, beyond torch's weights_only allowlist, so unpickling it can run any code"
+                   if self.refused else
+                   f"torch's weights_only loader refused it ({reason}), and a full unpickle can run any code")
+            message = (f"Refused to unpickle {path}: {why}. If you trust this file and whoever made it, pass "
+                       f"--{TRUST_OPTION} true ({TRUST_OPTION}=True in Python).")
+        else:  # a location that is not a local file
+            message = (f"Refusing to read the Lightning checkpoint {path!r}: .ckpt files are pickles and are only "
+                       "read from local paths. Download it yourself if you trust it and pass the local file, or load "
+                       "published weights with --model.pretrained true / --model.pretrained_file model.safetensors.")
+        super().__init__(message)

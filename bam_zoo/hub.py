@@ -31,7 +31,7 @@ from huggingface_hub import CommitInfo, EvalResult, HfApi, ModelCard, ModelCardD
 from timm.models import save_for_hf
 
 from . import __version__, create_model
-from .errors import CorruptCheckpointError, MetricConflictError
+from .errors import CorruptCheckpointError, MetricConflictError, UnsafeCheckpointError
 from .models.convert import check_keys, from_official, from_pytorchcv, read_checkpoint
 from .models.pretrained import WEIGHTS_NAME
 
@@ -126,7 +126,7 @@ def save_pretrained(
 
 
 def convert(source: Literal["pytorchcv", "official"], checkpoint: str | Path, out: str | Path,
-            model: str = "bam_resnet50") -> Path:
+            model: str = "bam_resnet50", trust_checkpoint_code: bool = False) -> Path:
     """Write a pytorchcv or official-code BAM checkpoint as an export folder (Hub layout), ready for ``push``.
 
     The biases of the spatial branch fold into its BatchNorms and the model multiplies the branches
@@ -139,11 +139,15 @@ def convert(source: Literal["pytorchcv", "official"], checkpoint: str | Path, ou
         checkpoint: The checkpoint file (read with ``torch.load(weights_only=True)``).
         out: Folder to write.
         model: The bam-zoo architecture the checkpoint was trained as, e.g. ``bam_resnet50``.
+        trust_checkpoint_code: Unpickle ``checkpoint`` fully, which runs any code its pickle holds. Only for a
+            file you trust that torch's ``weights_only`` loader refuses.
 
     Raises:
         CheckpointKeysError: Unexpected, missing or misshaped keys (counted): another architecture or layout.
+        UnsafeCheckpointError: The pickle needs more than ``weights_only`` allows, and it is not trusted.
     """
-    net = (from_pytorchcv if source == "pytorchcv" else from_official)(read_checkpoint(checkpoint), model)
+    state = read_checkpoint(checkpoint, trust_checkpoint_code=trust_checkpoint_code)
+    net = (from_pytorchcv if source == "pytorchcv" else from_official)(state, model)
     return save_pretrained(net, out, model_name=f"{model}.{source}")
 
 
@@ -267,15 +271,17 @@ class Export:
     folder: Path | None = None
 
 
-def load_export(path: str | Path) -> Export:
+def load_export(path: str | Path, trust_checkpoint_code: bool = False) -> Export:
     """Read an export folder or a Lightning ``.ckpt`` of ``cli.py fit`` into a strictly loaded model.
 
     Why strictly and before any upload: a push is public, and what goes up must load with ``hf-hub:``.
-    A ``.ckpt`` is a pickle: it is read only from the user's own disk, with ``weights_only=True`` first.
+    A ``.ckpt`` is a pickle: it is read only from the user's own disk, with torch's ``weights_only`` loader
+    unless ``trust_checkpoint_code`` (``cli.py fit`` writes checkpoints that load that way).
 
     Raises:
         FileNotFoundError: ``path`` does not exist, or a folder lacks ``config.json`` / ``model.safetensors``.
         CorruptCheckpointError: The file is not a Lightning checkpoint of bam-zoo.
+        UnsafeCheckpointError: The pickle needs more than ``weights_only`` allows, and it is not trusted.
         CheckpointKeysError: The weights do not fit the architecture (a ``RuntimeError`` too, like torch's).
     """
     path = Path(path).expanduser()
@@ -291,7 +297,7 @@ def load_export(path: str | Path) -> Export:
                       meta.get("dataset"), recipe, path)
     if not path.is_file():
         raise FileNotFoundError(f"--checkpoint {path}: no such file or folder")
-    ckpt = _load_lightning(path)
+    ckpt = _load_lightning(path, trust_checkpoint_code)
     hp = dict(ckpt.get("hyper_parameters") or {})
     state = ckpt.get("state_dict")
     if not isinstance(state, Mapping) or not isinstance(hp.get("model_name"), str):
@@ -324,13 +330,11 @@ def lightning_model(ckpt: Mapping[str, Any], prefix: str = "model.") -> nn.Modul
     return model
 
 
-def _load_lightning(path: Path) -> dict[str, Any]:
+def _load_lightning(path: Path, trust_checkpoint_code: bool = False) -> dict[str, Any]:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001  hyperparameters may hold objects; this is the user's own local file
-        pass
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = read_checkpoint(path, trust_checkpoint_code=trust_checkpoint_code)
+    except UnsafeCheckpointError:
+        raise
     except Exception as e:  # noqa: BLE001  pickle raises anything for a file that is not one
         raise CorruptCheckpointError(str(path), f"torch.load could not read it: {type(e).__name__}: {e}") from None
     if not isinstance(ckpt, dict):
@@ -348,6 +352,7 @@ def push(
     metrics: dict[str, float] | None = None,
     dataset: str | None = None,
     token: str | None = None,
+    trust_checkpoint_code: bool = False,
 ) -> CommitInfo:
     """Push a Lightning ``.ckpt`` or an export folder to a Hub repo as one commit that names its parent.
 
@@ -365,13 +370,16 @@ def push(
             export already holds is never replaced.
         dataset: Dataset name for the card, when the export records none.
         token: Hub token; default ``HF_TOKEN`` or the ``hf auth login`` one.
+        trust_checkpoint_code: Unpickle a ``.ckpt`` fully, which runs any code its pickle holds. Only for a
+            file you trust that torch's ``weights_only`` loader refuses.
 
     Raises:
         MetricConflictError: ``metrics`` would replace a measured value.
+        UnsafeCheckpointError: The ``.ckpt`` needs more than ``weights_only`` allows, and it is not trusted.
         huggingface_hub.errors.HfHubHTTPError: The Hub refused the push (401/403/404/412/5xx); a note says
             the remote is unchanged.
     """
-    export = load_export(checkpoint)
+    export = load_export(checkpoint, trust_checkpoint_code)
     for key, value in _checked_metrics(metrics).items():
         if key in export.metrics and export.metrics[key] != value:
             raise MetricConflictError(key, export.metrics[key], value, str(checkpoint))

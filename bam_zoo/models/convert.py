@@ -8,11 +8,16 @@ head of each stride-2 unit, bam-zoo at the end of the stage before: the same ten
 ``from_pytorchcv`` / ``from_official`` build a bam-zoo model from a state dict; :func:`convert_state_dict` is
 the conversion alone, which the pretrained loader applies to any file in either layout (timm's
 ``pretrained_filter_fn``), so ``pretrained_cfg_overlay=dict(file=PATH)`` converts on load.
+
+Two helpers serve every checkpoint bam-zoo reads: :func:`read_checkpoint`, the one reader of pickles (torch's
+``weights_only`` loader unless the user trusts the file), and :func:`check_keys`, the one strict key check.
 """
 from __future__ import annotations
 
 import io
+import pickle
 import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Collection, Dict, Mapping, Optional, Tuple, Union
@@ -21,11 +26,11 @@ import timm
 import torch
 import torch.nn as nn
 
-from ..errors import CheckpointKeysError
+from ..errors import CheckpointKeysError, UnsafeCheckpointError
 from .placement import bam_modules
 
 __all__ = ["SOURCES", "check_keys", "convert_state_dict", "detect_source", "from_official", "from_pytorchcv",
-           "read_checkpoint"]
+           "read_checkpoint", "unpickle_refusal"]
 
 Rule = Tuple[str, Union[str, Callable[[re.Match], str]]]
 
@@ -167,14 +172,72 @@ def from_official(checkpoint: Mapping[str, Any], arch: str = "bam_resnet50") -> 
     return _build(checkpoint.get("state_dict", checkpoint), "official", arch)
 
 
-def read_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
-    """``torch.load(weights_only=True)`` of a file, or of the one file inside a ``.zip`` (pytorchcv's ``.pth.zip``)."""
+def read_checkpoint(path: Union[str, Path], trust_checkpoint_code: bool = False) -> Any:
+    """``torch.load`` of a file, or of the one file inside a ``.zip`` (pytorchcv's ``.pth.zip``), on the CPU.
+
+    Why: a checkpoint is a pickle, and a pickle can run any code when it is read. Only torch's ``weights_only``
+    loader reads it, which builds tensors and plain containers and nothing else, unless the user trusts the file.
+
+    Raises:
+        UnsafeCheckpointError: The pickle needs more than the ``weights_only`` allowlist, and
+            ``trust_checkpoint_code`` is false; it says which globals and how to allow them.
+    """
     path = Path(path).expanduser()
     if path.suffix != ".zip":
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return _load(path, path, trust_checkpoint_code)
     with zipfile.ZipFile(path) as archive:
         names = archive.namelist()
         if len(names) != 1:
             raise ValueError(f"{path} holds {len(names)} files; a checkpoint .zip holds exactly one. Unzip it and "
                              "pass the .pth.")
-        return torch.load(io.BytesIO(archive.read(names[0])), map_location="cpu", weights_only=True)
+        return _load(io.BytesIO(archive.read(names[0])), path, trust_checkpoint_code)
+
+
+def _load(source: Union[Path, io.BytesIO], path: Path, trust_checkpoint_code: bool) -> Any:
+    if trust_checkpoint_code:
+        return torch.load(source, map_location="cpu", weights_only=False)
+    try:
+        return _restricted_load(source)
+    except pickle.UnpicklingError as e:  # raised before the restricted loader ran anything it refused
+        raise _refusal(source, path, e) from None
+
+
+def _restricted_load(source: Union[Path, io.BytesIO]) -> Any:
+    with warnings.catch_warnings():  # torch warns before it refuses a newer pickle protocol; the refusal says it
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        return torch.load(source, map_location="cpu", weights_only=True)
+
+
+def unpickle_refusal(path: Union[str, Path]) -> Optional[UnsafeCheckpointError]:
+    """Why torch's ``weights_only`` loader refuses the checkpoint at ``path``, found without running it; ``None``
+    when it would load (or when it is not a checkpoint at all, which its reader reports).
+
+    For loaders bam-zoo does not call itself (Lightning's ``--ckpt_path``, timm's ``pretrained_file``): checked
+    before the run starts, so the refusal is one line and nothing is created first.
+    """
+    path = Path(path).expanduser()
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)  # reads the pickle, runs nothing
+    except Exception:  # noqa: BLE001  not a zip checkpoint, or opcodes the scanner skips: ask the loader itself
+        try:
+            _restricted_load(path)
+        except pickle.UnpicklingError as e:
+            return _refusal(path, path, e)
+        except Exception:  # noqa: BLE001  not a checkpoint at all: its reader says so
+            return None
+        return None
+    return UnsafeCheckpointError(str(path), sorted(unsafe)) if unsafe else None
+
+
+def _refusal(source: Union[Path, io.BytesIO], path: Path, error: Exception) -> UnsafeCheckpointError:
+    """The one-line refusal: every global the pickle names beyond the allowlist, else the loader's own reason."""
+    try:
+        if isinstance(source, io.BytesIO):
+            source.seek(0)
+        named = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(source))
+    except Exception:  # noqa: BLE001  a legacy (non-zip) file, or opcodes the scanner does not know
+        named = sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(error))))
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    reason = next((line for line in reversed(lines) if not line.startswith(("Check the documentation", "Weights only"))),
+                  "no reason given")
+    return UnsafeCheckpointError(str(path), named, reason)

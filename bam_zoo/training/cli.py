@@ -26,7 +26,8 @@ What it adds to LightningCLI, and why:
   (:class:`BamZooArgumentParser`).
 * ``--trainer.sync_batchnorm true`` without GPUs and remote ``--ckpt_path`` URLs are refused with
   a one-line explanation instead of a stack trace deep inside PyTorch; local checkpoints are read with
-  ``--weights_only true`` (PyTorch's restricted unpickler) unless the user says otherwise.
+  ``--weights_only true`` (PyTorch's restricted unpickler), and one it refuses is named in one line before
+  anything runs, unless the user passes ``--trust_checkpoint_code true``.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ import pytorch_lightning as pl
 
 from bam_zoo.training import data as _data  # noqa: F401  (imports every DataModule for short class_path names)
 from bam_zoo.training.callbacks import HubExport, LastCheckpoint, PredictionWriter
-from bam_zoo.errors import TrainingError, UnsafeCheckpointError
+from bam_zoo.errors import TRUST_OPTION, TrainingError, UnsafeCheckpointError
+from bam_zoo.models.convert import unpickle_refusal
 from bam_zoo.training.module import ImageClassifier
 
 __all__ = [
@@ -191,6 +193,10 @@ class BamZooCLI(LightningCLI):
         parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="test the best checkpoint after fit (this also writes the export)")
+        parser.add_argument(f"--{TRUST_OPTION}", type=bool, default=False,
+                            help="let --ckpt_path and --model.pretrained_file unpickle what torch's weights_only "
+                                 "loader refuses, which can run any code they hold: only for files you trust "
+                                 "(command line only, not from a config file)")
         for source, target in (("num_classes", "num_classes"), ("in_chans", "in_chans"), ("classes", "label_names")):
             parser.link_arguments(f"data.{source}", f"model.{target}", apply_on="instantiate")
 
@@ -201,8 +207,6 @@ class BamZooCLI(LightningCLI):
         ckpt_path = config.get("ckpt_path")
         if ckpt_path and str(ckpt_path) not in _SPECIAL_CKPT and "://" in str(ckpt_path):
             raise UnsafeCheckpointError(str(ckpt_path))
-        if "weights_only" in config and config.weights_only is None:
-            config.weights_only = True  # unpickle checkpoints with torch's restricted loader unless told otherwise
         trainer = config.get("trainer") or {}
         problem = sync_batchnorm_problem(trainer.get("sync_batchnorm", False), trainer.get("accelerator", "auto"))
         if problem:
@@ -224,8 +228,50 @@ class BamZooCLI(LightningCLI):
             raise CheckpointNotFoundError(
                 f"--ckpt_path {ckpt_path}: no such file. Pass a .ckpt a run wrote (<default_root_dir>/checkpoints/"
                 "last.ckpt or best-*.ckpt), or --ckpt_path last to continue the run in --trainer.default_root_dir.")
+        argv = sys.argv[1:] if args is None else args
+        self._refuse_untrusted_pickles(config, not isinstance(argv, (list, tuple)) or any(
+            str(a).split("=")[0] == f"--{TRUST_OPTION}" for a in argv))
         if config.get("export") is not None and config.export.get("dirpath") is None:
             config.export.dirpath = str(root / "export")
+
+    @staticmethod
+    def _refuse_untrusted_pickles(config: Any, on_command_line: bool) -> None:
+        """Refuse, before anything runs, the checkpoints torch's restricted loader would refuse: one line naming
+        what the pickle needs, instead of Lightning's or timm's traceback from deep inside the run.
+
+        Lightning (``--ckpt_path``) and timm (``--model.pretrained_file``) read these files themselves, with
+        ``weights_only=True``; ``--trust_checkpoint_code true`` lets the globals such a file names through the
+        restricted loader, and Lightning's restore of a ``--ckpt_path`` unpickle fully. It is taken from the
+        command line only: a config file (a run's ``recipe.yaml`` on the Hub, say) may come from anyone.
+        """
+        trusted = bool(config.get(TRUST_OPTION))
+        if trusted and not on_command_line:
+            raise TrainingError(f"A config file sets {TRUST_OPTION}: true, which is taken from the command line only "
+                                f"(configs get shared): pass --{TRUST_OPTION} true yourself, for checkpoints you trust.")
+        if "weights_only" in config:
+            if config.weights_only is False and not trusted:
+                raise TrainingError(f"--weights_only false unpickles checkpoints fully, which runs any code they hold: "
+                                    f"pass --{TRUST_OPTION} true instead, for checkpoints you trust.")
+            if config.weights_only is None:
+                config.weights_only = not trusted
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path == "last" and config.get("last_checkpoint") is not None:
+            files = sorted(Path(config.last_checkpoint.dirpath).glob("last*.ckpt"))
+        else:
+            files = [Path(ckpt_path).expanduser()] if ckpt_path and str(ckpt_path) not in _SPECIAL_CKPT else []
+        pretrained_file = (config.get("model") or {}).get("pretrained_file")
+        weights = Path(pretrained_file).expanduser() if pretrained_file else None
+        if weights is not None and weights.is_file() and weights.suffix != ".safetensors":
+            files.append(weights)
+        for path in files:
+            refusal = unpickle_refusal(path)
+            if refusal is None:
+                continue
+            if not trusted:
+                raise refusal
+            # Lightning reads --ckpt_path's hyperparameters, and timm a pretrained file, with weights_only=True
+            # whatever the config says: let exactly the globals this trusted file names through
+            torch.serialization.add_safe_globals([_named_global(name) for name in refusal.refused])
 
     def after_instantiate_classes(self) -> None:
         """Predict with the checkpoint's own network when the data names no classes (``ImageFilesDataModule``)."""
@@ -252,6 +298,12 @@ class BamZooCLI(LightningCLI):
         checkpoint = self.trainer.checkpoint_callback
         best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best)
+
+
+def _named_global(name: str) -> Any:
+    """The object a pickle's ``GLOBAL module.name`` refers to (importing ``module``: for trusted files only)."""
+    module, _, attr = name.rpartition(".")
+    return getattr(importlib.import_module(module), attr)
 
 
 def cli_main(args: list[str] | None = None) -> BamZooCLI:
