@@ -328,7 +328,7 @@ def test_push_is_dispatched_to_the_hub(monkeypatch: pytest.MonkeyPatch, capsys: 
     monkeypatch.setitem(TOOLS, "push", dataclasses.replace(TOOLS["push"], function=recorded_push))
     main(["push", "--checkpoint", "x.ckpt", "--repo-id", "org/name"])
     assert calls == [{"checkpoint": "x.ckpt", "repo_id": "org/name", "private": False, "revision": None,
-                      "commit_message": None, "metrics": None, "dataset": None}]
+                      "commit_message": None, "metrics": None, "dataset": None, "trust_checkpoint_code": False}]
     assert capsys.readouterr().out.strip() == "url"
 
 
