@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from ..layers import BAM
 
-__all__ = ["BamPlacement", "BAM_PLACEMENT", "INSERTED_ARCH", "add_bam", "bam_modules", "bottleneck_stages",
+__all__ = ["BamPlacement", "BAM_PLACEMENT", "INSERTED_ARCH", "TESTED_FAMILIES", "add_bam", "bam_modules", "bottleneck_stages",
            "insert_bam"]
 
 #: The registered architecture an exported model with inserted BAM is rebuilt as (its ``config.json``).
@@ -55,6 +55,18 @@ BAM_PLACEMENT: Dict[str, BamPlacement] = {
     # ``blocks`` is nested, so features_only flattens it.
     "efficientnet": BamPlacement(
         stages=("blocks.1", "blocks.2", "blocks.4"), feature_cfg=dict(flatten_sequential=True)),
+}
+
+
+#: The timm families add_bam is tested on (identity start, strict plain weights, gradients, exports, timm's own
+#: battery), each with the small network the tests use.
+TESTED_FAMILIES: Dict[str, str] = {
+    "resnet-d": "resnet18d", "resnet-t": "resnet10t", "seresnet": "seresnet18", "ecaresnet": "ecaresnet26t",
+    "resnetv2": "resnetv2_18", "regnet": "regnetx_002", "convnext": "convnext_atto", "efficientnet": "efficientnet_b0",
+    "mobilenetv2": "mobilenetv2_050", "mobilenetv3": "mobilenetv3_small_050", "mnasnet": "mnasnet_small",
+    "ghostnet": "ghostnet_050", "cspnet": "cs3darknet_focus_s", "dla": "dla34", "densenet": "densenet121",
+    "vovnet": "ese_vovnet19b_dw", "rexnet": "rexnet_100", "byobnet (RepVGG)": "repvgg_a0", "nfnet": "nf_regnet_b0",
+    "res2net": "res2net50_14w_8s", "resnest": "resnest14d", "tresnet": "tresnet_m", "hgnet": "hgnetv2_b0",
 }
 
 
