@@ -13,7 +13,9 @@ Each finished run leaves ``results/seed_study/<variant>/seed<S>/`` (``metrics.cs
 curves, ``metrics.json`` with the final test numbers and wall time, ``command.txt``): small files meant to
 be committed. ``python scripts/seed_study.py report`` turns them into the tables (mean ± std, differences
 with Welch 95% confidence intervals) and the plot ``docs/figures/seed_study.png``, and writes them to
-``results/seed_study/report.md`` (MODEL_CARD.md includes it) and README.md's seed-study block.
+``results/seed_study/report.md`` (MODEL_CARD.md includes it) and README.md's seed-study block; ``report --study insertion`` does the same for the
+insertion study (``insertion.md``, ``insertion_study.png``, the insertion-study block), with the accuracy at
+insertion and what BAM's scale gamma learned per stage.
 """
 from __future__ import annotations
 
@@ -47,7 +49,9 @@ VARIANTS = {
     "resnet20.fmnist": ("resnet20", [*FINETUNE, "--model.model_name", "resnet20.fmnist"]),
 }
 # README.md's copy of the report sits between these markers
-README_BLOCK = re.compile(r"(<!-- seed-study:start -->\n).*?(<!-- seed-study:end -->)", re.S)
+def readme_block(marker: str) -> re.Pattern:
+    return re.compile(rf"(<!-- {marker}:start -->\n).*?(<!-- {marker}:end -->)", re.S)
+
 STUDIES = {"bam_vs_plain": ["bam_resnet20", "resnet20"], "fusion": ["bam_resnet20_product"],
            "insertion": ["resnet20.fmnist+bam", "resnet20.fmnist"]}
 
@@ -73,6 +77,9 @@ def collect(variant: str, seed: int, cmd: list[str]) -> Path:
                            f"see {run}.log")
     shutil.copy(csvs[-1], out / "metrics.csv")
     shutil.copy(run / "export" / "metrics.json", out / "metrics.json")
+    gammas = gamma_stats(run / "export" / "model.safetensors")
+    if gammas:
+        (out / "gamma.json").write_text(json.dumps(gammas, indent=2) + "\n")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     if commit.returncode == 0:
         (out / "commit.txt").write_text(commit.stdout)
@@ -82,12 +89,38 @@ def collect(variant: str, seed: int, cmd: list[str]) -> Path:
     return out
 
 
+def gamma_stats(weights: Path) -> dict[str, dict[str, float]]:
+    """What each inserted BAM's scale ``gamma`` (zero at insertion) learned: mean, mean |gamma| and max |gamma|."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for key, gamma in sorted(load_file(str(weights)).items()):
+        if key.endswith(".bam.gamma"):
+            out[key[: -len(".bam.gamma")]] = {"mean": gamma.mean().item(), "mean_abs": gamma.abs().mean().item(),
+                                              "max_abs": gamma.abs().max().item()}
+    return out
+
+
+def measure_insertion_start() -> dict[str, float]:
+    """Test top-1 of the shipped resnet20.fmnist, and of the same weights with BAM inserted before any training."""
+    sys.path.insert(0, str(ROOT))
+    import bam_zoo
+    from bam_zoo.evaluate import measure
+
+    start = {name: measure(bam_zoo.create_model("resnet20.fmnist", pretrained=True, add_bam=add))["top1"]
+             for name, add in (("resnet20.fmnist", False), ("resnet20.fmnist+bam", True))}
+    (RESULTS / "insertion_start.json").write_text(json.dumps(start, indent=2) + "\n")
+    return start
+
+
 def run_study(variants: list[str], seeds: list[int], parallel: int) -> None:
     queue = [(v, s) for s in seeds for v in variants if not (RESULTS / v / f"seed{s}" / "metrics.json").is_file()]
     print(f"{len(queue)} runs to go: {queue}", flush=True)
     running: list[tuple[str, int, list[str], subprocess.Popen, float]] = []
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     failed = []
+    if "resnet20.fmnist+bam" in variants and not (RESULTS / "insertion_start.json").is_file():
+        print(f"accuracy at insertion: {measure_insertion_start()}", flush=True)
     while queue or running:
         while queue and len(running) < parallel:
             variant, seed = queue.pop(0)
@@ -149,20 +182,39 @@ def _verdict(a: str, b: str, diff: float, low: float, high: float) -> str:
             f"{high:+.2f}, which contains 0.")
 
 
-def report(plot: Path) -> str:
-    """The study in markdown: commands, tables, a plain verdict per comparison, the plot (written to ``plot``).
+# report -> its variants, comparisons, opening line, how it is run, README marker and plot
+REPORTS = {
+    "from_scratch": dict(
+        variants=["bam_resnet20", "resnet20", "bam_resnet20_product"],
+        comparisons=[("bam_resnet20", "resnet20"), ("bam_resnet20_product", "bam_resnet20")],
+        intro="Fashion-MNIST, the 15-epoch recipe; each seed is one run of (two runs at a time, one thread each):",
+        how="`python scripts/seed_study.py run --study bam_vs_plain --seeds 1 2 3 4 5`; `--study fusion` for the "
+            "product fusion", marker="seed-study", plot="seed_study.png", out="report.md"),
+    "insertion": dict(
+        variants=["resnet20.fmnist+bam", "resnet20.fmnist"], comparisons=[("resnet20.fmnist+bam", "resnet20.fmnist")],
+        intro="Fashion-MNIST: the shipped `resnet20.fmnist` fine-tuned for 5 epochs (cosine from lr 0.01, no "
+              "warm-up), with BAM inserted by `--model.add_bam true` (identity start) and without; each seed is one "
+              "run of (two runs at a time, one thread each):",
+        how="`python scripts/seed_study.py run --study insertion --seeds 1 2 3 4 5`; both arms of a seed see the "
+            "same data order and augmentation", marker="insertion-study", plot="insertion_study.png",
+        out="insertion.md"),
+}
+
+
+def report(plot: Path, which: str = "from_scratch") -> str:
+    """A study in markdown: commands, tables, a plain verdict per comparison, the plot (written to ``plot``).
 
     Variants with fewer than 2 finished runs are left out.
     """
-    data = {v: load(v) for v in VARIANTS}
+    spec = REPORTS[which]
+    data = {v: load(v) for v in spec["variants"]}
     data = {v: runs for v, runs in data.items() if len(runs) >= 2}
-    lines = ["Fashion-MNIST, the 15-epoch recipe; each seed is one run of (two runs at a time, one thread each):", ""]
+    lines = [spec["intro"], ""]
     for variant in data:
         lines.append(f"    {(RESULTS / variant / f'seed{min(data[variant])}' / 'command.txt').read_text().strip()}")
     commits = sorted({(RESULTS / v / f"seed{s}" / "commit.txt").read_text().strip()
                       for v in data for s in data[v] if (RESULTS / v / f"seed{s}" / "commit.txt").is_file()})
-    lines += ["", "with `--seed_everything` 1, 2, ... (`python scripts/seed_study.py run --study bam_vs_plain --seeds "
-              "1 2 3 4 5`; `--study fusion` for the product fusion). Test top-1 is of the best-validation "
+    lines += ["", f"with `--seed_everything` 1, 2, ... ({spec['how']}). Test top-1 is of the best-validation "
               "checkpoint on the official 10,000 test images; the seed decides initialisation and batch order, "
               "never the validation split." + (f" Code: commit {', '.join(commits)}." if commits else ""), "",
               "| variant | runs (seeds) | test top-1, mean ± std | per seed | fit time, mean |", "|---|---|---|---|---|"]
@@ -173,14 +225,24 @@ def report(plot: Path) -> str:
                      f"{statistics.mean(r['minutes'] for r in runs.values()):.0f} min |")
     lines += ["", "| comparison | difference in mean top-1 | 95% CI (Welch) |", "|---|---|---|"]
     verdicts = []
-    for a, b in [("bam_resnet20", "resnet20"), ("bam_resnet20_product", "bam_resnet20")]:
+    for a, b in spec["comparisons"]:
         if a in data and b in data:
             diff, low, high = mean_ci([r["top1"] for r in data[a].values()], [r["top1"] for r in data[b].values()])
             lines.append(f"| `{a}` − `{b}` | {diff:+.2f} points | [{low:+.2f}, {high:+.2f}] |")
             verdicts.append(_verdict(a, b, diff, low, high))
     lines += [""] + verdicts
+    start_file = RESULTS / "insertion_start.json"
+    start = json.loads(start_file.read_text()) if which == "insertion" and start_file.is_file() else None
+    if start:
+        lines += ["", f"Test top-1 at insertion, before any training (`bam_zoo.evaluate.measure` of "
+                  f"`create_model('resnet20.fmnist', pretrained=True, add_bam=...)`): {start['resnet20.fmnist']:.2f} "
+                  f"without BAM, {start['resnet20.fmnist+bam']:.2f} with it."]
+        for variant in data:
+            for runs in data[variant].values():
+                runs["curve"] = [start[variant], *runs["curve"]] if runs["curve"] else []
+    lines += _gamma_table(data)
     if data:
-        _plot(data, plot)
+        _plot(data, plot, first_epoch=0 if start else 1)
         lines += ["", f"![Test top-1 per epoch, mean and min-max over seeds]({plot.relative_to(ROOT)})"]
     lines += ["", "Fit times are wall clock with two runs sharing the 2 cores, and other work on the machine; they "
               "are not speed measurements. Runs whose per-epoch curve was recorded wrongly are left out of the "
@@ -188,7 +250,27 @@ def report(plot: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(data: dict[str, dict[int, dict]], path: Path) -> None:
+def _gamma_table(data: dict[str, dict[int, dict]]) -> list[str]:
+    """What BAM's scale learned per stage, over the seeds of each variant that has one (gamma.json)."""
+    lines = []
+    for variant in data:
+        per_seed = [json.loads(f.read_text()) for s in data[variant]
+                    if (f := RESULTS / variant / f"seed{s}" / "gamma.json").is_file()]
+        if not per_seed:
+            continue
+        lines += ["", f"What `{variant}` learned in BAM's scale gamma (zero at insertion), per stage, mean over "
+                  f"{len(per_seed)} seeds (min-max):", "", "| stage | mean gamma | mean abs(gamma) | max abs(gamma) |",
+                  "|---|---|---|---|"]
+        for stage in per_seed[0]:
+            cells = []
+            for key in ("mean", "mean_abs", "max_abs"):
+                values = [g[stage][key] for g in per_seed]
+                cells.append(f"{statistics.mean(values):.3f} ({min(values):.3f} to {max(values):.3f})")
+            lines.append(f"| `{stage}` | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _plot(data: dict[str, dict[int, dict]], path: Path, first_epoch: int = 1) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -202,7 +284,7 @@ def _plot(data: dict[str, dict[int, dict]], path: Path) -> None:
             continue
         epochs = min(map(len, curves))
         curves = [c[:epochs] for c in curves]
-        x = range(1, epochs + 1)
+        x = range(first_epoch, first_epoch + epochs)
         mean = [statistics.mean(c[e] for c in curves) for e in range(epochs)]
         last += [c[e] for c in curves for e in range(max(0, epochs - 6), epochs)]
         for ax in (full, zoom):
@@ -212,10 +294,12 @@ def _plot(data: dict[str, dict[int, dict]], path: Path) -> None:
     for ax in (full, zoom):
         ax.set_xlabel("epoch"), ax.set_ylabel("test top-1 (%)"), ax.grid(alpha=0.3)
     if last:
-        zoom.set_xlim(max(1, epochs - 5), epochs), zoom.set_ylim(min(last) - 0.2, max(last) + 0.2)
+        zoom.set_xlim(max(first_epoch, first_epoch + epochs - 6), first_epoch + epochs - 1)
+        zoom.set_ylim(min(last) - 0.2, max(last) + 0.2)
     zoom.set_title("last epochs")
     full.set_ylim(bottom=80)  # the first epoch or two start far lower; the rest is what differs
-    full.set_title("Fashion-MNIST test top-1 after each epoch"), full.legend(fontsize=8, loc="lower right")
+    full.set_title("Fashion-MNIST test top-1 after each epoch" + (" (0: at insertion)" if first_epoch == 0 else ""))
+    full.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -230,18 +314,18 @@ def main() -> None:
     run.add_argument("--seeds", type=int, nargs="+", required=True)
     run.add_argument("--parallel", type=int, default=2, help="runs at once (each gets OMP_NUM_THREADS=1)")
     show = sub.add_parser("report", help="print the tables and write the plot")
-    show.add_argument("--plot", type=Path, default=ROOT / "docs" / "figures" / "seed_study.png")
-    show.add_argument("--out", type=Path, default=RESULTS / "report.md",
-                      help="markdown file for MODEL_CARD.md (python -m bam_zoo.model_card reads it)")
+    show.add_argument("--study", choices=sorted(REPORTS), default="from_scratch",
+                      help="from_scratch: bam_vs_plain and fusion; insertion: add_bam onto resnet20.fmnist")
     args = parser.parse_args()
     if args.action == "run":
         run_study(STUDIES[args.study], args.seeds, args.parallel)
     else:
-        text = report(args.plot)
-        args.out.write_text(text)
-        readme = ROOT / "README.md"
-        if readme.is_file() and README_BLOCK.search(readme.read_text()):
-            readme.write_text(README_BLOCK.sub(lambda m: m[1] + text + m[2], readme.read_text()))
+        spec = REPORTS[args.study]
+        text = report(ROOT / "docs" / "figures" / spec["plot"], args.study)
+        (RESULTS / spec["out"]).write_text(text)  # MODEL_CARD.md includes it (python -m bam_zoo.model_card)
+        readme, block = ROOT / "README.md", readme_block(spec["marker"])
+        if readme.is_file() and block.search(readme.read_text()):
+            readme.write_text(block.sub(lambda m: m[1] + text + m[2], readme.read_text()))
         print(text, end="")
 
 

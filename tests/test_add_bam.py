@@ -15,7 +15,7 @@ from bam_zoo.models.placement import TESTED_FAMILIES, bottleneck_stages
 from bam_zoo.training.cli import cli_main
 from _helpers import randomise_bn
 from test_training_utils import one_torch_thread  # noqa: F401  (autouse)
-from test_training_utils import REPO, write_fashion_mnist
+from test_training_utils import write_imagefolder
 
 FAMILIES = sorted(TESTED_FAMILIES.items())
 IDS = [family for family, _ in FAMILIES]
@@ -174,15 +174,16 @@ def test_export_round_trip_rebuilds_the_inserted_model(family, name, tmp_path):
 @pytest.mark.parametrize("family, name", FAMILIES, ids=IDS)
 def test_two_step_cli_fine_tune_with_add_bam(family, name, tmp_path):
     plain, path = _plain_weights(name, tmp_path)
-    data = write_fashion_mnist(tmp_path / "fmnist", n_train=48, n_test=8)
+    data = write_imagefolder(tmp_path / "images", size=64)  # 64 px: every family downsamples 32x
     cli = cli_main([
-        "fit", "--config", str(REPO / "configs" / "fashion_mnist" / "resnet20.yaml"), "--model.model_name", name,
-        "--model.pretrained_file", str(path), "--model.add_bam", "true", "--model.lr", "0.01",
-        "--data.root", str(data), "--data.val_size", "16", "--data.batch_size", "8", "--trainer.max_steps", "2",
-        "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "1", "--trainer.default_root_dir",
-        str(tmp_path / "run"), "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"])
+        "fit", "--model.model_name", name, "--model.pretrained_file", str(path), "--model.add_bam", "true",
+        "--model.lr", "0.01", "--data.class_path", "bam_zoo.training.data.ImageFolderDataModule",
+        "--data.init_args.root", str(data), "--data.init_args.img_size", "64", "--data.init_args.batch_size", "4",
+        "--data.init_args.num_workers", "0", "--trainer.max_steps", "2", "--trainer.max_epochs", "1",
+        "--trainer.limit_val_batches", "1", "--trainer.default_root_dir", str(tmp_path / "run"),
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"])
     assert cli.trainer.global_step == 2
     gammas = [b.gamma for _, b in bam_zoo.bam_modules(cli.model.model)]
     assert len(gammas) == 3 and all(g.abs().sum() > 0 for g in gammas)  # BAM trained from zero
     config = json.loads((tmp_path / "run" / "export" / "config.json").read_text())
-    assert config["model_args"]["base_model"] == name and config["model_args"]["in_chans"] == 1
+    assert config["model_args"]["base_model"] == name and config["model_args"]["num_classes"] == 3

@@ -75,3 +75,21 @@ def test_readme_and_model_card_carry_the_committed_report():
     readme = (REPO / "README.md").read_text()
     block = readme.split("<!-- seed-study:start -->\n", 1)[1].split("<!-- seed-study:end -->", 1)[0]
     assert block == report.read_text(), "README.md is stale: python scripts/seed_study.py report"
+
+
+def test_insertion_report_start_gamma_and_verdict(seed_study, tmp_path):
+    results = tmp_path / "results"
+    for seed, (bam, plain) in enumerate([(93.3, 93.2), (93.1, 93.3), (93.2, 93.4)], start=1):
+        write_run(results, "resnet20.fmnist+bam", seed, bam, [92.0, 92.8, bam])
+        write_run(results, "resnet20.fmnist", seed, plain, [92.1, 92.9, plain])
+        (results / "resnet20.fmnist+bam" / f"seed{seed}" / "gamma.json").write_text(json.dumps(
+            {"layer1": {"mean": 0.01 * seed, "mean_abs": 0.02 * seed, "max_abs": 0.1},
+             "layer2": {"mean": -0.01, "mean_abs": 0.03, "max_abs": 0.2}}))
+    (results / "insertion_start.json").write_text(json.dumps({"resnet20.fmnist": 93.08, "resnet20.fmnist+bam": 93.08}))
+    text = seed_study.report(tmp_path / "docs" / "insertion.png", "insertion")
+    assert text.startswith("Fashion-MNIST: the shipped `resnet20.fmnist` fine-tuned for 5 epochs")
+    assert "| `resnet20.fmnist+bam` | 3 (1, 2, 3) | 93.20 ± 0.10 |" in text
+    assert "No measurable difference between `resnet20.fmnist+bam` and `resnet20.fmnist`: -0.10 points" in text
+    assert "93.08 without BAM, 93.08 with it" in text
+    assert "| `layer1` | 0.020 (0.010 to 0.030) | 0.040 (0.020 to 0.060) | 0.100 (0.100 to 0.100) |" in text
+    assert "--study insertion" in text and (tmp_path / "docs" / "insertion.png").stat().st_size > 10_000
