@@ -1,10 +1,11 @@
 """BAM's CPU speed layer (layers/bam_cpu.py) computes what the definition (layers/bam.py) computes.
 
-Every block check runs the same step twice: through the fast path in float32 (asserting it ran, and which of its
-paths), and through a float64 deep copy, which the fast path never takes, so it runs the plain definition. Then it
-compares the output, the input gradient, every parameter gradient and every BatchNorm buffer, in both memory
-formats. Tests of the compiled kernels skip where they are not built (``BAM_ZOO_NATIVE_GATE=0``, no compiler);
-everything else passes either way.
+Every block check runs the same step twice: through the fast path in float32 (asserting it ran), and through a
+float64 deep copy, which the fast path never takes, so it runs the plain definition. Then it compares the output,
+the input gradient, every parameter gradient and every BatchNorm buffer, in both memory formats, with every
+component of the speed layer on and with each switched off in turn. Tests of the compiled kernels skip where they
+are not built (``BAM_ZOO_NATIVE_GATE=0``, no compiler); everything else passes either way. That traced, exported
+and compiled graphs run the same op, with the same numbers, is tests/test_fx.py's.
 """
 import copy
 import os
@@ -22,14 +23,14 @@ from _helpers import randomise_bn
 from bam_zoo import fuse_for_inference
 from bam_zoo.layers import BAM, bam_cpu
 from bam_zoo.layers.bam_cpu import (
-    BamGateFunction, bam_gate, buffer_cache_info, cpu_fast_path_applies, disable_cpu_fast_path,
+    COMPONENTS, buffer_cache_info, component_enabled, components_off, cpu_fast_path_applies, disable_cpu_fast_path,
     empty_buffer_cache, few_channel_conv, native_kernels_available)
 
 needs_native = pytest.mark.skipif(not native_kernels_available(), reason="bam_zoo._native not built")
 
 FORMATS = [torch.contiguous_format, torch.channels_last]
 FORMAT_IDS = ["nchw", "channels_last"]
-NODE = "BamBlockFunctionBackward"
+NODE = "BamFunctionBackward"
 
 
 def _assert_close(got, want, tol, name="", floor=1.0):
@@ -42,10 +43,34 @@ def _assert_close(got, want, tol, name="", floor=1.0):
                                msg=lambda m: f"{name}: {m}")
 
 
-def _gate_reference(x, channel_logits, spatial_logits, product=False):
+def _gate_reference(x, channel_logits, spatial_logits, product=False, gamma=None):
     """The definition's gate, written out."""
     logits = channel_logits * spatial_logits if product else channel_logits + spatial_logits
+    if gamma is not None:
+        return x + gamma[:, None, None] * (x * torch.sigmoid(logits))
     return x * (1 + torch.sigmoid(logits))
+
+
+class _Gate(torch.autograd.Function):
+    """The speed layer's gate on its own: the kernels where they apply, else its ATen formulas."""
+
+    @staticmethod
+    def forward(ctx, x, channel_logits, spatial_logits, gamma, product):
+        factors = bam_cpu._native_factors(x, channel_logits, spatial_logits, product, gamma)
+        ctx.save_for_backward(x, channel_logits, spatial_logits, gamma)
+        ctx.product = product
+        return bam_cpu._gate_forward(x, channel_logits, spatial_logits, product, factors, gamma)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, c, s, gamma = ctx.saved_tensors
+        factors = bam_cpu._native_factors(x, c, s, ctx.product, gamma)
+        grad_x, grad_c, grad_s, grad_gamma = bam_cpu._gate_backward(grad_y, x, c, s, ctx.product, factors, gamma)
+        return grad_x, grad_c, grad_s, grad_gamma, None
+
+
+def _gate(x, c, s, product=False, gamma=None):
+    return _Gate.apply(x, c, s, gamma, product)
 
 
 @pytest.fixture
@@ -74,6 +99,7 @@ def _spy(fn, calls):
 # (x, channel logits, spatial logits): BAM's shapes, batch 1, 1x1 maps, non-square maps, one channel, rows long
 # enough to be split across threads, a large batch of tiny maps.
 GATE_SHAPES = [(2, 6, 5, 7), (1, 4, 3, 3), (3, 5, 1, 1), (1, 1, 9, 4), (2, 8, 40, 40), (16, 3, 2, 2)]
+GATES = [("sum", False, False), ("product", True, False), ("gamma", False, True)]
 
 
 def _gate_inputs(shape, dtype=torch.float32, fmt=torch.contiguous_format, scale=2.0, seed=0):
@@ -83,89 +109,75 @@ def _gate_inputs(shape, dtype=torch.float32, fmt=torch.contiguous_format, scale=
     return x.contiguous(memory_format=fmt), cl * scale, sl * scale, dy
 
 
-@pytest.mark.parametrize("product", [False, True])
+def _gamma(channels, dtype=torch.float32):
+    return torch.randn(channels, generator=torch.Generator().manual_seed(5), dtype=dtype)
+
+
+@pytest.mark.parametrize("name,product,scaled", GATES, ids=[g[0] for g in GATES])
 @pytest.mark.parametrize("shape", GATE_SHAPES[:4])
-def test_gate_gradcheck_float64(shape, product):
-    """float64 takes the ATen gate (same node, same formulas as the kernels' fallback)."""
+def test_gate_gradcheck_float64(shape, name, product, scaled):
+    """float64 takes the ATen gate (same formulas as the kernels' fallback)."""
     x, c, s, _ = _gate_inputs(shape, torch.float64)
-    leaves = [t.requires_grad_() for t in (x, c, s)]
-    assert torch.autograd.gradcheck(lambda *a: BamGateFunction.apply(*a, product), leaves)
+    leaves = [t.requires_grad_() for t in (x, c, s)] + ([_gamma(shape[1], torch.float64).requires_grad_()]
+                                                         if scaled else [])
+    assert torch.autograd.gradcheck(lambda *a: _gate(*a[:3], product, *a[3:]), leaves)
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)
-@pytest.mark.parametrize("product", [False, True])
+@pytest.mark.parametrize("name,product,scaled", GATES, ids=[g[0] for g in GATES])
 @pytest.mark.parametrize("scale", [2.0, 30.0, 1e4], ids=["plain", "saturated", "huge"])
 @pytest.mark.parametrize("shape", GATE_SHAPES)
-def test_gate_matches_float64_reference(shape, scale, product, fmt, monkeypatch):
-    """float32 gate (kernels where built, else ATen) against the reference in float64: output and all three
-    gradients. Logits beyond +-40 would overflow exp(-Mc) * exp(-Ms): those take the ATen gate and still match."""
+def test_gate_matches_float64_reference(shape, scale, name, product, scaled, fmt, monkeypatch):
+    """float32 gate (kernels where built, else ATen) against the reference in float64: output and all gradients.
+    Logits beyond +-40 would overflow exp(-Mc) * exp(-Ms): those take the ATen gate and still match."""
     calls = []
     monkeypatch.setattr(bam_cpu, "_native_factors", _spy(bam_cpu._native_factors, calls))
     x, c, s, dy = _gate_inputs(shape, fmt=fmt, scale=scale)
-    leaves = [t.clone(memory_format=torch.preserve_format).requires_grad_() for t in (x, c, s)]
-    y = bam_gate(*leaves, product)
+    inputs = (x, c, s) + ((_gamma(shape[1]),) if scaled else ())
+    leaves = [t.clone(memory_format=torch.preserve_format).requires_grad_() for t in inputs]
+    y = _gate(*leaves[:3], product, *leaves[3:])
     grads = torch.autograd.grad(y, leaves, dy)
-    ref_leaves = [t.double().requires_grad_() for t in (x, c, s)]
-    y_ref = _gate_reference(*ref_leaves, product)
+    ref_leaves = [t.double().requires_grad_() for t in inputs]
+    y_ref = _gate_reference(*ref_leaves[:3], product, *ref_leaves[3:])
     grads_ref = torch.autograd.grad(y_ref, ref_leaves, dy.double())
     within = max(c.abs().max().item(), s.abs().max().item()) <= 40
     assert within == (scale == 2.0)
-    expect_native = native_kernels_available() and not product and within
+    expect_native = native_kernels_available() and name == "sum" and within
     assert calls and (calls[0] is not None) == expect_native, "the kernels ran where they should not, or not"
     assert y.is_contiguous(memory_format=fmt)
-    for name, a, b in zip(["y", "dx", "dMc", "dMs"], (y, *grads), (y_ref, *grads_ref)):
+    for what, a, b in zip(["y", "dx", "dMc", "dMs", "dgamma"], (y, *grads), (y_ref, *grads_ref)):
         assert a.dtype == torch.float32
-        _assert_close(a, b, 1e-5, name)
+        _assert_close(a, b, 1e-5, what)
 
 
 def test_gate_backward_accepts_a_non_contiguous_gradient():
     x, c, s, _ = _gate_inputs((2, 3, 5, 5))
     leaves = [t.requires_grad_() for t in (x, c, s)]
     dy = torch.randn(5, 5, 3, 2).permute(3, 2, 1, 0)  # x's shape, transposed strides
-    grads = torch.autograd.grad(bam_gate(*leaves), leaves, dy)
+    grads = torch.autograd.grad(_gate(*leaves), leaves, dy)
     ref = [t.detach().double().requires_grad_() for t in leaves]
     grads_ref = torch.autograd.grad(_gate_reference(*ref), ref, dy.double())
     for a, b in zip(grads, grads_ref):
         _assert_close(a, b, 1e-5)
 
 
-@pytest.mark.parametrize("product", [False, True])
-def test_gate_inference_needs_no_autograd_and_never_writes_its_input(product):
+@pytest.mark.parametrize("name,product,scaled", GATES, ids=[g[0] for g in GATES])
+def test_gate_never_writes_its_input(name, product, scaled):
     x, c, s, _ = _gate_inputs((2, 6, 5, 7))
     x_before = x.clone()
+    gamma = _gamma(6) if scaled else None
     with torch.no_grad():
-        y = bam_gate(x, c, s, product)
-    assert y.grad_fn is None
-    _assert_close(y, _gate_reference(x.double(), c.double(), s.double(), product), 1e-5)
-    y_train = bam_gate(x.clone().requires_grad_(), c, s, product)
-    torch.testing.assert_close(y, y_train.detach(), rtol=0, atol=0)  # inference and training paths agree
+        y = _gate(x, c, s, product, gamma)
+    _assert_close(y, _gate_reference(x.double(), c.double(), s.double(), product,
+                                     gamma.double() if scaled else None), 1e-5)
     assert torch.equal(x, x_before)
 
 
 def test_gate_propagates_nan_like_the_reference():
     x, c, s, _ = _gate_inputs((1, 3, 4, 4))
     c[0, 1] = float("nan")
-    y = bam_gate(x, c, s)
+    y = _gate(x, c, s)
     assert torch.isnan(y[0, 1]).all() and not torch.isnan(y[0, [0, 2]]).any()
-
-
-def test_gate_saves_only_input_and_logits():
-    """Training memory: the gate keeps x (alive anyway) and the small logit maps, nothing full-size new."""
-    x, c, s, _ = _gate_inputs((2, 16, 8, 8))
-    leaves = [t.requires_grad_() for t in (x, c, s)]
-
-    def saved(fn):
-        packed = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
-            fn(*leaves)
-        return packed
-
-    fused = saved(bam_gate)
-    assert any(t is x for t in fused)
-    # besides x: the logits, or (kernels) their exp(-logit) factors; never anything full-size
-    assert all(t is x or t.numel() <= max(c.numel(), s.numel()) for t in fused)
-    full_size_ref = [t for t in saved(_gate_reference) if t.numel() == x.numel() and t is not x]
-    assert len(full_size_ref) >= 2  # what the fast gate avoids keeping
 
 
 @needs_native
@@ -241,7 +253,7 @@ def test_few_channel_convs_match_float64_conv2d(in_ch, out_ch, kernel, dilation,
                      bias=bias).to(dtype)
     conv64 = copy.deepcopy(conv).double()
     x = torch.randn(3, in_ch, *size, dtype=dtype).contiguous(memory_format=fmt).requires_grad_()
-    y = few_channel_conv(conv, x)
+    y = few_channel_conv(x, conv.weight, conv.bias, conv.padding, conv.dilation)
     x64 = x.detach().double().requires_grad_()
     y_ref = conv64(x64)
     _assert_close(y, y_ref, 1e-5, "y")
@@ -252,28 +264,28 @@ def test_few_channel_convs_match_float64_conv2d(in_ch, out_ch, kernel, dilation,
         assert a.dtype == dtype
         _assert_close(a, b, 1e-5, name)
     with torch.no_grad():  # inference skips autograd, same numbers
-        torch.testing.assert_close(few_channel_conv(conv, x), y.detach())
+        torch.testing.assert_close(few_channel_conv(x, conv.weight, conv.bias, conv.padding, conv.dilation),
+                                   y.detach(), rtol=0, atol=0)
 
 
 # ---- Whole blocks against the definition in float64 ---------------------------------------------------------------
 
+# Each component of the speed layer off in turn ("node" off runs the definition, which the float64 reference
+# already is, so it is not among them).
+VARIANTS = ["all", "gate", "chain", "pool_reduce", "conv", "cache"]
+
+
 def _step(bam, x, dy):
     """One forward/backward; returns (output, input grad, {param: grad}, {buffer: value}, grad_fn name)."""
     y = bam(x)
-    y.backward(dy.to(y.dtype).contiguous(memory_format=torch.preserve_format))
+    if y.requires_grad:
+        y.backward(dy.to(y.dtype).contiguous(memory_format=torch.preserve_format))
     return (y.detach(), x.grad, {n: p.grad for n, p in bam.named_parameters()},
             {n: b.clone() for n, b in bam.named_buffers()}, type(y.grad_fn).__name__)
 
 
-def _force_path(monkeypatch, path):
-    """Route every training step through the one node (``"node"``) or the modules (``"modules"``)."""
-    for name in ("_NODE_MIN_PIXELS", "_NARROW_NODE_MIN_PIXELS"):
-        monkeypatch.setattr(bam_cpu, name, 1 if path == "node" else 10 ** 9)
-
-
-def _compare(bam, x, fmt=torch.contiguous_format, path="modules", tol=1e-4, monkeypatch=None, calls=None):
-    """The fast path's step against the float64 definition's; ``path`` is the fast path that must have run."""
-    _force_path(monkeypatch, path)
+def _compare(bam, x, fmt=torch.contiguous_format, variant="all", tol=1e-4, calls=None):
+    """The fast path's step (with ``variant`` switched off) against the float64 definition's."""
     if fmt == torch.channels_last:
         bam = bam.to(memory_format=torch.channels_last)
     reference = copy.deepcopy(bam).double()
@@ -281,15 +293,13 @@ def _compare(bam, x, fmt=torch.contiguous_format, path="modules", tol=1e-4, monk
     x32 = x.detach().clone().contiguous(memory_format=fmt).requires_grad_(x.requires_grad)
     x64 = x.detach().double().contiguous(memory_format=fmt).requires_grad_(x.requires_grad)
     assert cpu_fast_path_applies(bam, x32) and not cpu_fast_path_applies(reference, x64)
-    got = _step(bam, x32, dy)
+    with components_off(*([variant] if variant != "all" else [])):
+        got = _step(bam, x32, dy)
     assert len(calls) == 1, "the fast path did not run"
     want = _step(reference, x64, dy.double())
     assert len(calls) == 1, "the float64 reference took the fast path"
     any_grad = x.requires_grad or any(p.requires_grad for p in bam.parameters())
-    if path == "node":
-        assert got[4] == NODE, "the one-node path was not taken"
-    else:
-        assert got[4] != NODE and (got[4] == "BamGateFunctionBackward" or not any_grad), got[4]
+    assert got[4] == (NODE if any_grad else "NoneType"), got[4]
     assert got[0].is_contiguous(memory_format=fmt)
     _assert_close(got[0], want[0], tol, "output")
     if x.requires_grad:
@@ -306,46 +316,67 @@ def _compare(bam, x, fmt=torch.contiguous_format, path="modules", tol=1e-4, monk
         _assert_close(got[3][name], want[3][name], tol, name)
 
 
-PATHS = [("sum", "node"), ("sum", "modules"), ("product", "modules")]
+def _variants():
+    return [pytest.param(v, marks=[needs_native] if v in ("gate", "chain", "pool_reduce", "cache") else [], id=v)
+            for v in VARIANTS]
 
 
-def _path_params():
-    return [pytest.param(fusion, path, marks=[needs_native] if path == "node" else [], id=f"{fusion}-{path}")
-            for fusion, path in PATHS]
-
-
-@pytest.mark.parametrize("fusion,path", _path_params())
-@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)
-@pytest.mark.parametrize("channels,shape", [
-    (16, (4, 16, 12, 12)),    # rd_channels 1 (bam_resnet20's first BAM): few-channel convs
+BLOCKS = [
+    (16, (4, 16, 12, 12)),    # rd_channels 1 (bam_resnet20's first BAM): few-channel convs, the chain
     (32, (3, 32, 9, 11)),     # rd_channels 2, non-square
     (64, (2, 64, 7, 7)),      # rd_channels 4, map smaller than twice the dilation
     (128, (2, 128, 6, 6)),    # rd_channels 8 on a small map: conv_reduce through oneDNN, not a matmul
     (256, (2, 256, 20, 20)),  # rd_channels 16, ResNet-50's first BAM: conv_reduce on a >= 400-pixel map
     (32, (2, 32, 1, 1)),      # 1x1 maps
     (32, (1, 32, 6, 6)),      # batch 1: the channel branch's BatchNorm takes running stats
-], ids=["rd1", "rd2-nonsquare", "rd4", "rd8", "rd16-400px", "1x1", "batch1"])
-def test_block_matches_float64_definition(channels, shape, fmt, train, fusion, path, monkeypatch, fast_calls):
+]
+BLOCK_IDS = ["rd1", "rd2-nonsquare", "rd4", "rd8", "rd16-400px", "1x1", "batch1"]
+
+
+@pytest.mark.parametrize("variant", _variants())
+@pytest.mark.parametrize("fusion", ["sum", "product"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)
+@pytest.mark.parametrize("channels,shape", BLOCKS, ids=BLOCK_IDS)
+def test_block_matches_float64_definition(channels, shape, fmt, train, fusion, variant, fast_calls):
     torch.manual_seed(0)
     bam = BAM(channels, fusion=fusion).train(train)
     randomise_bn(bam)
-    _compare(bam, torch.randn(shape, requires_grad=True), fmt, path, monkeypatch=monkeypatch, calls=fast_calls)
+    _compare(bam, torch.randn(shape, requires_grad=True), fmt, variant, calls=fast_calls)
 
 
-@pytest.mark.parametrize("fusion,path", _path_params())
+@pytest.mark.parametrize("variant", _variants())
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)
+@pytest.mark.parametrize("channels,shape", [BLOCKS[0], BLOCKS[4]], ids=["rd1", "rd16-400px"])
+def test_identity_init_block_matches_float64_definition(channels, shape, fmt, train, variant, fast_calls):
+    """``identity_init=True`` (``y = x + gamma * x * g``) takes the same op, with the ATen gate; at its zero start it
+    is the identity, and with a trained ``gamma`` it matches the definition, ``gamma``'s gradient included."""
+    torch.manual_seed(0)
+    bam = BAM(channels, identity_init=True).train(train)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        assert torch.equal(bam(x), x)
+    assert len(fast_calls) == 1
+    fast_calls.clear()
+    randomise_bn(bam)
+    with torch.no_grad():
+        bam.gamma.copy_(_gamma(channels))
+    _compare(bam, x.requires_grad_(), fmt, variant, calls=fast_calls)
+
+
+@pytest.mark.parametrize("variant", _variants())
 @pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)
 @pytest.mark.parametrize("num_dilated_convs", [0, 1, 3])
-def test_block_of_any_depth(num_dilated_convs, fmt, fusion, path, monkeypatch, fast_calls):
+def test_block_of_any_depth(num_dilated_convs, fmt, variant, fast_calls):
     torch.manual_seed(0)
-    bam = BAM(32, num_dilated_convs=num_dilated_convs, dilation=2, fusion=fusion).train()
-    _compare(bam, torch.randn(2, 32, 8, 8, requires_grad=True), fmt, path, monkeypatch=monkeypatch,
-             calls=fast_calls)
+    bam = BAM(32, num_dilated_convs=num_dilated_convs, dilation=2).train()
+    _compare(bam, torch.randn(2, 32, 8, 8, requires_grad=True), fmt, variant, calls=fast_calls)
 
 
-@pytest.mark.parametrize("fusion,path", _path_params())
+@pytest.mark.parametrize("fusion", ["sum", "product"])
 @pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)
-def test_folded_block_in_eval_mode(fmt, fusion, path, monkeypatch, fast_calls):
+def test_folded_block_in_eval_mode(fmt, fusion, fast_calls):
     """After fuse_for_inference conv_reduce has a bias and act_reduce follows it directly (in place);
     gradients in eval mode (e.g. saliency maps) still take the fast path and match."""
     torch.manual_seed(0)
@@ -353,32 +384,30 @@ def test_folded_block_in_eval_mode(fmt, fusion, path, monkeypatch, fast_calls):
     randomise_bn(bam)
     fuse_for_inference(bam)
     assert bam.spatial_attn.body.conv_reduce.bias is not None
-    _compare(bam, torch.randn(2, 32, 5, 5, requires_grad=True), fmt, path, monkeypatch=monkeypatch,
-             calls=fast_calls)
+    _compare(bam, torch.randn(2, 32, 5, 5, requires_grad=True), fmt, calls=fast_calls)
 
 
-@pytest.mark.parametrize("fusion,path", _path_params())
+@pytest.mark.parametrize("fusion", ["sum", "product"])
 @pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)
-def test_saturated_logits(fmt, fusion, path, monkeypatch, fast_calls):
-    """Logits beyond the kernels' +-40 take the ATen gate, inside the node too; the block still matches."""
+def test_saturated_logits(fmt, fusion, fast_calls):
+    """Logits beyond the kernels' +-40 take the ATen gate; the block still matches."""
     torch.manual_seed(0)
     bam = BAM(32, fusion=fusion).train()
     with torch.no_grad():
         bam.channel_attn.fc2.bias.fill_(60.0)
-    _compare(bam, torch.randn(2, 32, 6, 6, requires_grad=True), fmt, path, monkeypatch=monkeypatch,
-             calls=fast_calls)
+    _compare(bam, torch.randn(2, 32, 6, 6, requires_grad=True), fmt, calls=fast_calls)
 
 
-@pytest.mark.parametrize("fusion,path", _path_params())
+@pytest.mark.parametrize("fusion", ["sum", "product"])
 @pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)
-def test_frozen_parameters_and_input_without_grad(fmt, fusion, path, monkeypatch, fast_calls):
+def test_frozen_parameters_and_input_without_grad(fmt, fusion, fast_calls):
     """Fine-tuning with part of the block frozen, and an input that needs no gradient."""
     torch.manual_seed(0)
     bam = BAM(32, fusion=fusion).train()
     for p in bam.channel_attn.parameters():
         p.requires_grad_(False)
     bam.spatial_attn.body.conv_reduce.weight.requires_grad_(False)
-    _compare(bam, torch.randn(2, 32, 6, 6), fmt, path, monkeypatch=monkeypatch, calls=fast_calls)
+    _compare(bam, torch.randn(2, 32, 6, 6), fmt, calls=fast_calls)
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)
@@ -398,6 +427,26 @@ def test_whole_model_training_step(fmt, fast_calls):
         _assert_close(p.grad, p_ref.grad, 1e-3, name)
     for (name, b), b_ref in zip(model.named_buffers(), reference.buffers()):
         _assert_close(b, b_ref, 1e-4, name)
+
+
+def test_training_keeps_nothing_full_size_but_the_input():
+    """Training memory: the node keeps x (alive anyway) and the branches' small maps, nothing of x's size new (the
+    definition keeps several)."""
+    torch.manual_seed(0)
+    bam = BAM(64).train()
+    x = torch.randn(2, 64, 20, 20, requires_grad=True)
+
+    def saved(module):
+        packed = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+            module(x)
+        return packed
+
+    kept = saved(bam)
+    assert any(t is x for t in kept)
+    assert all(t is x or t.numel() < x.numel() for t in kept)
+    full_size = [t for t in saved(disable_cpu_fast_path(copy.deepcopy(bam))) if t.numel() >= x.numel() and t is not x]
+    assert len(full_size) >= 2  # what the node avoids keeping
 
 
 # ---- Where the fast path runs, and where it must not ---------------------------------------------------------------
@@ -434,12 +483,6 @@ def _plain_runs(name, bam, x):
             return bam(x)
     if name == "jit_script":
         return torch.jit.script(bam)(x)
-    if name == "jit_trace":
-        return torch.jit.trace(bam, x, check_trace=False)(x)  # the check reruns it eagerly
-    if name == "fx_trace":
-        return torch.fx.symbolic_trace(bam)(x)
-    if name == "compile":
-        return torch.compile(bam, backend="eager", fullgraph=True)(x)
     if name == "store_attention":
         bam.store_attention = True
         return bam(x)
@@ -452,6 +495,9 @@ def _plain_runs(name, bam, x):
     if name == "hard_sigmoid_gate":
         bam.gate = bam_def.get_act_layer("hard_sigmoid")()
         return bam(x)
+    if name == "silu_branches":
+        bam.spatial_attn.body.act_reduce = nn.SiLU()
+        return bam(x)
     if name == "disable_cpu_fast_path":
         disable_cpu_fast_path(bam)
         return bam(x)
@@ -459,8 +505,8 @@ def _plain_runs(name, bam, x):
 
 
 @pytest.mark.parametrize("name", [
-    "float64", "autocast", "flop_counter", "jit_script", "jit_trace", "fx_trace", "compile", "store_attention",
-    "capture_attention", "hook", "hard_sigmoid_gate", "disable_cpu_fast_path"])
+    "float64", "autocast", "flop_counter", "jit_script", "store_attention", "capture_attention", "hook",
+    "hard_sigmoid_gate", "silu_branches", "disable_cpu_fast_path"])
 def test_plain_definition_runs_where_the_fast_path_was_not_measured(name, monkeypatch):
     monkeypatch.setattr(bam_def, "bam_cpu_forward", _forbidden)
     torch.manual_seed(0)
@@ -468,7 +514,7 @@ def test_plain_definition_runs_where_the_fast_path_was_not_measured(name, monkey
     randomise_bn(bam)
     x = torch.randn(2, 16, 8, 8)
     expected = BAM.forward(copy.deepcopy(bam).double(), x.double())  # the float64 definition
-    if name == "hard_sigmoid_gate":
+    if name in ("hard_sigmoid_gate", "silu_branches"):
         expected = None
     y = _plain_runs(name, bam, x)
     assert y.shape == x.shape
@@ -491,12 +537,21 @@ def test_disable_cpu_fast_path_can_be_undone(fast_calls):
     assert len(fast_calls) == 2
 
 
-# ---- The training node ------------------------------------------------------------------------------------------
+def test_node_off_trains_the_definition_and_keeps_inference(fast_calls):
+    """``node`` off: training runs the definition's modules; inference keeps the fast path."""
+    bam = BAM(16)
+    x = torch.randn(2, 16, 8, 8, requires_grad=True)
+    with components_off("node"):
+        assert type(bam.train()(x).grad_fn).__name__ != NODE
+        assert fast_calls == []
+        bam.eval()(x)
+        assert len(fast_calls) == 1
 
-@needs_native
-def test_autograd_grad_sees_every_parameter(monkeypatch):
+
+# ---- The node ------------------------------------------------------------------------------------------------------
+
+def test_autograd_grad_sees_every_parameter():
     """The parameters are inputs of the node, so the functional API (and DDP's graph walk) finds them."""
-    _force_path(monkeypatch, "node")
     bam = BAM(16).train()
     x = torch.randn(2, 16, 6, 6, requires_grad=True)
     y = bam(x)
@@ -506,10 +561,8 @@ def test_autograd_grad_sees_every_parameter(monkeypatch):
     assert all(p.grad is None for p in bam.parameters())  # nothing accumulated behind the caller's back
 
 
-@needs_native
-def test_double_backward_says_how(monkeypatch):
+def test_double_backward_says_how():
     """create_graph=True (gradient penalties) gets a message naming the fix, and the fix works."""
-    _force_path(monkeypatch, "node")
     bam = BAM(16).train()
     x = torch.randn(2, 16, 4, 4, requires_grad=True)
     with pytest.raises(RuntimeError, match="disable_cpu_fast_path"):
@@ -531,32 +584,17 @@ def test_hooks_on_the_branches_run_the_definition(fast_calls):
     assert type(y.grad_fn).__name__ != NODE
 
 
-@needs_native
-def test_small_maps_take_the_modules_unless_the_branch_is_narrow(fast_calls):
-    """Below _NODE_MIN_PIXELS the node costs more than it saves (measured), so the modules run; a narrow spatial
-    branch (rd_channels 1 or 2, SpatialChain's kernels) takes the node on any map."""
-    assert bam_cpu._NODE_MIN_PIXELS == 400 and bam_cpu._NARROW_NODE_MIN_PIXELS == 1
-    bam = BAM(64).train()  # rd_channels 4
-    small = bam(torch.randn(2, 64, 14, 14, requires_grad=True))
-    large = bam(torch.randn(2, 64, 20, 20, requires_grad=True))
-    narrow = BAM(32).train()(torch.randn(2, 32, 7, 7, requires_grad=True))  # rd_channels 2
-    assert type(small.grad_fn).__name__ == "BamGateFunctionBackward"
-    assert type(large.grad_fn).__name__ == NODE
-    assert type(narrow.grad_fn).__name__ == NODE
-    assert len(fast_calls) == 3
-
-
 @pytest.fixture
 def chain_calls(monkeypatch):
-    """Counts SpatialChain's kernel runs (forward)."""
+    """Counts the chain kernels' forward runs."""
     calls = []
-    forward = bam_cpu.SpatialChain.forward
+    forward = bam_cpu._ChainState.forward.__func__
 
-    def spy(self, reduced):
+    def spy(cls, reduced, net):
         calls.append(reduced.shape)
-        return forward(self, reduced)
+        return forward(cls, reduced, net)
 
-    monkeypatch.setattr(bam_cpu.SpatialChain, "forward", spy)
+    monkeypatch.setattr(bam_cpu._ChainState, "forward", classmethod(spy))
     return calls
 
 
@@ -567,23 +605,21 @@ def chain_calls(monkeypatch):
     (32, dict(num_dilated_convs=3, dilation=1), True),  # rd_channels 2, deeper, dilation 1
     (32, dict(num_dilated_convs=0), True),            # BatchNorm + ReLU + the final 1x1 only
     (64, {}, False),                                  # rd_channels 4: direct loops would lose to oneDNN
-    (16, dict(act_layer="silu"), False),              # not ReLU
-], ids=["rd1", "rd2-deep", "rd2-shallow", "rd4", "silu"])
-def test_narrow_spatial_branch_runs_as_the_chain(channels, kwargs, runs, fmt, monkeypatch, fast_calls, chain_calls):
+], ids=["rd1", "rd2-deep", "rd2-shallow", "rd4"])
+def test_narrow_spatial_branch_runs_as_the_chain(channels, kwargs, runs, fmt, fast_calls, chain_calls):
     """The chain kernels run exactly where they compute the definition (BatchNorm with batch statistics, ReLU,
     one or two channels), and the step matches the float64 definition either way."""
     torch.manual_seed(0)
     bam = BAM(channels, **kwargs).train()
     randomise_bn(bam)
-    _compare(bam, torch.randn(3, channels, 9, 9, requires_grad=True), fmt, "node", monkeypatch=monkeypatch,
-             calls=fast_calls)
+    _compare(bam, torch.randn(3, channels, 9, 9, requires_grad=True), fmt, calls=fast_calls)
     assert len(chain_calls) == (1 if runs else 0)
 
 
 @needs_native
 def test_chain_is_not_used_with_running_statistics(fast_calls, chain_calls):
     """In eval mode (frozen BatchNorm, e.g. saliency maps) the branch's BatchNorms use running statistics, which the
-    chain kernels do not implement: the modules run inside the node."""
+    chain kernels do not implement: the branch runs as layers inside the node."""
     bam = BAM(16).eval()
     bam(torch.randn(2, 16, 21, 21, requires_grad=True)).sum().backward()
     assert len(fast_calls) == 1 and not chain_calls
@@ -591,25 +627,67 @@ def test_chain_is_not_used_with_running_statistics(fast_calls, chain_calls):
 
 # ---- DDP: gradients in the parameters' own layout ----------------------------------------------------------------
 
-@pytest.mark.parametrize("path", [pytest.param("node", marks=needs_native), "modules"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)
 @pytest.mark.parametrize("channels", [16, 32, 64, 256])
-def test_gradients_have_the_parameters_strides(channels, fmt, path, monkeypatch, fast_calls):
+def test_gradients_have_the_parameters_strides(channels, fmt, train, fast_calls):
     """DDP copies a gradient whose strides differ from its parameter's (and warns `Grad strides do not match
     bucket view strides`); every gradient the fast path produces has exactly its parameter's strides.
 
     Model and input share a memory format, as ImageClassifier(channels_last=...) arranges (with mixed formats
     oneDNN's own convolutions return gradients in the input's format, in the plain definition too)."""
-    model_fmt = fmt
-    _force_path(monkeypatch, path)
-    bam = BAM(channels).train().to(memory_format=model_fmt)
+    bam = BAM(channels).train(train).to(memory_format=fmt)
     x = torch.randn(2, channels, 9, 9).contiguous(memory_format=fmt).requires_grad_()
     y = bam(x)
-    assert len(fast_calls) == 1 and (type(y.grad_fn).__name__ == NODE) == (path == "node")
+    assert len(fast_calls) == 1 and type(y.grad_fn).__name__ == NODE
     y.square().sum().backward()
     bad = {n: (tuple(p.shape), p.stride(), p.grad.stride()) for n, p in bam.named_parameters()
            if p.grad.stride() != p.stride()}
     assert not bad, f"gradient strides differ from the parameter's (shape, param, grad): {bad}"
+
+
+# ---- The switches ------------------------------------------------------------------------------------------------
+
+def test_components_off_switches_and_restores():
+    assert all(component_enabled(c) for c in COMPONENTS)
+    with components_off("gate", "chain"):
+        assert not component_enabled("gate") and not component_enabled("chain") and component_enabled("conv")
+        with components_off("conv"):
+            assert not component_enabled("conv")
+        assert component_enabled("conv") and not component_enabled("gate")
+    assert all(component_enabled(c) for c in COMPONENTS)
+    with pytest.raises(ValueError, match="unknown components"):
+        with components_off("gates"):
+            pass
+
+
+@needs_native
+def test_cache_switch_bypasses_the_cache_and_keeps_its_blocks():
+    """``cache`` off: the gate's buffers come from the CPU allocator, and the cache keeps its blocks for later."""
+    x, c, s, _ = _gate_inputs((2, 8, 16, 16))
+    empty_buffer_cache()
+    _gate(x, c, s)  # freed at once: its block is kept
+    kept = buffer_cache_info().cached
+    assert kept > 0
+    with components_off("cache"):
+        y = _gate(x, c, s)
+        assert buffer_cache_info().allocated == 0 and buffer_cache_info().cached == kept
+    del y
+    assert buffer_cache_info().cached == kept
+    empty_buffer_cache()
+
+
+def _python(code, **env):
+    return subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_components_switch_off_from_the_environment():
+    code = "from bam_zoo.layers import bam_cpu; print(bam_cpu.component_enabled('gate'), bam_cpu.component_enabled('node'))"
+    out = _python(code, BAM_ZOO_CPU_OFF="gate, chain")
+    assert out.returncode == 0 and out.stdout.split() == ["False", "True"], out.stderr[-2000:]
+    out = _python("import bam_zoo", BAM_ZOO_CPU_OFF="gate,kernels")
+    assert out.returncode != 0 and "BAM_ZOO_CPU_OFF names unknown components ['kernels']" in out.stderr
 
 
 # ---- The buffer cache ----------------------------------------------------------------------------------------------
@@ -621,13 +699,13 @@ def test_gate_buffers_are_reused_and_accounted():
     x, c, s, _ = _gate_inputs((2, 8, 16, 16))
     empty_buffer_cache()
     before = buffer_cache_info()
-    y = bam_gate(x, c, s)
+    y = _gate(x, c, s)
     nbytes = y.numel() * 4
     assert buffer_cache_info().allocated == before.allocated + nbytes
     ptr = y.data_ptr()
     del y
     assert buffer_cache_info().cached == before.cached + nbytes
-    y2 = bam_gate(x, c, s)
+    y2 = _gate(x, c, s)
     assert y2.data_ptr() == ptr  # the same block, no fresh pages
     _assert_close(y2, _gate_reference(x.double(), c.double(), s.double()), 1e-5)
     y2.resize_(4, 8, 16, 16)  # still an ordinary, resizable tensor
@@ -637,7 +715,7 @@ def test_gate_buffers_are_reused_and_accounted():
 
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        bam_gate(x, c, s)
+        _gate(x, c, s)
     reported = [e.cpu_memory_usage for e in prof.events() if e.name == "bam_zoo::gate_forward"]
     assert reported and reported[0] >= nbytes
 
@@ -648,11 +726,6 @@ def test_buffer_cache_without_kernels_is_empty_and_harmless():
         assert buffer_cache_info() == (0, 0, 0)
     else:
         assert buffer_cache_info().cached == 0
-
-
-def _python(code, **env):
-    return subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
-                          timeout=120)
 
 
 @pytest.mark.parametrize("value,native,message", [
@@ -671,7 +744,7 @@ def test_native_kernels_can_be_switched_off():
             "print(bam_cpu.native_kernels_available(), type(y.grad_fn).__name__, bam_cpu.buffer_cache_info())")
     out = _python(code, BAM_ZOO_NATIVE_GATE="0")
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split()[:2] == ["False", "BamGateFunctionBackward"]
+    assert out.stdout.split()[:2] == ["False", NODE]
 
 
 def test_native_kernels_are_built_where_ci_runs():
@@ -679,3 +752,11 @@ def test_native_kernels_are_built_where_ci_runs():
     if os.environ.get("BAM_ZOO_REQUIRE_NATIVE") != "1":
         pytest.skip("only enforced where BAM_ZOO_REQUIRE_NATIVE=1 (CI)")
     assert native_kernels_available()
+
+
+def test_a_graph_of_another_op_version_fails_loudly():
+    """The op's argument layout carries a version: a graph exported or cached by another bam_zoo says so."""
+    spec = bam_cpu._spec_of(BAM(16))
+    config = [spec.config[0] + 1] + spec.config[1:]
+    with pytest.raises(RuntimeError, match="trace, export or compile it again"):
+        torch.ops.bam_zoo.bam_forward(torch.randn(2, 16, 4, 4), spec.params, spec.buffers, config, spec.floats)

@@ -1,16 +1,28 @@
-"""Every registered model is FX-traceable (forward and backward) and scriptable once traced, as timm's own are; so
-timm's and torchvision's FX feature extraction work on BAM models. Traced graphs run BAM's plain definition, and
-keep its input check as a leaf that runs on real shapes."""
+"""Traced, exported and compiled graphs compute exactly what eager mode computes.
+
+Every registered model is FX-traceable (forward and backward) and scriptable once traced, as timm's own are, so
+timm's and torchvision's FX feature extraction work on BAM models. A traced graph holds each BAM as one op,
+``bam_zoo::bam_forward``, that runs the same implementation as eager mode: outputs, gradients and running
+statistics are bitwise equal (timm's ``test_model_forward_fx`` compares with ``==``). ``torch.jit.trace``,
+``torch.export`` and ``torch.compile`` hold the same op; ONNX export, which has no such op, takes the definition.
+"""
+import copy
+import io
+import re
+
 import pytest
 import timm
 import torch
 import torch.fx
+from timm.models import get_notrace_functions, get_notrace_modules
+from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 import bam_zoo
 from bam_zoo.layers import BAM, disable_cpu_fast_path
 from bam_zoo.layers.bam import check_bam_input
 
 ALL_MODELS = bam_zoo.list_models(include_baselines=True)
+BAM_OP = torch.ops.bam_zoo.bam_forward
 
 
 def test_every_bam_architecture_is_covered():
@@ -18,71 +30,93 @@ def test_every_bam_architecture_is_covered():
     assert {"resnet20", "resnet56", "resnet110"} <= set(ALL_MODELS)
 
 
-def _close(got, want, tol=1e-4):
-    """Traced graphs run the definition, eager float32 the CPU fast path: equal up to float32 rounding."""
-    scale = max(want.detach().abs().max().item(), 1.0)
-    torch.testing.assert_close(got, want, rtol=tol, atol=tol * scale)
+def _count(graph: torch.fx.Graph, target) -> int:
+    return sum(node.op == "call_function" and node.target in (target, getattr(target, "default", None))
+               for node in graph.nodes)
 
 
-def _bam_checks(graph: torch.fx.Graph) -> int:
-    return sum(node.op == "call_function" and node.target is check_bam_input for node in graph.nodes)
+def _assert_equal(got, want, name=""):
+    assert got.shape == want.shape and torch.equal(got, want), \
+        f"{name}: max difference {(got - want).abs().max().item():.3e}"
+
+
+def _train_step(model, x):
+    """Output, input gradient, parameter gradients and buffers after one step of ``model`` on a copy of ``x``."""
+    x = x.clone().requires_grad_()
+    y = model(x)
+    y.square().sum().backward()
+    return y.detach(), x.grad, {n: p.grad for n, p in model.named_parameters()}, dict(model.named_buffers())
 
 
 @pytest.mark.parametrize("name", ALL_MODELS)
-def test_symbolic_trace_forward_backward_and_script(name):
+def test_symbolic_trace_is_exact_forward_backward_and_scripted(name):
     torch.manual_seed(0)
     model = bam_zoo.create_model(name, in_chans=3, num_classes=5).eval()
     x = torch.randn(2, 3, 32, 32)
 
     traced = torch.fx.symbolic_trace(model)
-    assert _bam_checks(traced.graph) == len(bam_zoo.bam_modules(model))
+    bams = len(bam_zoo.bam_modules(model))
+    assert _count(traced.graph, check_bam_input) == bams and _count(traced.graph, BAM_OP) == bams
     with torch.no_grad():
         want = model(x)
-        _close(traced(x), want)
-        _close(torch.jit.script(traced)(x), want)
+        _assert_equal(traced(x), want, "traced")
+        _assert_equal(torch.jit.script(traced)(x), want, "scripted")
 
-    # Training: against the eager definition (the traced graph runs it, op for op). Against the fast path the
-    # float32 rounding differs, and BatchNorm over two values (batch 2 of 1x1 maps) amplifies it.
+    # Training: a graph traced from a copy of the model against the model itself.
     model.train()
-    traced_train = torch.fx.symbolic_trace(model)  # the graph shares the model's parameters and buffers
-    disable_cpu_fast_path(model)
-    x_eager, x_traced = x.clone().requires_grad_(), x.clone().requires_grad_()
+    twin = torch.fx.symbolic_trace(copy.deepcopy(model))
     torch.manual_seed(1)  # the same dropout masks
-    y_eager = model(x_eager)
+    got = _train_step(twin, x)
     torch.manual_seed(1)
-    y_traced = traced_train(x_traced)
-    _close(y_traced, y_eager, 1e-5)
-    y_eager.square().sum().backward()
-    eager_grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad(set_to_none=True)
-    y_traced.square().sum().backward()
-    _close_norm(x_traced.grad, x_eager.grad)
-    for (pname, p), g in zip(model.named_parameters(), eager_grads):
-        assert p.grad is not None, pname
-        _close_norm(p.grad, g, pname)
+    want = _train_step(model, x)
+    _assert_equal(got[0], want[0], "output")
+    _assert_equal(got[1], want[1], "input grad")
+    for key in got[2]:  # a graph holds the parameters and buffers it uses, under the model's names
+        _assert_equal(got[2][key], want[2][key], key)
+    for key in got[3]:
+        _assert_equal(got[3][key], want[3][key], key)
 
 
-def _close_norm(got, want, name="", tol=1e-4):
-    """Gradients through a deep float32 net: close as whole tensors."""
-    error = (got - want).norm().item()
-    assert error <= tol * max(want.norm().item(), 1.0), f"{name}: error {error:.2e}, norm {want.norm().item():.2e}"
+def _timm_fx_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The graph timm's ``tests/test_models.py::test_model_forward_fx`` builds: torchvision's feature extractor with
+    timm's leaf modules and functions, returning the last node."""
+    tracer_kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(),
+                         param_shapes_constant=True)
+    train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=tracer_kwargs)
+    return create_feature_extractor(model, train_return_nodes=[train_nodes[-1]],
+                                    eval_return_nodes=[eval_nodes[-1]], tracer_kwargs=tracer_kwargs)
+
+
+@pytest.mark.parametrize("name", bam_zoo.BAM_ARCHS)
+def test_timm_forward_fx_check_holds_on_every_bam_architecture(name):
+    """timm's check, on each BAM architecture: eval mode, batch 1, the FX graph's output ``==`` eager's."""
+    model = bam_zoo.create_model(name).eval()
+    size = min(model.pretrained_cfg["input_size"][-1], 64)
+    with torch.no_grad():
+        inputs = torch.randn(1, model.pretrained_cfg["input_size"][0], size, size)
+        outputs = model(inputs)
+        fx_outputs = tuple(_timm_fx_model(model)(inputs).values())[0]
+    assert outputs.shape == fx_outputs.shape
+    assert torch.all(fx_outputs == outputs)
 
 
 @pytest.mark.parametrize("name", ["bam_resnet20", "bam_resnet18", "bam_mobilenetv2_100", "bam_efficientnet_b0"])
 def test_timm_fx_feature_extraction(name):
-    """``features_only=True, feature_cls="fx"`` gives the same maps as timm's default feature wrapper."""
+    """``features_only=True, feature_cls="fx"`` gives exactly the maps of timm's default feature wrapper."""
     x = torch.randn(2, 3, 32, 32)
     torch.manual_seed(0)
     fx_features = bam_zoo.create_model(name, in_chans=3, features_only=True, feature_cls="fx").eval()
     torch.manual_seed(0)
     features = bam_zoo.create_model(name, in_chans=3, features_only=True).eval()
-    for (name, a), b in zip(fx_features.state_dict().items(), features.state_dict().values()):
-        assert torch.equal(a, b), name  # the same seed built the same weights
+    state = features.state_dict()
+    for key, value in fx_features.state_dict().items():  # the same seed built the same weights
+        key = re.sub(r"^blocks\.(\d+)\.", r"blocks_\1.", key.removeprefix("graph_module."))  # timm's stage names
+        assert torch.equal(value, state[key]), key
     with torch.no_grad():
         got, want = fx_features(x), features(x)
     assert len(got) == len(want) == len(features.feature_info.channels())
     for a, b in zip(got, want):
-        _close(a, b)
+        _assert_equal(a, b)
 
 
 def test_timm_create_feature_extractor_reaches_bam_outputs():
@@ -93,8 +127,6 @@ def test_timm_create_feature_extractor_reaches_bam_outputs():
 
 
 def test_torchvision_create_feature_extractor():
-    from torchvision.models.feature_extraction import create_feature_extractor
-
     torch.manual_seed(0)
     model = bam_zoo.create_model("bam_resnet20", in_chans=3).eval()
     x = torch.randn(2, 3, 32, 32)
@@ -108,15 +140,112 @@ def test_torchvision_create_feature_extractor():
     extractor = create_feature_extractor(model, {"layer1.bam": "bam1", "layer2.bam": "bam2", "fc": "logits"})
     with torch.no_grad():
         out = extractor(x)
-    _close(out["bam1"], captured["layer1.bam"])
-    _close(out["bam2"], captured["layer2.bam"])
-    _close(out["logits"], logits)
+    _assert_equal(out["bam1"], captured["layer1.bam"])
+    _assert_equal(out["bam2"], captured["layer2.bam"])
+    _assert_equal(out["logits"], logits)
+
+
+def _block(train: bool, identity_init: bool = False, channels: int = 16) -> BAM:
+    torch.manual_seed(0)
+    bam = BAM(channels, identity_init=identity_init).train(train)
+    if identity_init:
+        with torch.no_grad():
+            bam.gamma.normal_()
+    return bam
+
+
+@pytest.mark.parametrize("identity_init", [False, True], ids=["paper", "identity_init"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_traced_block_runs_the_op_on_other_inputs_as_the_definition(train, identity_init):
+    """A graph traced for float32 CPU maps, run on a strided view or in float64, computes the definition inside the
+    op: exactly what the eager module (which then runs its definition) computes."""
+    bam = _block(train, identity_init)
+    x = torch.randn(2, 16, 8, 16)[..., ::2]
+    for dtype in (torch.float32, torch.float64):
+        traced = torch.fx.symbolic_trace(copy.deepcopy(bam)).to(dtype)
+        got, want = _train_step(traced, x.to(dtype)), _train_step(copy.deepcopy(bam).to(dtype), x.to(dtype))
+        for a, b in zip(got[:2], want[:2]):
+            _assert_equal(a, b, str(dtype))
+        for key in got[2]:
+            _assert_equal(got[2][key], want[2][key], key)
+
+
+def test_graph_traced_after_disable_holds_the_definition():
+    model = disable_cpu_fast_path(bam_zoo.create_model("bam_resnet20", in_chans=3).eval())
+    traced = torch.fx.symbolic_trace(model)
+    assert _count(traced.graph, BAM_OP) == 0
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        _assert_equal(traced(x), model(x))
+
+
+def test_jit_trace_and_export_hold_the_op_and_are_exact():
+    torch.manual_seed(0)
+    model = bam_zoo.create_model("bam_resnet20", in_chans=1).eval()
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        want = model(x)
+        traced = torch.jit.trace(model, x, check_trace=False)
+        _assert_equal(traced(x), want, "jit.trace")
+        assert "bam_zoo::bam_forward" in str(traced.inlined_graph)
+        batch = torch.export.Dim("batch", min=1, max=64)
+        exported = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
+        assert _count(exported.graph, BAM_OP) == 2
+        _assert_equal(exported.module()(x), want, "export")
+        x5 = torch.randn(5, 1, 28, 28)
+        _assert_equal(exported.module()(x5), model(x5), "export, other batch")
+
+
+@pytest.mark.parametrize("identity_init", [False, True], ids=["paper", "identity_init"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_compiled_block_is_one_opaque_op_with_eager_numbers(train, identity_init):
+    """Under ``torch.compile`` (inductor) BAM is the op, not decomposed: a compiled block gives eager's output,
+    gradients and running statistics bitwise."""
+    bam = _block(train, identity_init, channels=32)
+    twin = _block(train, identity_init, channels=32)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        from torch._inductor.compile_fx import compile_fx
+        return compile_fx(gm, example_inputs)
+
+    compiled = torch.compile(twin, backend=backend, fullgraph=True)
+    x = torch.randn(4, 32, 9, 9)
+    got, want = _train_step(compiled, x), _train_step(bam, x)
+    got = got[:2] + tuple({k.removeprefix("_orig_mod."): v for k, v in d.items()} for d in got[2:])
+    assert _count(graphs[0].graph, BAM_OP) == 1
+    assert not any("sigmoid" in str(node.target) for node in graphs[0].graph.nodes)
+    for a, b in zip(got[:2], want[:2]):
+        _assert_equal(a, b)
+    for key in got[2]:  # a graph holds the parameters and buffers it uses, under the model's names
+        _assert_equal(got[2][key], want[2][key], key)
+    for key in got[3]:
+        _assert_equal(got[3][key], want[3][key], key)
+
+
+def test_onnx_export_takes_the_definition():
+    """ONNX has no ``bam_zoo`` op: the exporter gets the definition's standard ops, equal to eager up to float32
+    rounding."""
+    ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    torch.manual_seed(0)
+    model = bam_zoo.create_model("bam_resnet20", in_chans=1).eval()
+    x = torch.randn(2, 1, 28, 28)
+    buf = io.BytesIO()
+    torch.onnx.export(model, (x,), buf, dynamo=True, verbose=False)
+    ops = {node.op_type for node in onnx.load_from_string(buf.getvalue()).graph.node}
+    assert {"Sigmoid", "Conv", "ReduceMean"} <= ops and not any("bam" in op.lower() for op in ops)
+    session = ort.InferenceSession(buf.getvalue())
+    out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(out), model(x), rtol=1e-5, atol=1e-5)
 
 
 def test_wrong_channel_count_raises_the_clear_error_eager_traced_and_scripted():
     bam = BAM(8).eval()
     traced = torch.fx.symbolic_trace(bam)
-    assert _bam_checks(traced.graph) == 1
+    assert _count(traced.graph, check_bam_input) == 1
     bad = torch.randn(2, 9, 4, 4)
     message = "built for 8 channels but got an input with 9 channels"
     for run in (bam, traced):

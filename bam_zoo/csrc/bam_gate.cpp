@@ -22,6 +22,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <new>
@@ -161,12 +162,19 @@ class BufferCache final : public c10::Allocator {
   size_t limit_bytes_ = size_t(256) << 20;
 };
 
+// Whether the gate's buffers come from the cache (an ablation switch: off, they come from the CPU allocator and
+// the cache keeps what it holds).
+std::atomic<bool> buffer_cache_enabled{true};
+
 // A float32 tensor of x's shape and memory format (contiguous or channels_last) from the cache.
 at::Tensor cached_empty_like(const at::Tensor& x, c10::MemoryFormat format) {
+  if (!buffer_cache_enabled.load(std::memory_order_relaxed))
+    return at::empty(x.sizes(), x.options().memory_format(format));
   return at::detail::empty_generic(x.sizes(), &BufferCache::instance(), c10::DispatchKeySet(c10::DispatchKey::CPU),
                                    x.scalar_type(), format);
 }
 
+void buffer_cache_set_enabled(bool enabled) { buffer_cache_enabled.store(enabled); }
 void buffer_cache_set_limit(int64_t bytes) { BufferCache::instance().set_limit(bytes); }
 void buffer_cache_empty() { BufferCache::instance().empty(); }
 std::vector<int64_t> buffer_cache_info() { return BufferCache::instance().info(); }
@@ -910,6 +918,7 @@ TORCH_LIBRARY(bam_zoo, m) {
   m.def("gate_forward(Tensor x, Tensor a, Tensor b) -> Tensor");
   m.def("gate_backward(Tensor grad_out, Tensor x, Tensor a, Tensor b) -> (Tensor, Tensor, Tensor)");
   m.def("buffer_cache_set_limit(int bytes) -> ()");
+  m.def("buffer_cache_set_enabled(bool enabled) -> ()");
   m.def("buffer_cache_empty() -> ()");
   m.def("buffer_cache_info() -> int[]");
   m.def("small_conv_forward(Tensor x, Tensor weight, Tensor? bias, int[] padding, int[] dilation) -> Tensor");
@@ -928,6 +937,7 @@ TORCH_LIBRARY(bam_zoo, m) {
 
 TORCH_LIBRARY_IMPL(bam_zoo, CompositeExplicitAutograd, m) {
   m.impl("buffer_cache_set_limit", &buffer_cache_set_limit);
+  m.impl("buffer_cache_set_enabled", &buffer_cache_set_enabled);
   m.impl("buffer_cache_empty", &buffer_cache_empty);
   m.impl("buffer_cache_info", &buffer_cache_info);
 }

@@ -172,8 +172,8 @@ class BAM(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = check_bam_input(x, self.channels)
-        if self.gamma is None and not torch.jit.is_scripting() and self._cpu_fast_path_applies(x):
-            return self._cpu_fast_forward(x)  # the same function, faster (eager CPU only)
+        if not torch.jit.is_scripting() and self._cpu_fast_path_applies(x):
+            return self._cpu_fast_forward(x)  # the same function, faster; one op in traced graphs (bam_cpu)
         channel_logits = self.channel_attn(x)
         spatial_logits = self.spatial_attn(x)
         logits = channel_logits * spatial_logits if self.fusion == "product" else channel_logits + spatial_logits

@@ -1,25 +1,37 @@
-"""BAM's speed layer: the same function as :class:`bam_zoo.layers.BAM`'s definition, faster on the CPU in eager mode.
+"""BAM's speed layer: the same function as :class:`bam_zoo.layers.BAM`'s definition, faster on the CPU.
 
-Everything here is behind one check, :func:`cpu_fast_path_applies`: float32 maps on the CPU, contiguous or
-channels_last, in plain eager mode. CUDA, MPS, autocast, ``torch.compile`` / ``torch.export``, TorchScript,
-``torch.jit.trace``, FX, ONNX export and any active ``TorchDispatchMode`` (e.g. ``FlopCounterMode``) get the
-plain definition: these paths were measured only on the CPU, and compilers fuse the definition on their own.
-Why BAM needs this on a CPU, and the numbers, are in ``docs/performance.md``. The parts:
+One implementation, reached two ways with the same numbers:
 
-* the gate ``x * (1 + sigmoid(Mc + Ms))`` as one pass each way (compiled kernels, ``bam_zoo/csrc``), or as
-  ATen ops writing into one buffer where the kernels are missing (:class:`BamGateFunction`);
-* convolutions with one or two channels as direct loops or matrix products (:func:`few_channel_conv`), where
-  oneDNN is several times slower than their size warrants;
-* a training step of a BAM as one autograd node (:class:`BamBlockFunction`) that adds the pool's and the reduce
-  convolution's input gradients into the gate's in place, on large maps or where the spatial branch is one or two
-  channels wide; there the branch after its reduction runs as compiled kernels, one call each way
-  (:class:`SpatialChain`);
-* a reuse cache for the gate's full-size buffers (in the compiled kernels; :func:`empty_buffer_cache`).
+* eager mode calls it directly (an ``autograd.Function`` whose backward reuses the branches' graphs);
+* FX, ``torch.jit.trace``, ``torch.compile`` and ``torch.export`` record one opaque custom op,
+  ``torch.ops.bam_zoo.bam_forward`` (backward: ``bam_zoo::bam_backward``, which recomputes the two small branches),
+  so a traced or compiled graph runs exactly what eager runs (timm's FX tests compare with ``torch.equal``).
+
+The op takes BAM's parameters and buffers as flat lists and its structure as integers (:class:`_Spec`), so a
+graph holding it needs nothing but ``bam_zoo``. Its kernels apply to float32 CPU maps, contiguous or channels_last;
+other inputs reaching the op (a traced graph run on CUDA or in float64) run the definition's ops inside it. In
+eager mode and under the compilers such inputs never reach it: CUDA, MPS, autocast, TorchScript, ONNX export and
+any active ``TorchDispatchMode`` (``FlopCounterMode`` in :func:`bam_zoo.count_macs`) run the definition itself.
+
+The parts, each of which :func:`components_off` (or ``BAM_ZOO_CPU_OFF``) switches off for the ablation in
+``docs/performance.md``:
+
+* ``gate``: the gate ``x * (1 + sigmoid(Mc + Ms))`` as one pass each way (compiled kernels, ``bam_zoo/csrc``);
+  without them ATen ops write into one buffer;
+* ``node``: a training step as this one node, which adds the pool's and the reduction's input gradients into the
+  gate's in place; off, training runs the definition's modules;
+* ``chain``: the spatial branch after its reduction as compiled kernels when it is one or two channels wide;
+* ``pool_reduce``: the pool and the reduction of a channels_last map with one or two reduced channels in one pass
+  each way (training);
+* ``conv``: few-channel convolutions as direct loops or matrix products (:func:`few_channel_conv`);
+* ``cache``: a reuse cache for the gate's full-size buffers (:func:`empty_buffer_cache`).
 
 The state dict is the definition's: the fast path reads the same parameters and buffers.
 """
+import contextlib
 import os
-from typing import TYPE_CHECKING, List, NamedTuple, Optional, Tuple
+import weakref
+from typing import TYPE_CHECKING, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -32,8 +44,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "cpu_fast_path_applies", "bam_cpu_forward", "disable_cpu_fast_path", "native_kernels_available",
-    "BufferCacheInfo", "buffer_cache_info", "empty_buffer_cache", "bam_gate", "few_channel_conv",
-    "BamGateFunction", "BamBlockFunction",
+    "BufferCacheInfo", "buffer_cache_info", "empty_buffer_cache", "few_channel_conv", "COMPONENTS",
+    "components_off", "component_enabled",
 ]
 
 
@@ -72,8 +84,6 @@ def _cache_limit_mb() -> int:
 
 
 _CACHE_LIMIT_MB = _cache_limit_mb()  # validated even where the kernels are missing, so a typo never goes unseen
-if NATIVE:
-    torch.ops.bam_zoo.buffer_cache_set_limit(_CACHE_LIMIT_MB << 20)
 
 
 class BufferCacheInfo(NamedTuple):
@@ -94,45 +104,326 @@ def empty_buffer_cache() -> None:
         torch.ops.bam_zoo.buffer_cache_empty()
 
 
-# ---- The one applicability check ------------------------------------------------------------------------------
+# ---- The components and their switches -------------------------------------------------------------------------
 
-def _plain_eager() -> bool:
-    """False while anything records or transforms the program instead of running it op by op."""
-    if torch.jit.is_scripting() or torch.jit.is_tracing() or is_fx_symbolic_tracing():
-        return False
-    if torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
-        return False
-    return torch._C._len_torch_dispatch_stack() == 0  # FlopCounterMode, FakeTensorMode, ... see the definition
+COMPONENTS = ("gate", "node", "chain", "pool_reduce", "conv", "cache")
+
+
+def _components_off_from_env() -> frozenset:
+    """``BAM_ZOO_CPU_OFF``: a comma-separated list of components to switch off, validated."""
+    names = frozenset(n.strip() for n in os.environ.get("BAM_ZOO_CPU_OFF", "").split(",") if n.strip())
+    unknown = sorted(names - set(COMPONENTS))
+    if unknown:
+        raise ValueError(f"BAM_ZOO_CPU_OFF names unknown components {unknown}; choose from {list(COMPONENTS)}.")
+    return names
+
+
+_OFF = set(_components_off_from_env())
+
+
+def component_enabled(name: str) -> bool:
+    """Whether a component of the speed layer is on (see :data:`COMPONENTS`)."""
+    return name not in _OFF
+
+
+def _apply_cache_switch() -> None:
+    """Off, the gate's buffers come from the CPU allocator; the cache keeps its blocks, so switching it back on
+    for the next call of an ablation costs no fresh pages."""
+    if NATIVE:
+        torch.ops.bam_zoo.buffer_cache_set_enabled("cache" not in _OFF)
+
+
+if NATIVE:
+    torch.ops.bam_zoo.buffer_cache_set_limit(_CACHE_LIMIT_MB << 20)
+    _apply_cache_switch()
+
+
+@contextlib.contextmanager
+def components_off(*names: str) -> Iterator[None]:
+    """Switch components of the speed layer off inside the block (process-wide; for ablations and tests).
+
+    Eager calls read the switches on every call; a traced graph holds the op, which reads them when it runs,
+    except ``node``, which decides at tracing time whether the graph holds the op at all.
+    """
+    unknown = sorted(set(names) - set(COMPONENTS))
+    if unknown:
+        raise ValueError(f"unknown components {unknown}; choose from {list(COMPONENTS)}")
+    before = set(_OFF)
+    _OFF.update(names)
+    _apply_cache_switch()
+    try:
+        yield
+    finally:
+        _OFF.clear()
+        _OFF.update(before)
+        _apply_cache_switch()
+
+
+# ---- BAM as flat op arguments ----------------------------------------------------------------------------------
+#
+# config (ints): [version, product, has_gamma, num_dilated k, pad_h, pad_w, dil_h, dil_w, channel BN state,
+#                 spatial BN state x (k + 1), conv bias present x (k + 2)]; BN state 0: none (folded), 1: running
+#                 statistics, 2: training (batch statistics where there is more than one value per channel).
+# params: fc1.w, fc1.b, [bn.w, bn.b], fc2.w, fc2.b, then per spatial layer j = 0..k: conv_j.w, [conv_j.b],
+#         [bn_j.w, bn_j.b]; conv_final.w, [conv_final.b]; [gamma].
+# buffers: running_mean, running_var, num_batches_tracked of every BatchNorm, channel branch first.
+# floats: (momentum, eps) of every BatchNorm, in the same order.
+# The version is part of every graph that holds the op, so compiled-graph caches and exported programs made by
+# another layout of these arguments (or other outputs) miss or fail loudly instead of misreading them.
+
+_OP_VERSION = 1
+
+class _Spec(NamedTuple):
+    params: List[torch.Tensor]
+    buffers: List[torch.Tensor]
+    config: List[int]
+    floats: List[float]
+
+
+class _BN(NamedTuple):
+    weight: torch.Tensor
+    bias: torch.Tensor
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+    num_batches_tracked: torch.Tensor
+    training: bool
+    momentum: float
+    eps: float
+
+
+class _Net(NamedTuple):
+    """The op's flat arguments read back as BAM's layers."""
+    product: bool
+    fc1: Tuple[torch.Tensor, torch.Tensor]
+    channel_bn: Optional[_BN]
+    fc2: Tuple[torch.Tensor, torch.Tensor]
+    convs: List[Tuple[torch.Tensor, Optional[torch.Tensor]]]  # conv_reduce, then the dilated ones
+    bns: List[Optional[_BN]]  # after each of convs
+    final: Tuple[torch.Tensor, Optional[torch.Tensor]]
+    gamma: Optional[torch.Tensor]
+    padding: Tuple[int, int]
+    dilation: Tuple[int, int]
+
+    @property
+    def rd(self) -> int:
+        return self.convs[0][0].shape[0]
+
+    @property
+    def updates_statistics(self) -> bool:
+        return any(bn is not None and bn.training for bn in [self.channel_bn, *self.bns])
+
+
+def _bn_state(bn: nn.Module) -> Optional[int]:
+    """0 for a folded BatchNorm, 1/2 for the definition's in eval/training mode, None for anything else."""
+    if type(bn) is nn.Identity:
+        return 0
+    if not getattr(bn, "_single_sample_safe", False) or not (bn.affine and bn.track_running_stats):
+        return None
+    if bn.running_mean is None or bn.num_batches_tracked is None:
+        return None
+    return 2 if bn.training else 1
+
+
+def _is_plain_conv(conv: nn.Module, kernel: Optional[Tuple[int, int]] = None) -> bool:
+    return (type(conv) is nn.Conv2d and conv.groups == 1 and conv.stride == (1, 1) and conv.padding_mode == "zeros"
+            and not isinstance(conv.padding, str) and (kernel is None or conv.kernel_size == kernel))
+
+
+class _Layout(NamedTuple):
+    """Where a BAM's op arguments live: (module, name) of each parameter and buffer, the BatchNorms (for their
+    momentum and eps), and the structure (config). Read fresh on every call by :func:`_spec_of`."""
+    params: List[Tuple[nn.Module, str]]
+    buffers: List[Tuple[nn.Module, str]]
+    bns: List[nn.Module]
+    config: List[int]
+
+
+def _layout_of(bam: "BAM") -> Optional[_Layout]:
+    """BAM's layout, or None where its layers are not the definition's (then it runs as modules)."""
+    ca, body = bam.channel_attn, list(bam.spatial_attn.body)
+    if not _is_sigmoid(bam.gate) or len(body) % 3 != 1:
+        return None
+    fc1, fc2 = getattr(ca, "fc1", None), getattr(ca, "fc2", None)
+    if type(fc1) is not nn.Linear or type(fc2) is not nn.Linear or fc1.bias is None or fc2.bias is None:
+        return None
+    if type(getattr(ca, "act", None)) is not nn.ReLU or any(type(a) is not nn.ReLU for a in body[2::3]):
+        return None
+    convs, bns, final = body[0:-1:3], body[1::3], body[-1]
+    k = len(convs) - 1
+    if not (_is_plain_conv(convs[0], (1, 1)) and convs[0].padding == (0, 0) and convs[0].dilation == (1, 1)):
+        return None
+    if not (_is_plain_conv(final, (1, 1)) and final.padding == (0, 0) and final.out_channels == 1):
+        return None
+    geometry = {(c.padding, c.dilation) for c in convs[1:]}
+    if len(geometry) > 1 or not all(_is_plain_conv(c) and _is_same_size(c) for c in convs[1:]):
+        return None
+    padding, dilation = geometry.pop() if geometry else ((0, 0), (1, 1))
+    states = [_bn_state(getattr(ca, "bn", None))] + [_bn_state(b) for b in bns]
+    if any(s is None for s in states):
+        return None
+    params = [(fc1, "weight"), (fc1, "bias")]
+    buffers: List[Tuple[nn.Module, str]] = []
+    norms: List[nn.Module] = []
+
+    def add_bn(bn: nn.Module) -> None:
+        if type(bn) is not nn.Identity:
+            params.extend(((bn, "weight"), (bn, "bias")))
+            buffers.extend(((bn, "running_mean"), (bn, "running_var"), (bn, "num_batches_tracked")))
+            norms.append(bn)
+
+    add_bn(ca.bn)
+    params.extend(((fc2, "weight"), (fc2, "bias")))
+    for conv, bn in zip(convs, bns):
+        params.append((conv, "weight"))
+        if conv.bias is not None:
+            params.append((conv, "bias"))
+        add_bn(bn)
+    params.append((final, "weight"))
+    if final.bias is not None:
+        params.append((final, "bias"))
+    if bam.gamma is not None:
+        params.append((bam, "gamma"))
+    config = [_OP_VERSION, int(bam.fusion == "product"), int(bam.gamma is not None), k, *padding, *dilation, *states]
+    config += [int(c.bias is not None) for c in (*convs, final)]
+    return _Layout(params, buffers, norms, config)
+
+
+# Eager calls reuse a BAM's layout while its layers stay the same objects in the same modes (see _layout_key).
+_LAYOUTS: "weakref.WeakKeyDictionary[nn.Module, Tuple[tuple, Optional[_Layout]]]" = weakref.WeakKeyDictionary()
+
+
+def _layout_key(bam: "BAM") -> Tuple[tuple, bool]:
+    """What a cached layout depends on (which layer objects, their modes, the gate, the fusion, gamma), and whether
+    a branch layer has hooks. Plain dict reads: this runs on every eager call."""
+    modules = bam._modules
+    channel, spatial = modules["channel_attn"], modules["spatial_attn"]
+    body = spatial._modules["body"]
+    layers = [channel, spatial, body, *channel._modules.values(), *body._modules.values()]
+    hooked = any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in layers)
+    key = (bam.fusion, id(bam.gate), id(bam._parameters.get("gamma")), *map(id, layers),
+           *[m.training for m in layers])
+    return key, hooked
+
+
+def _spec_of(bam: "BAM") -> Optional[_Spec]:
+    """BAM's flat op arguments, or None where its layers are not the definition's or a branch has hooks (then it
+    runs as modules: the op would not call them)."""
+    if _recording():  # once per trace: the plain walk, which the compilers trace through
+        layout = None if _has_hooks(bam.channel_attn) or _has_hooks(bam.spatial_attn) else _layout_of(bam)
+        if layout is None:
+            return None
+        params = [getattr(m, name) for m, name in layout.params]
+        buffers = [getattr(m, name) for m, name in layout.buffers]
+    else:
+        key, hooked = _layout_key(bam)
+        entry = _LAYOUTS.get(bam)
+        if entry is None or entry[0] != key:
+            entry = (key, _layout_of(bam))
+            _LAYOUTS[bam] = entry
+        layout = entry[1]
+        if layout is None or hooked:
+            return None
+        params = [m._parameters[name] for m, name in layout.params]
+        buffers = [m._buffers[name] for m, name in layout.buffers]
+    floats = [v for bn in layout.bns for v in (bn.momentum if bn.momentum is not None else 0.1, bn.eps)]
+    return _Spec(params, buffers, layout.config, floats)
+
+
+def _is_same_size(conv: nn.Conv2d) -> bool:
+    """A stride-1 convolution with odd kernels, padded so its output has its input's size (BAM's dilated ones)."""
+    return conv.in_channels == conv.out_channels and all(
+        k % 2 == 1 and p == d * (k - 1) // 2 for k, p, d in zip(conv.kernel_size, conv.padding, conv.dilation))
+
+
+def _unpack(params: Sequence[torch.Tensor], buffers: Sequence[torch.Tensor], config: Sequence[int],
+            floats: Sequence[float]) -> _Net:
+    if config[0] != _OP_VERSION:
+        raise RuntimeError(f"This graph holds bam_zoo::bam_forward of argument version {config[0]}, but the installed "
+                           f"bam_zoo implements version {_OP_VERSION}: trace, export or compile it again.")
+    product, has_gamma, k, ph, pw, dh, dw = config[1:8]
+    states = config[8:8 + k + 2]
+    has_bias = config[8 + k + 2:]
+    p, b, f = iter(params), iter(buffers), iter(floats)
+
+    def bn(state: int) -> Optional[_BN]:
+        if state == 0:
+            return None
+        return _BN(next(p), next(p), next(b), next(b), next(b), state == 2, next(f), next(f))
+
+    fc1 = (next(p), next(p))
+    channel_bn = bn(states[0])
+    fc2 = (next(p), next(p))
+    convs, bns = [], []
+    for j in range(k + 1):
+        convs.append((next(p), next(p) if has_bias[j] else None))
+        bns.append(bn(states[1 + j]))
+    final = (next(p), next(p) if has_bias[k + 1] else None)
+    gamma = next(p) if has_gamma else None
+    return _Net(bool(product), fc1, channel_bn, fc2, convs, bns, final, gamma, (ph, pw), (dh, dw))
+
+
+def _updates_statistics(config: Sequence[int]) -> bool:
+    """Whether a BatchNorm of this config trains (updates its running statistics)."""
+    return 2 in config[8:8 + config[3] + 2]
+
+
+def _with_buffer_copies(net: _Net) -> _Net:
+    """``net`` with copies of its BatchNorm buffers: a recomputation updates those, not the model's."""
+    def copy(bn: Optional[_BN]) -> Optional[_BN]:
+        return None if bn is None else bn._replace(running_mean=bn.running_mean.clone(),
+                                                   running_var=bn.running_var.clone(),
+                                                   num_batches_tracked=bn.num_batches_tracked.clone())
+    return net._replace(channel_bn=copy(net.channel_bn), bns=[copy(bn) for bn in net.bns])
+
+
+# ---- Where the speed layer runs --------------------------------------------------------------------------------
+
+def _recording() -> bool:
+    """Whether a graph is being recorded (FX, jit.trace, dynamo, export): BAM then becomes one op in it."""
+    return (is_fx_symbolic_tracing() or torch.jit.is_tracing() or torch.compiler.is_compiling()
+            or torch.compiler.is_exporting())
 
 
 def _has_hooks(module: nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in module.modules())
 
 
-def cpu_fast_path_applies(bam: "BAM", x: torch.Tensor) -> bool:
-    """Whether ``bam(x)`` may run :func:`bam_cpu_forward` instead of the definition.
-
-    Plain eager mode (checked first, before ``x`` is looked at, so tracers see no control flow on it), a
-    float32 CPU map, contiguous or channels_last, a sigmoid gate, no autocast, the attention map not asked for,
-    no hooks on the branches (the fast path calls their layers directly), and not opted out with
-    :func:`disable_cpu_fast_path`.
-    """
-    if not _plain_eager() or getattr(bam, "_cpu_fast_path_disabled", False):
-        return False
+def _fast_input(x: torch.Tensor) -> bool:
+    """A float32 CPU map, contiguous or channels_last, outside autocast: what the kernels were measured on."""
     if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
         return False
-    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+    return x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
+
+
+def cpu_fast_path_applies(bam: "BAM", x: torch.Tensor) -> bool:
+    """Whether ``bam(x)`` runs :func:`bam_cpu_forward` instead of the definition's modules.
+
+    The module: the definition's layers, a sigmoid gate, no hooks on the branches, the attention map not asked for,
+    not opted out (:func:`disable_cpu_fast_path`), and in training the ``node`` component on. The input (unless an
+    FX trace, which sees no tensors, records the op): a float32 CPU map, contiguous or channels_last, no autocast.
+    Not while scripting or exporting to ONNX, nor under an active ``TorchDispatchMode`` outside the compilers.
+    """
+    if torch.jit.is_scripting() or getattr(bam, "_cpu_fast_path_disabled", False) or bam.store_attention:
         return False
-    if bam.store_attention or not _is_sigmoid(bam.gate):
+    if torch.onnx.is_in_onnx_export():  # ONNX has no such op: the exporter takes the definition's standard ops
         return False
-    return not (_has_hooks(bam.channel_attn) or _has_hooks(bam.spatial_attn))
+    if bam.training and not component_enabled("node"):
+        return False
+    if _spec_of(bam) is None:
+        return False
+    if is_fx_symbolic_tracing():
+        return True  # x is a Proxy: the op's own check decides when the graph runs
+    compiling = torch.compiler.is_compiling() or torch.compiler.is_exporting()
+    if not compiling and torch._C._len_torch_dispatch_stack() != 0:
+        return False  # FlopCounterMode, FakeTensorMode, ...: the definition, op for op
+    return _fast_input(x)
 
 
 def disable_cpu_fast_path(model: nn.Module, disabled: bool = True) -> nn.Module:
     """Make every BAM in ``model`` run its plain definition on the CPU too (or again the fast path).
 
-    For second derivatives (``create_graph=True``, e.g. a gradient penalty): the training node computes first
-    derivatives only. Returns ``model``.
+    For second derivatives (``create_graph=True``, e.g. a gradient penalty): the fast path computes first
+    derivatives only. Graphs traced afterwards hold the definition's ops. Returns ``model``.
     """
     for module in model.modules():
         if hasattr(module, "_cpu_fast_path_disabled"):  # every BAM has this switch (BAM.__init__ sets it)
@@ -150,20 +441,228 @@ def _channels_last(x: torch.Tensor) -> bool:
     return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
+def _format(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if _channels_last(x) else torch.contiguous_format
+
+
 def bam_cpu_forward(bam: "BAM", x: torch.Tensor) -> torch.Tensor:
-    """``bam(x)`` the fast way; check :func:`cpu_fast_path_applies` first."""
-    if _takes_training_node(bam, x):
-        conv = bam.spatial_attn.body.conv_reduce
-        others = [p for name, p in bam.named_parameters() if not name.startswith("spatial_attn.body.conv_reduce.")]
-        return BamBlockFunction.apply(x, conv.weight, conv.bias, bam, *others)
-    channel_logits = _channel_logits(bam.channel_attn, global_avg_pool(x))
-    spatial_logits = _spatial_logits(bam.spatial_attn.body, x)
-    return bam_gate(x, channel_logits, spatial_logits, bam.fusion == "product")
+    """``bam(x)`` the fast way; check :func:`cpu_fast_path_applies` first.
+
+    While a graph is recorded this is one ``bam_zoo::bam_forward`` node (and copies of the updated running
+    statistics into the buffers); in eager mode the same implementation is called directly.
+    """
+    spec = _spec_of(bam)
+    if _recording():
+        out = torch.ops.bam_zoo.bam_forward(x, spec.params, spec.buffers, spec.config, spec.floats)
+        if _updates_statistics(spec.config):  # the op returned updated copies; indexed, as FX cannot iterate them
+            for i, buffer in enumerate(spec.buffers):
+                buffer.copy_(out[1][i])
+        return out[0]  # last, so that feature extraction (the last node of a module is its output) finds y
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in spec.params)):
+        return BamFunction.apply(x, spec, *spec.params)
+    net = _unpack(spec.params, spec.buffers, spec.config, spec.floats)
+    return _forward(x, net, keep=False)[0]
 
 
-def _channel_logits(channel_attn: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
+# ---- The implementation ----------------------------------------------------------------------------------------
+
+class _Plan(NamedTuple):
+    fast: bool  # the kernels' input; else the definition's ops
+    pool_reduce: bool
+    chain: bool
+
+
+def _plan(x: torch.Tensor, net: _Net) -> _Plan:
+    """Which implementation runs, from shapes, layouts, the structure and the switches (never from values, so the
+    fake implementation decides the same)."""
+    tensors = [t for t in (*net.fc1, *net.fc2, *[w for conv in net.convs for w in conv], *net.final, net.gamma)
+               if t is not None]
+    if x.dim() != 4 or not _fast_input(x) or not all(t.dtype == torch.float32 and t.device.type == "cpu"
+                                                     for t in tensors):
+        return _Plan(False, False, False)
+    n, _, h, w = x.shape
+    narrow = NATIVE and _is_narrow(net.rd)
+    pool_reduce = (narrow and component_enabled("pool_reduce") and net.updates_statistics and _channels_last(x))
+    chain = (narrow and component_enabled("chain") and all(bn is not None and bn.training for bn in net.bns)
+             and all(bias is None for _, bias in net.convs[1:]) and n * h * w >= 2)
+    return _Plan(True, pool_reduce, chain)
+
+
+def _is_narrow(rd_channels: int) -> bool:
+    """Whether a spatial branch of this width runs on the direct-loop kernels (``rd_channels`` 1 or 2): then the
+    chain and the pool-reduce kernels apply."""
+    return rd_channels * rd_channels <= _SMALL_CONV_MAX_CHANNEL_PAIRS
+
+
+class _Saved(NamedTuple):
+    """What the backward needs besides ``x`` and the parameters."""
+    pooled: torch.Tensor  # N x C
+    reduced: torch.Tensor  # N x rd x H x W
+    channel_logits: torch.Tensor  # N x C
+    spatial_logits: torch.Tensor  # N x HW
+
+    def flat(self) -> List[torch.Tensor]:
+        """As the op returns them: the reduction as its storage, in memory order (its layout depends on the switches
+        and the kernels, which a compiled graph's fake implementation must not depend on)."""
+        reduced = self.reduced.permute(0, 2, 3, 1) if _channels_last(self.reduced) else self.reduced
+        return [self.pooled, reduced.reshape(-1), self.channel_logits, self.spatial_logits]
+
+    @classmethod
+    def unflat(cls, flat: Sequence[torch.Tensor], x: torch.Tensor, net: _Net, plan: "_Plan") -> "_Saved":
+        pooled, reduced, channel_logits, spatial_logits = flat
+        n, _, h, w = x.shape
+        if _reduced_format(x, net.rd, plan) == torch.channels_last:
+            reduced = reduced.view(n, h, w, net.rd).permute(0, 3, 1, 2)
+        else:
+            reduced = reduced.view(n, net.rd, h, w)
+        return cls(pooled, reduced, channel_logits, spatial_logits)
+
+
+class _Graph(NamedTuple):
+    """The branches as recorded in eager mode, so the backward need not recompute them."""
+    pooled: torch.Tensor
+    reduced: Optional[torch.Tensor]
+    channel_logits: torch.Tensor
+    spatial_logits: Optional[torch.Tensor]
+    chain: Optional["_ChainState"]
+
+
+def _forward(x: torch.Tensor, net: _Net, keep: bool, graph: bool = False
+             ) -> Tuple[torch.Tensor, Optional[_Saved], Optional[_Graph]]:
+    """``(y, saved, graph)``. Updates ``net``'s BatchNorm buffers in place, as the definition's modules do.
+
+    ``keep``: return what the backward needs; ``graph``: record the branches with autograd (eager training).
+    """
+    plan = _plan(x, net)
+    if not plan.fast:
+        return _definition(x, net), None, None
+    n, c, h, w = x.shape
+    reduce_weight, reduce_bias = net.convs[0]
+    rd = net.rd
+    if plan.pool_reduce:
+        pooled, reduced = torch.ops.bam_zoo.pool_reduce(x, reduce_weight.reshape(rd, -1).contiguous(), reduce_bias)
+    else:
+        pooled = global_avg_pool(x)
+        reduced = few_channel_conv(x, reduce_weight, reduce_bias)
+    chain = None
+    with torch.enable_grad() if graph else contextlib.nullcontext():
+        if graph:
+            pooled.requires_grad_()
+        channel_logits = _channel_logits(pooled, net)
+        if plan.chain:
+            chain = _ChainState.forward(reduced.contiguous(), net)
+            spatial_logits = chain.logits
+        else:
+            if graph:
+                reduced.requires_grad_()
+            spatial_logits = _spatial_logits(reduced, net, reduced_in_place=not keep)
+    cl, sl = channel_logits.detach(), spatial_logits.detach()
+    factors = _native_factors(x, cl, sl, net.product, net.gamma)
+    y = _gate_forward(x, cl, sl, net.product, factors, net.gamma)
+    saved = None
+    if keep:
+        saved = _Saved(pooled.detach(), reduced.detach(), cl.reshape(n, c), sl.reshape(n, h * w))
+    recorded = _Graph(pooled, reduced if chain is None else None, channel_logits,
+                      spatial_logits if chain is None else None, chain) if graph else None
+    return y, saved, recorded
+
+
+def _backward(grad_y: torch.Tensor, x: torch.Tensor, params: Sequence[torch.Tensor], net: _Net,
+              saved: Optional[_Saved], recorded: Optional[_Graph]) -> Tuple[torch.Tensor, List[Optional[torch.Tensor]]]:
+    """Gradients for ``x`` and every parameter (in ``params`` order; None where one needs none).
+
+    ``recorded``: the branches' graphs from the forward (eager); without them the branches are recomputed from the
+    saved pool and reduction (the op), which gives the same numbers: same inputs, same ops.
+    """
+    plan = _plan(x, net)
+    if not plan.fast:
+        return _definition_backward(grad_y, x, params, net)
+    n, c, h, w = x.shape
+    channel_logits = saved.channel_logits.view(n, c, 1, 1)
+    spatial_logits = saved.spatial_logits.view(n, 1, h, w)
+    factors = _native_factors(x, channel_logits, spatial_logits, net.product, net.gamma)
+    grad_x, grad_c, grad_s, grad_gamma = _gate_backward(grad_y, x, channel_logits, spatial_logits, net.product,
+                                                        factors, net.gamma)
+    wanted = [p for p in params if p.requires_grad]
+    if recorded is None:  # recompute the branches (buffer copies: the forward already updated the statistics)
+        twin = _with_buffer_copies(net)
+        with torch.enable_grad():
+            pooled = saved.pooled.detach().requires_grad_()
+            branch_logits = [_channel_logits(pooled, twin)]
+            reduced = None
+            if not plan.chain:
+                reduced = saved.reduced.detach().requires_grad_()
+                branch_logits.append(_spatial_logits(reduced, twin, reduced_in_place=False))
+        chain = _ChainState.forward(saved.reduced.contiguous(), twin) if plan.chain else None
+    else:
+        pooled, reduced, chain = recorded.pooled, recorded.reduced, recorded.chain
+        branch_logits = [recorded.channel_logits] + ([recorded.spatial_logits] if chain is None else [])
+    grads: Dict[int, Optional[torch.Tensor]] = {}
+    if net.gamma is not None:
+        grads[id(net.gamma)] = grad_gamma
+    if chain is not None:
+        grad_reduced, chain_grads = chain.backward(grad_s, net)
+        grads.update(chain_grads)
+        leaves = [p for p in wanted if id(p) not in grads]
+        outs = torch.autograd.grad(branch_logits, [pooled] + leaves, [grad_c.view_as(branch_logits[0])],
+                                   allow_unused=True)
+        grad_pooled, branch_grads = outs[0], outs[1:]
+    else:
+        leaves = [p for p in wanted if id(p) not in grads]
+        outs = torch.autograd.grad(branch_logits, [pooled, reduced] + leaves,
+                                   [grad_c.view_as(branch_logits[0]), grad_s.view_as(branch_logits[1])],
+                                   allow_unused=True)
+        grad_pooled, grad_reduced, branch_grads = outs[0], outs[1], outs[2:]
+    grads.update({id(p): g for p, g in zip(leaves, branch_grads)})
+    reduce_weight, reduce_bias = net.convs[0]
+    rd = net.rd
+    weight = reduce_weight.detach().reshape(rd, c)
+    grad_pooled = grad_pooled / (h * w)
+    if plan.pool_reduce:
+        grad_reduced = grad_reduced.contiguous()
+        grad_weight = torch.ops.bam_zoo.pool_reduce_backward_(grad_x, x, grad_reduced, weight.contiguous(),
+                                                              grad_pooled.contiguous())
+    elif _channels_last(x):  # dX (N x HW x C) += [dred | 1] (N x HW x (rd + 1)) @ [W ; dpool / HW] ((rd + 1) x C)
+        rows = x.permute(0, 2, 3, 1).reshape(n, h * w, c)
+        grad_rows = grad_reduced.permute(0, 2, 3, 1).reshape(n, h * w, rd)
+        lhs = torch.cat([grad_rows, grad_rows.new_ones(n, h * w, 1)], dim=2)
+        rhs = torch.cat([weight.expand(n, -1, -1), grad_pooled.unsqueeze(1)], dim=1)
+        grad_x.permute(0, 2, 3, 1).view(n, h * w, c).baddbmm_(lhs, rhs)
+        grad_weight = grad_rows.reshape(n * h * w, rd).t().mm(rows.reshape(n * h * w, c))
+    else:  # rows are channels: dX (N x C x HW) += [W^T | dpool / HW] @ [dred ; 1]
+        grad_rows = grad_reduced.reshape(n, rd, h * w)
+        weight_t = weight.t().expand(n, -1, -1)  # a view, no copy
+        lhs = torch.cat([weight_t, grad_pooled.unsqueeze(2)], dim=2)
+        rhs = torch.cat([grad_rows, grad_rows.new_ones(n, 1, h * w)], dim=1)
+        grad_x.view(n, c, h * w).baddbmm_(lhs, rhs)
+        grad_weight = torch.bmm(grad_rows, x.view(n, c, h * w).transpose(1, 2)).sum(0)
+    grads[id(reduce_weight)] = grad_weight.view(reduce_weight.shape)
+    if reduce_bias is not None:
+        grads[id(reduce_bias)] = grad_reduced.sum((0, 2, 3))
+    return grad_x, [_in_strides_of(p, grads[id(p)]) if p.requires_grad and grads.get(id(p)) is not None else None
+                    for p in params]
+
+
+def _in_strides_of(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``grad`` laid out like ``param`` (channels_last weights), so DDP's buckets take it without a copy."""
+    return grad if grad.stride() == param.stride() else torch.empty_like(param).copy_(grad)
+
+
+def _batch_norm(x: torch.Tensor, bn: _BN) -> torch.Tensor:
+    """The definition's ``single_sample_safe_batch_norm``: running statistics where batch ones are undefined."""
+    use_batch_stats = bn.training and x.numel() > x.shape[1]
+    if use_batch_stats:
+        bn.num_batches_tracked.add_(1)
+    return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, use_batch_stats, bn.momentum,
+                        bn.eps)
+
+
+def _channel_logits(pooled: torch.Tensor, net: _Net) -> torch.Tensor:
     """``ChannelAttn``'s MLP on already pooled N x C values, as N x C x 1 x 1 logits."""
-    return channel_attn.fc2(channel_attn.act(channel_attn.bn(channel_attn.fc1(pooled))))[:, :, None, None]
+    hidden = F.linear(pooled, *net.fc1)
+    if net.channel_bn is not None:
+        hidden = _batch_norm(hidden, net.channel_bn)
+    return F.linear(torch.relu_(hidden), *net.fc2)[:, :, None, None]
 
 
 def global_avg_pool(x: torch.Tensor) -> torch.Tensor:
@@ -171,11 +670,182 @@ def global_avg_pool(x: torch.Tensor) -> torch.Tensor:
     return x.sum((2, 3)) / (x.shape[2] * x.shape[3])
 
 
-def _spatial_logits(body: nn.Sequential, x: torch.Tensor, start: int = 0) -> torch.Tensor:
-    """``body[start:](x)`` with the few-channel convolutions routed around oneDNN's slow kernels."""
-    for layer in list(body)[start:]:
-        x = few_channel_conv(layer, x) if isinstance(layer, nn.Conv2d) else layer(x)
-    return x
+def _spatial_logits(reduced: torch.Tensor, net: _Net, reduced_in_place: bool) -> torch.Tensor:
+    """``SpatialAttn``'s body after ``conv_reduce``; ``reduced_in_place``: the first ReLU may overwrite ``reduced``
+    (when no BatchNorm precedes it and nothing keeps ``reduced``)."""
+    h = reduced
+    for j, bn in enumerate(net.bns):
+        if j > 0:
+            h = few_channel_conv(h, *net.convs[j], net.padding, net.dilation)
+        if bn is not None:
+            h = _batch_norm(h, bn)
+        h = torch.relu(h) if h is reduced and not reduced_in_place else torch.relu_(h)
+    return few_channel_conv(h, *net.final)
+
+
+def _definition(x: torch.Tensor, net: _Net) -> torch.Tensor:
+    """BAM's definition (``layers/bam.py``) op for op, for inputs outside the kernels (a traced graph on CUDA, in
+    float64)."""
+    hidden = F.linear(x.mean((2, 3)), *net.fc1)
+    if net.channel_bn is not None:
+        hidden = _batch_norm(hidden, net.channel_bn)
+    channel_logits = F.linear(torch.relu_(hidden), *net.fc2)[:, :, None, None]
+    h = x
+    for j, bn in enumerate(net.bns):
+        h = F.conv2d(h, *net.convs[j], 1, net.padding if j else 0, net.dilation if j else 1)
+        if bn is not None:
+            h = _batch_norm(h, bn)
+        h = torch.relu_(h)
+    spatial_logits = F.conv2d(h, *net.final)
+    logits = channel_logits * spatial_logits if net.product else channel_logits + spatial_logits
+    attention = torch.sigmoid(logits)
+    if net.gamma is not None:
+        return x + net.gamma[:, None, None] * (x * attention)
+    return x * (1 + attention)
+
+
+def _definition_backward(grad_y: torch.Tensor, x: torch.Tensor, params: Sequence[torch.Tensor], net: _Net
+                         ) -> Tuple[torch.Tensor, List[Optional[torch.Tensor]]]:
+    """Gradients of :func:`_definition`, recomputed with autograd (buffer copies: statistics already updated)."""
+    with torch.enable_grad():
+        leaves = [p.detach().requires_grad_() for p in params]
+        twin = _with_buffer_copies(_rebind(net, params, leaves))
+        x_leaf = x.detach().requires_grad_()
+        grads = torch.autograd.grad(_definition(x_leaf, twin), [x_leaf] + leaves, grad_y, allow_unused=True)
+    return grads[0], list(grads[1:])
+
+
+def _rebind(net: _Net, old: Sequence[torch.Tensor], new: Sequence[torch.Tensor]) -> _Net:
+    """``net`` with each parameter of ``old`` replaced by the one at the same place in ``new``."""
+    swap = {id(o): n for o, n in zip(old, new)}
+
+    def s(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if t is None else swap.get(id(t), t)
+
+    def pair(p: Tuple) -> Tuple:
+        return tuple(s(t) for t in p)
+
+    def bn(b: Optional[_BN]) -> Optional[_BN]:
+        return None if b is None else b._replace(weight=s(b.weight), bias=s(b.bias))
+
+    return net._replace(fc1=pair(net.fc1), channel_bn=bn(net.channel_bn), fc2=pair(net.fc2),
+                        convs=[pair(c) for c in net.convs], bns=[bn(b) for b in net.bns], final=pair(net.final),
+                        gamma=s(net.gamma))
+
+
+class BamFunction(torch.autograd.Function):
+    """BAM as one autograd node in eager mode: :func:`_forward` keeping the branches' graphs, :func:`_backward`
+    reusing them. Inputs: ``x``, the flat spec, then every parameter (so ``autograd.grad``, DDP and gradient hooks
+    see them)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, spec: _Spec, *params: torch.Tensor) -> torch.Tensor:
+        net = _unpack(params, spec.buffers, spec.config, spec.floats)
+        y, saved, recorded = _forward(x.detach(), net, keep=True, graph=True)
+        ctx.save_for_backward(x)
+        ctx.state = (params, net, saved, recorded)  # the parameters themselves: the recorded graphs hold them
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "BAM's fused CPU path computes first derivatives only, and this backward asked for a graph "
+                "(create_graph=True, e.g. a gradient penalty). Call bam_zoo.layers.disable_cpu_fast_path(model) "
+                "first to run BAM's plain, twice-differentiable definition.")
+        x, = ctx.saved_tensors
+        (params, net, saved, recorded), ctx.state = ctx.state, None  # the branch graphs go with this call
+        grad_x, grad_params = _backward(grad_y, x.detach(), params, net, saved, recorded)
+        return (grad_x, None, *grad_params)
+
+
+# ---- The custom ops: what traced and compiled graphs hold ---------------------------------------------------------
+
+@torch.library.custom_op("bam_zoo::bam_forward", mutates_args=())
+def _bam_forward_op(x: torch.Tensor, params: List[torch.Tensor], buffers: List[torch.Tensor], config: List[int],
+                    floats: List[float]) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
+    """BAM's forward: ``(y, updated copies of the buffers (training), what the backward needs)``."""
+    net = _unpack(params, buffers, config, floats)
+    if net.updates_statistics:
+        net = _unpack(params, [b.clone() for b in buffers], config, floats)
+    y, saved, _ = _forward(x, net, keep=True)
+    new_buffers = [t for bn in [net.channel_bn, *net.bns] if bn is not None
+                   for t in (bn.running_mean, bn.running_var, bn.num_batches_tracked)]
+    flat = saved.flat() if saved is not None else []
+    return y.contiguous(memory_format=_format(x)), new_buffers if net.updates_statistics else [], flat
+
+
+@_bam_forward_op.register_fake
+def _bam_forward_fake(x, params, buffers, config, floats):
+    net = _unpack(params, buffers, config, floats)
+    plan = _plan(x, net)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_format(x))
+    new_buffers = [torch.empty_like(b) for b in buffers] if net.updates_statistics else []
+    if not plan.fast:
+        return y, new_buffers, []
+    n, c, h, w = x.shape
+    saved = [x.new_empty((n, c)), x.new_empty((n * net.rd * h * w,)), x.new_empty((n, c)), x.new_empty((n, h * w))]
+    return y, new_buffers, saved
+
+
+def _reduced_format(x: torch.Tensor, rd: int, plan: _Plan) -> torch.memory_format:
+    """The layout :func:`few_channel_conv` (or ``pool_reduce``) gives the reduction of ``x``."""
+    if plan.pool_reduce or _conv_route(x, x.shape[1], rd, (1, 1), (0, 0)) != "onednn":
+        return torch.contiguous_format
+    return _format(x)
+
+
+@contextlib.contextmanager
+def _autograd_inside_op() -> Iterator[None]:
+    """Autograd back on inside a custom op's kernel, which the dispatcher runs below autograd: the backward
+    recomputes the small branches and differentiates them (``torch.enable_grad`` then records graphs)."""
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in (torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchKey.AutogradOther,
+                torch._C.DispatchKey.AutogradCPU):
+        exclude = exclude.remove(key)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude):
+        yield
+
+
+@torch.library.custom_op("bam_zoo::bam_backward", mutates_args=())
+def _bam_backward_op(grad_y: torch.Tensor, x: torch.Tensor, params: List[torch.Tensor], buffers: List[torch.Tensor],
+                     saved: List[torch.Tensor], config: List[int], floats: List[float]
+                     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """Gradients of ``bam_forward`` for ``x`` and every parameter (zeros where a parameter does not reach ``y``)."""
+    with _autograd_inside_op(), torch.no_grad():  # the recomputed branches record their graphs again
+        leaves = [p.detach().requires_grad_() for p in params]
+        net = _unpack(leaves, buffers, config, floats)
+        plan = _plan(x, net)
+        saved_parts = _Saved.unflat(saved, x, net, plan) if plan.fast else None
+        grad_x, grads = _backward(grad_y.contiguous(memory_format=_format(x)), x, leaves, net, saved_parts, None)
+    grads = [torch.zeros_like(p) if g is None else _in_strides_of(p, g) for p, g in zip(params, grads)]
+    return grad_x.contiguous(memory_format=_format(x)), grads
+
+
+@_bam_backward_op.register_fake
+def _bam_backward_fake(grad_y, x, params, buffers, saved, config, floats):
+    return (torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_format(x)),
+            [torch.empty_like(p) for p in params])
+
+
+def _bam_forward_setup(ctx, inputs, output) -> None:
+    x, params, buffers, config, floats = inputs
+    _, new_buffers, saved = output
+    ctx.mark_non_differentiable(*new_buffers, *saved)
+    ctx.save_for_backward(x, *params, *saved)
+    ctx.layout = (len(params), config, floats)
+    ctx.buffers = buffers  # not saved: training overwrites them with the updated statistics, which it may
+
+
+def _bam_forward_backward(ctx, grad_y, grad_new_buffers, grad_saved):
+    num_params, config, floats = ctx.layout
+    x, *rest = ctx.saved_tensors
+    params, saved = rest[:num_params], rest[num_params:]
+    grad_x, grad_params = torch.ops.bam_zoo.bam_backward(grad_y, x, params, ctx.buffers, saved, config, floats)
+    return grad_x, list(grad_params), [None] * len(ctx.buffers), None, None
+
+
+_bam_forward_op.register_autograd(_bam_forward_backward, setup_context=_bam_forward_setup)
 
 
 # ---- Few-channel convolutions -----------------------------------------------------------------------------------
@@ -185,8 +855,31 @@ _MATMUL_MAX_OUT_CHANNELS = 4  # 1x1 convolutions with at most this many outputs,
 _MATMUL_MIN_PIXELS = 400  # this many pixels, run as a matrix product
 
 
-def few_channel_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """``conv(x)`` computed the fast way for the one- to four-channel convolutions of small BAMs.
+def _conv_route(x: torch.Tensor, in_channels: int, out_channels: int, kernel: Tuple[int, int],
+                padding: Tuple[int, int]) -> str:
+    """How :func:`few_channel_conv` computes a stride-1 convolution of ``x``: ``"small"`` (direct loops),
+    ``"scale"``, ``"shifted"``, ``"gemm"``, ``"bmm"`` or ``"onednn"`` (``F.conv2d``)."""
+    if not component_enabled("conv"):
+        return "onednn"
+    if NATIVE and in_channels * out_channels <= _SMALL_CONV_MAX_CHANNEL_PAIRS and x.dtype == torch.float32:
+        return "small"
+    one_by_one = kernel == (1, 1) and padding == (0, 0)
+    if in_channels == 1 and out_channels == 1:
+        return "scale" if one_by_one else "shifted"
+    if not one_by_one:
+        return "onednn"
+    if _channels_last(x):  # oneDNN's 1x1 kernels beat a GEMM from a handful of outputs on
+        return "gemm" if out_channels <= _MATMUL_MAX_OUT_CHANNELS else "onednn"
+    if not x.is_contiguous():
+        return "onednn"
+    if out_channels <= _MATMUL_MAX_OUT_CHANNELS or x.shape[2] * x.shape[3] >= _MATMUL_MIN_PIXELS:
+        return "bmm"
+    return "onednn"
+
+
+def few_channel_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                     padding: Tuple[int, int] = (0, 0), dilation: Tuple[int, int] = (1, 1)) -> torch.Tensor:
+    """A stride-1 ``F.conv2d`` computed the fast way for the one- to four-channel convolutions of small BAMs.
 
     With r = 16 a 16- or 32-channel stage (CIFAR ResNets) has ``rd_channels`` of 1 or 2, and oneDNN runs
     convolutions that narrow several times slower than their size warrants. The same sums, computed as:
@@ -197,42 +890,38 @@ def few_channel_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     * 1x1 with few outputs: a matrix product (over C in NCHW, over H x W x C channels_last); NCHW on a large
       map too.
 
-    Anything else takes ``conv(x)``.
+    Anything else takes ``F.conv2d``.
     """
-    if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str) or conv.stride != (1, 1):
-        return conv(x)
+    out_channels, in_channels = weight.shape[:2]
+    route = _conv_route(x, in_channels, out_channels, tuple(weight.shape[2:]), tuple(padding))
+    if route == "small" and weight.dtype != torch.float32:
+        route = "onednn"
+    if route == "onednn":
+        return F.conv2d(x, weight, bias, 1, padding, dilation)
+    if route == "small":
+        return _small_conv(x.contiguous(), weight, bias, padding, dilation)  # a one- or two-channel map
     n, c, h, w = x.shape
-    weight, bias = conv.weight, conv.bias
-    if NATIVE and c * conv.out_channels <= _SMALL_CONV_MAX_CHANNEL_PAIRS and weight.dtype == x.dtype == torch.float32:
-        return _small_conv(conv, x.contiguous())  # a one- or two-channel map: the copy is negligible
-    one_by_one = conv.kernel_size == (1, 1) and conv.padding == (0, 0)
-    single = c == 1 and conv.out_channels == 1
-    narrow = conv.out_channels <= _MATMUL_MAX_OUT_CHANNELS
-    if not single and (not one_by_one or not (narrow or (h * w >= _MATMUL_MIN_PIXELS and not _channels_last(x)))):
-        return conv(x)  # channels_last, oneDNN's 1x1 kernels beat a GEMM from a handful of outputs on
     if weight.requires_grad and torch.is_grad_enabled():
         weight = KeepGradStrides.apply(weight)  # the rewrites below reshape it: keep its gradient's strides
-    if one_by_one and single:
+    if route == "scale":
         y = x * weight.view(1, 1, 1, 1)
         return y if bias is None else y + bias.view(1, 1, 1, 1)
-    if single:
-        return _single_channel_conv(x, weight, bias, conv.padding, conv.dilation)
-    if _channels_last(x):  # (N*H*W) x C rows times C x C_out: one GEMM, output channels_last
+    if route == "shifted":
+        return _single_channel_conv(x, weight, bias, padding, dilation)
+    if route == "gemm":  # (N*H*W) x C rows times C x C_out: one GEMM, output channels_last
         rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)
-        matrix = weight.view(conv.out_channels, c).t()
+        matrix = weight.view(out_channels, c).t()
         y = rows.mm(matrix) if bias is None else torch.addmm(bias, rows, matrix)
-        y = y.view(n, h, w, conv.out_channels).permute(0, 3, 1, 2)
+        y = y.view(n, h, w, out_channels).permute(0, 3, 1, 2)
         # a map this narrow is cheaper NCHW for what follows (BatchNorm, ReLU, the direct loops): a small copy
         return y.contiguous()
-    if not x.is_contiguous():
-        return conv(x)
     # bmm against the broadcast weight; torch.matmul would fold x into a transposed copy and save it
-    weight = weight.view(1, conv.out_channels, c).expand(n, -1, -1)
+    weight = weight.view(1, out_channels, c).expand(n, -1, -1)
     if bias is None:
         y = torch.bmm(weight, x.view(n, c, h * w))
     else:
         y = torch.baddbmm(bias.view(1, -1, 1).expand(n, -1, h * w), weight, x.view(n, c, h * w))
-    return y.view(n, conv.out_channels, h, w)
+    return y.view(n, out_channels, h, w)
 
 
 def _single_channel_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -293,14 +982,62 @@ class SmallConvFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b if ctx.has_bias else None, None, None
 
 
-def _small_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """``conv(x)`` through the direct-loop kernels, on a contiguous ``x``."""
-    bias = conv.bias.contiguous() if conv.bias is not None else None
-    padding, dilation = list(conv.padding), list(conv.dilation)
-    if torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad
+def _small_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding: Sequence[int],
+                dilation: Sequence[int]) -> torch.Tensor:
+    """A convolution through the direct-loop kernels, on a contiguous ``x``."""
+    bias = bias.contiguous() if bias is not None else None
+    padding, dilation = list(padding), list(dilation)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
-        return SmallConvFunction.apply(x, conv.weight, bias, padding, dilation)
-    return torch.ops.bam_zoo.small_conv_forward(x, conv.weight.contiguous(), bias, padding, dilation)
+        return SmallConvFunction.apply(x, weight, bias, padding, dilation)
+    return torch.ops.bam_zoo.small_conv_forward(x, weight.contiguous(), bias, padding, dilation)
+
+
+# ---- The narrow spatial branch in training, as compiled kernels ---------------------------------------------------
+
+class _ChainState:
+    """The spatial branch after its reduction, run by the compiled kernels (``spatial_body_*``) in training.
+
+    It applies to the definition's chain on one- or two-channel maps (the CIFAR ResNets' BAMs): BatchNorm with
+    batch statistics + ReLU, size-preserving dilated convolutions without bias, a 1x1 convolution to one map. As
+    modules that chain is ~15 small ATen calls and autograd nodes each way, and ATen's BatchNorm reduces one channel
+    on one thread; the kernels make two or three passes per layer, parallel over samples. The running statistics
+    and ``num_batches_tracked`` are updated as the modules would.
+    """
+
+    def __init__(self, logits: torch.Tensor, reduced: torch.Tensor, pres: List[torch.Tensor],
+                 acts: List[torch.Tensor], stats: List[torch.Tensor]) -> None:
+        self.logits, self.reduced, self.pres, self.acts, self.stats = logits, reduced, pres, acts, stats
+
+    @classmethod
+    def forward(cls, reduced: torch.Tensor, net: _Net) -> "_ChainState":
+        bns, convs = net.bns, [w for w, _ in net.convs[1:]]
+        with torch.no_grad():
+            logits, pres, acts, stats = torch.ops.bam_zoo.spatial_body_forward(
+                reduced, [bn.weight for bn in bns], [bn.bias for bn in bns], [bn.running_mean for bn in bns],
+                [bn.running_var for bn in bns], [bn.momentum for bn in bns], [bn.eps for bn in bns],
+                [w.contiguous() for w in convs], net.final[0].contiguous(), net.final[1], *_chain_geometry(net))
+            for bn in bns:
+                bn.num_batches_tracked.add_(1)
+        return cls(logits, reduced, pres, acts, stats)
+
+    def backward(self, grad_logits: torch.Tensor, net: _Net) -> Tuple[torch.Tensor, Dict[int, torch.Tensor]]:
+        """``(d reduced, {id(parameter): gradient})`` for the chain's parameters."""
+        bns, convs, (final_weight, final_bias) = net.bns, [w for w, _ in net.convs[1:]], net.final
+        grad_reduced, grad_bn_w, grad_bn_b, grad_convs, grad_final_w, grad_final_b = \
+            torch.ops.bam_zoo.spatial_body_backward(
+                grad_logits, self.reduced.contiguous(), self.pres, self.acts, self.stats,
+                [bn.weight.detach() for bn in bns], [w.detach().contiguous() for w in convs],
+                final_weight.detach().contiguous(), *_chain_geometry(net))
+        pairs = [(bn.weight, g) for bn, g in zip(bns, grad_bn_w)] + [(bn.bias, g) for bn, g in zip(bns, grad_bn_b)]
+        pairs += [(w, g) for w, g in zip(convs, grad_convs)] + [(final_weight, grad_final_w)]
+        if final_bias is not None:
+            pairs.append((final_bias, grad_final_b))
+        return grad_reduced, {id(p): g.view(p.shape) for p, g in pairs}
+
+
+def _chain_geometry(net: _Net) -> Tuple[List[int], List[int]]:
+    return (list(net.padding), list(net.dilation)) if len(net.convs) > 1 else ([0, 0], [1, 1])
 
 
 # ---- The gate -----------------------------------------------------------------------------------------------------
@@ -309,14 +1046,14 @@ def _small_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 _NATIVE_MAX_LOGIT = 40.0
 
 
-def _native_factors(x: torch.Tensor, channel_logits: torch.Tensor, spatial_logits: torch.Tensor, product: bool
-                    ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+def _native_factors(x: torch.Tensor, channel_logits: torch.Tensor, spatial_logits: torch.Tensor, product: bool,
+                    gamma: Optional[torch.Tensor] = None) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     """``(exp(-Mc), exp(-Ms))`` as N x C and N x HW matrices when the kernels apply, else None.
 
-    They cover the sum fusion of float32 logits of the usual shapes with every logit within the bound (NaN
-    fails that test too, so NaNs propagate through the ATen gate exactly as in the definition).
+    They cover the paper's block (sum fusion, no ``gamma``) with float32 logits of the usual shapes and every logit
+    within the bound (NaN fails that test too, so NaNs propagate through the ATen gate as in the definition).
     """
-    if not NATIVE or product:
+    if not NATIVE or product or gamma is not None or not component_enabled("gate"):
         return None
     n, c, h, w = x.shape
     if not (channel_logits.dtype == spatial_logits.dtype == torch.float32):
@@ -342,283 +1079,41 @@ def _sigmoid_into(out: torch.Tensor, channel_logits: torch.Tensor, spatial_logit
 
 
 def _gate_forward(x: torch.Tensor, channel_logits: torch.Tensor, spatial_logits: torch.Tensor, product: bool,
-                  factors: Optional[Tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """``x * (1 + sigmoid(logits))``: one pass in the kernel, else three ATen passes into one buffer."""
+                  factors: Optional[Tuple[torch.Tensor, torch.Tensor]], gamma: Optional[torch.Tensor] = None
+                  ) -> torch.Tensor:
+    """``x * (1 + g)`` (or ``x + gamma * (x * g)``), ``g = sigmoid(Mc (+ or *) Ms)``: one pass in the kernel, else
+    ATen passes into one buffer."""
     if factors is not None:
         return torch.ops.bam_zoo.gate_forward(x, *factors)
     out = _sigmoid_into(torch.empty_like(x), channel_logits, spatial_logits, product)
+    if gamma is not None:  # the definition's x + gamma * (x * g), over the gate buffer
+        return torch.add(x, torch.mul(out.mul_(x), gamma.view(1, -1, 1, 1), out=out), out=out)
     return torch.addcmul(x, x, out, out=out)  # x + x * g; element-wise ops may overwrite what they read
 
 
 def _gate_backward(grad_out: torch.Tensor, x: torch.Tensor, channel_logits: torch.Tensor,
-                   spatial_logits: torch.Tensor, product: bool, factors: Optional[Tuple[torch.Tensor, torch.Tensor]]
-                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients for ``(x, Mc, Ms)``, with ``g`` recomputed and ``dz = dy * x * g * (1 - g)``:
-    ``dx = dy * (1 + g)``; sum fusion ``dMc = sum_HW dz``, ``dMs = sum_C dz``; product fusion ``dMc = sum_HW dz Ms``,
-    ``dMs = sum_C dz Mc``."""
+                   spatial_logits: torch.Tensor, product: bool, factors: Optional[Tuple[torch.Tensor, torch.Tensor]],
+                   gamma: Optional[torch.Tensor] = None
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Gradients for ``(x, Mc, Ms, gamma)``, with ``g`` recomputed and ``dz = dy * s * x * g * (1 - g)`` (``s``:
+    gamma or 1): ``dx = dy * (1 + s * g)``; sum fusion ``dMc = sum_HW dz``, ``dMs = sum_C dz``; product fusion
+    ``dMc = sum_HW dz Ms``, ``dMs = sum_C dz Mc``; ``dgamma = sum_NHW dy * x * g``."""
     n, c, h, w = x.shape
     if factors is not None:
-        fmt = torch.channels_last if _channels_last(x) else torch.contiguous_format
         grad_x, grad_c, grad_s = torch.ops.bam_zoo.gate_backward(
-            grad_out.contiguous(memory_format=fmt), x, *factors)
-        return grad_x, grad_c.view(n, c, 1, 1), grad_s.view(n, 1, h, w)
+            grad_out.contiguous(memory_format=_format(x)), x, *factors)
+        return grad_x, grad_c.view(n, c, 1, 1), grad_s.view(n, 1, h, w), None
     gate = _sigmoid_into(torch.empty_like(x), channel_logits, spatial_logits, product)
     dz = torch.mul(grad_out, x)
+    grad_gamma = None
+    if gamma is not None:
+        grad_gamma = (dz * gate).sum((0, 2, 3))
+        dz.mul_(gamma.view(1, -1, 1, 1))
     torch.ops.aten.sigmoid_backward.grad_input(dz, gate, grad_input=dz)  # dz *= g * (1 - g), in place
     grad_c = (dz * spatial_logits if product else dz).sum((2, 3), keepdim=True)
     grad_s = (dz * channel_logits if product else dz).sum(1, keepdim=True)
     del dz  # freed before dx is written: never more than two full-size buffers
-    grad_x = torch.addcmul(grad_out, grad_out, gate, out=gate)  # dy * (1 + g), over the gate buffer
-    return grad_x, grad_c, grad_s
-
-
-class BamGateFunction(torch.autograd.Function):
-    """The gate, saving ``x`` and the small logit maps (or their exp factors) instead of full-size tensors."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, channel_logits: torch.Tensor, spatial_logits: torch.Tensor,
-                product: bool) -> torch.Tensor:
-        factors = _native_factors(x, channel_logits, spatial_logits, product)
-        ctx.product, ctx.native = product, factors is not None
-        ctx.save_for_backward(x, *(factors or (channel_logits, spatial_logits)))
-        return _gate_forward(x, channel_logits, spatial_logits, product, factors)
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
-        x, first, second = ctx.saved_tensors
-        factors = (first, second) if ctx.native else None
-        return (*_gate_backward(grad_out, x, first, second, ctx.product, factors), None)
-
-
-def bam_gate(x: torch.Tensor, channel_logits: torch.Tensor, spatial_logits: torch.Tensor,
-             product: bool = False) -> torch.Tensor:
-    """``x * (1 + sigmoid(Mc (+ or *) Ms))`` for an N x C x H x W float32 ``x`` and logits N x C x 1 x 1,
-    N x 1 x H x W, without autograd bookkeeping when nothing needs a gradient."""
-    if torch.is_grad_enabled() and (x.requires_grad or channel_logits.requires_grad or spatial_logits.requires_grad):
-        return BamGateFunction.apply(x, channel_logits, spatial_logits, product)
-    factors = _native_factors(x, channel_logits, spatial_logits, product)
-    return _gate_forward(x, channel_logits, spatial_logits, product, factors)
-
-
-# ---- A training step as one autograd node ------------------------------------------------------------------------
-
-_NODE_MIN_PIXELS = 400  # on smaller maps the node's fixed costs outweigh the passes it saves, ...
-_NARROW_NODE_MIN_PIXELS = 1  # ... unless its spatial branch is narrow enough for SpatialChain, which saves more
-
-
-def _is_narrow(rd_channels: int) -> bool:
-    """Whether a spatial branch of this width runs on the direct-loop kernels (``rd_channels`` 1 or 2): then
-    :class:`SpatialChain` and the pool-reduce kernels apply, and the node pays off on any map size."""
-    return rd_channels * rd_channels <= _SMALL_CONV_MAX_CHANNEL_PAIRS
-
-
-def _takes_training_node(bam: "BAM", x: torch.Tensor) -> bool:
-    """Training with the kernels, the sum fusion, a large map or a narrow spatial branch, and a plain 1x1 reduce
-    convolution."""
-    if not (NATIVE and torch.is_grad_enabled() and bam.fusion == "sum"):
-        return False
-    conv = bam.spatial_attn.body.conv_reduce
-    if not isinstance(conv, nn.Conv2d) or conv.weight.dtype != torch.float32 or conv.groups != 1:
-        return False
-    if conv.kernel_size != (1, 1) or conv.stride != (1, 1) or conv.padding != (0, 0):
-        return False
-    min_pixels = _NARROW_NODE_MIN_PIXELS if _is_narrow(conv.out_channels) else _NODE_MIN_PIXELS
-    if x.shape[2] * x.shape[3] < min_pixels:
-        return False
-    return x.requires_grad or any(p.requires_grad for p in bam.parameters())
-
-
-class SpatialChain:
-    """The spatial branch after its reduction, run by the compiled kernels (``spatial_body_*``) in training.
-
-    It applies to the definition's chain on one- or two-channel maps (the CIFAR ResNets' BAMs): BatchNorm with
-    batch statistics + ReLU, size-preserving dilated convolutions without bias, a 1x1 convolution to one map. As
-    modules that chain is ~15 small ATen calls and autograd nodes each way, and ATen's BatchNorm reduces one channel
-    on one thread; the kernels make two or three passes per layer, parallel over samples. The running statistics
-    and ``num_batches_tracked`` are updated as the modules would.
-    """
-
-    def __init__(self, bns: List[nn.BatchNorm2d], convs: List[nn.Conv2d], final: nn.Conv2d):
-        self.bns, self.convs, self.final = bns, convs, final
-        self.saved: Tuple = ()
-
-    @classmethod
-    def of(cls, body: nn.Sequential, reduced: torch.Tensor) -> Optional["SpatialChain"]:
-        """The chain of ``body`` (after ``conv_reduce``) when the kernels compute it exactly, else None."""
-        layers = list(body)[1:]
-        n, rd, h, w = reduced.shape
-        if not NATIVE or not _is_narrow(rd) or n * h * w < 2 or len(layers) % 3 != 0:
-            return None
-        bns, acts, convs, final = layers[0::3], layers[1::3], layers[2::3][:-1], layers[-1]
-        if not all(_is_training_batch_norm(bn, rd) for bn in bns) or not all(type(a) is nn.ReLU for a in acts):
-            return None
-        if not all(_is_same_size_conv(c, rd, rd) and c.bias is None for c in convs):
-            return None
-        if len({(c.padding, c.dilation) for c in convs}) > 1:
-            return None
-        if not (_is_same_size_conv(final, rd, 1) and final.kernel_size == (1, 1)):
-            return None
-        return cls(bns, convs, final)
-
-    def forward(self, reduced: torch.Tensor) -> torch.Tensor:
-        """The spatial logits (N x 1 x H x W) from the N x rd x H x W reduction; keeps what backward needs."""
-        bns, convs = self.bns, self.convs
-        geometry = (list(convs[0].padding), list(convs[0].dilation)) if convs else ([0, 0], [1, 1])
-        with torch.no_grad():
-            logits, pres, acts, stats = torch.ops.bam_zoo.spatial_body_forward(
-                reduced, [bn.weight for bn in bns], [bn.bias for bn in bns], [bn.running_mean for bn in bns],
-                [bn.running_var for bn in bns], [_bn_momentum(bn) for bn in bns], [bn.eps for bn in bns],
-                [c.weight.contiguous() for c in convs], self.final.weight.contiguous(), self.final.bias, *geometry)
-            for bn in bns:
-                bn.num_batches_tracked.add_(1)
-        self.saved = (reduced, pres, acts, stats, geometry)
-        return logits
-
-    def backward(self, grad_logits: torch.Tensor) -> Tuple[torch.Tensor, dict]:
-        """``(d reduced, {id(parameter): gradient})`` for the chain's parameters, in their own strides."""
-        (reduced, pres, acts, stats, geometry), self.saved = self.saved, ()
-        bns, convs, final = self.bns, self.convs, self.final
-        grad_reduced, grad_bn_w, grad_bn_b, grad_convs, grad_final_w, grad_final_b = \
-            torch.ops.bam_zoo.spatial_body_backward(
-                grad_logits, reduced, pres, acts, stats, [bn.weight for bn in bns],
-                [c.weight.contiguous() for c in convs], final.weight.contiguous(), *geometry)
-        pairs = [(bn.weight, g) for bn, g in zip(bns, grad_bn_w)] + [(bn.bias, g) for bn, g in zip(bns, grad_bn_b)]
-        pairs += [(c.weight, g) for c, g in zip(convs, grad_convs)] + [(final.weight, grad_final_w)]
-        if final.bias is not None:
-            pairs.append((final.bias, grad_final_b))
-        return grad_reduced, {id(p): _in_strides_of(p, g.view(p.shape)) for p, g in pairs}
-
-
-def _is_training_batch_norm(bn: nn.Module, channels: int) -> bool:
-    """A BatchNorm2d that normalises with batch statistics and updates its running ones (what the kernels do)."""
-    return (isinstance(bn, nn.BatchNorm2d) and bn.training and bn.affine and bn.track_running_stats
-            and bn.running_mean is not None and bn.num_batches_tracked is not None and bn.num_features == channels
-            and bn.weight.dtype == torch.float32 and _bn_momentum(bn) is not None)
-
-
-def _bn_momentum(bn: nn.BatchNorm2d) -> Optional[float]:
-    """The momentum of the running statistics: the definition's BatchNorm takes 0.1 for None; plain BatchNorm2d
-    then keeps a cumulative average, which the kernels do not (None)."""
-    if bn.momentum is None:
-        return 0.1 if hasattr(bn, "_single_sample_safe") else None
-    return bn.momentum
-
-
-def _is_same_size_conv(conv: nn.Module, in_channels: int, out_channels: int) -> bool:
-    """A float32 stride-1, zero-padded, ungrouped convolution whose output has its input's size."""
-    if not isinstance(conv, nn.Conv2d) or conv.weight.dtype != torch.float32:
-        return False
-    if (conv.in_channels, conv.out_channels, conv.groups, conv.stride) != (in_channels, out_channels, 1, (1, 1)):
-        return False
-    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-        return False
-    return all(k % 2 == 1 and p == d * (k - 1) // 2
-               for k, p, d in zip(conv.kernel_size, conv.padding, conv.dilation))
-
-
-def _in_strides_of(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """``grad`` laid out like ``param`` (channels_last weights), so DDP's buckets take it without a copy."""
-    return grad if grad.stride() == param.stride() else torch.empty_like(param).copy_(grad)
-
-
-class BamBlockFunction(torch.autograd.Function):
-    """A BAM training step (sum fusion, sigmoid gate) as one node.
-
-    Inputs: ``x``, the reduce convolution's weight and bias, the module, then every other parameter, so
-    ``autograd.grad``, DDP and gradient hooks see them all. The forward pools and reduces ``x`` outside autograd
-    and records the two small branches on their own; the backward runs the gate's kernel, differentiates the
-    branches with ``autograd.grad``, and adds the pool's and the reduction's input gradients into ``dx`` in place
-    with batched matrix products: ``dx += W^T dred + dpool / HW`` (rows are channels in NCHW, pixels channels_last).
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, reduce_weight: torch.Tensor, reduce_bias: Optional[torch.Tensor],
-                bam: "BAM", *branch_params: torch.Tensor) -> torch.Tensor:
-        saved_x, x = x, x.detach()
-        body = bam.spatial_attn.body
-        conv = body.conv_reduce
-        # A narrow reduction of a channels_last map: the pool and the reduction in one pass over x (and their input
-        # gradients and the weight's in one pass over dx and x), instead of a sum and a GEMM (and three passes).
-        ctx.pool_reduce = _is_narrow(conv.out_channels) and _channels_last(x)
-        if ctx.pool_reduce:
-            pooled, reduced = torch.ops.bam_zoo.pool_reduce(x, conv.weight.reshape(conv.out_channels, -1).contiguous(),
-                                                            conv.bias)
-            pooled.requires_grad_()
-        else:
-            pooled = global_avg_pool(x).requires_grad_()
-            reduced = few_channel_conv(conv, x)
-        chain = SpatialChain.of(body, reduced)
-        with torch.enable_grad():
-            channel_logits = _channel_logits(bam.channel_attn, pooled)
-            if chain is not None:  # the kernels, no graph: their backward gives the gradients
-                spatial_logits = chain.forward(reduced.contiguous())
-            else:
-                reduced.requires_grad_()
-                first = next((m for m in list(body)[1:] if not isinstance(m, nn.Identity)), None)
-                # an in-place first layer (bn_reduce folded away) must not write over the leaf
-                spatial_logits = _spatial_logits(
-                    body, reduced.clone() if getattr(first, "inplace", False) else reduced, start=1)
-        ctx.chain = chain
-        factors = _native_factors(x, channel_logits, spatial_logits, False)
-        ctx.native = factors is not None
-        if not ctx.native:  # saturated logits: the ATen gate (same function); the backward then takes the logits
-            factors = (channel_logits.detach(), spatial_logits.detach())
-        ctx.save_for_backward(saved_x, reduce_weight, *factors)
-        ctx.graph = (pooled, reduced, channel_logits, spatial_logits, branch_params)
-        ctx.has_bias = reduce_bias is not None
-        return _gate_forward(x, *factors, False, factors if ctx.native else None)
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "BAM's fused CPU training node computes first derivatives only, and this backward asked for a "
-                "graph (create_graph=True, e.g. a gradient penalty). Call "
-                "bam_zoo.layers.disable_cpu_fast_path(model) first to run BAM's plain, twice-differentiable "
-                "definition.")
-        x, reduce_weight, first, second = ctx.saved_tensors
-        pooled, reduced, channel_logits, spatial_logits, branch_params = ctx.graph
-        del ctx.graph  # the branch graphs are freed with this call, as autograd frees saved tensors
-        grad_x, grad_c, grad_s = _gate_backward(grad_out, x, first, second, False,
-                                                (first, second) if ctx.native else None)
-        chain, ctx.chain = ctx.chain, None
-        if chain is not None:
-            grad_reduced, chain_grads = chain.backward(grad_s)
-            trainable = [p for p in branch_params if p.requires_grad and id(p) not in chain_grads]
-            grads = torch.autograd.grad(channel_logits, [pooled] + trainable, grad_c.view_as(channel_logits),
-                                        allow_unused=True)
-            grad_pooled, trainable_grads = grads[0], {id(p): g for p, g in zip(trainable, grads[1:])}
-            trainable_grads.update(chain_grads)
-        else:
-            trainable = [p for p in branch_params if p.requires_grad]
-            grads = torch.autograd.grad((channel_logits, spatial_logits), [pooled, reduced] + trainable,
-                                        (grad_c.view_as(channel_logits), grad_s.view_as(spatial_logits)),
-                                        allow_unused=True)
-            grad_pooled, grad_reduced = grads[0], grads[1]
-            trainable_grads = {id(p): g for p, g in zip(trainable, grads[2:])}
-        grad_params = [trainable_grads[id(p)] if p.requires_grad else None for p in branch_params]
-        n, c, h, w = x.shape
-        rd = reduce_weight.shape[0]
-        weight = reduce_weight.reshape(rd, c)
-        grad_pooled = grad_pooled / (h * w)
-        if ctx.pool_reduce:
-            grad_reduced = grad_reduced.contiguous()
-            grad_weight = torch.ops.bam_zoo.pool_reduce_backward_(grad_x, x, grad_reduced, weight.contiguous(),
-                                                                  grad_pooled.contiguous())
-        elif _channels_last(x):  # dX (N x HW x C) += [dred | 1] (N x HW x (rd + 1)) @ [W ; dpool / HW] ((rd + 1) x C)
-            rows = x.permute(0, 2, 3, 1).reshape(n, h * w, c)
-            grad_rows = grad_reduced.permute(0, 2, 3, 1).reshape(n, h * w, rd)
-            lhs = torch.cat([grad_rows, grad_rows.new_ones(n, h * w, 1)], dim=2)
-            rhs = torch.cat([weight.expand(n, -1, -1), grad_pooled.unsqueeze(1)], dim=1)
-            grad_x.permute(0, 2, 3, 1).view(n, h * w, c).baddbmm_(lhs, rhs)
-            grad_weight = grad_rows.reshape(n * h * w, rd).t().mm(rows.reshape(n * h * w, c))
-        else:  # rows are channels: dX (N x C x HW) += [W^T | dpool / HW] @ [dred ; 1]
-            grad_rows = grad_reduced.reshape(n, rd, h * w)
-            weight_t = weight.t().expand(n, -1, -1)  # a view, no copy
-            lhs = torch.cat([weight_t, grad_pooled.unsqueeze(2)], dim=2)
-            rhs = torch.cat([grad_rows, grad_rows.new_ones(n, 1, h * w)], dim=1)
-            grad_x.view(n, c, h * w).baddbmm_(lhs, rhs)
-            grad_weight = torch.bmm(grad_rows, x.view(n, c, h * w).transpose(1, 2)).sum(0)
-        grad_weight = _in_strides_of(reduce_weight, grad_weight.view(reduce_weight.shape))
-        grad_bias = grad_reduced.sum((0, 2, 3)) if ctx.has_bias else None
-        return (grad_x, grad_weight, grad_bias, None, *grad_params)
+    if gamma is not None:
+        gate.mul_(gamma.view(1, -1, 1, 1))
+    grad_x = torch.addcmul(grad_out, grad_out, gate, out=gate)  # dy * (1 + s * g), over the gate buffer
+    return grad_x, grad_c, grad_s, grad_gamma
