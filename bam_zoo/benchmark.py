@@ -19,6 +19,12 @@ Why it is built this way:
   with the plain ``X``; ``--no-fuse`` measures the unfused BAM model.
 * ``block-*`` cases time one BAM alone against its own definition (the same module with the CPU speed layer
   switched off: the standard ops that run on every other device).
+* ``ship-*`` cases time the shipped Fashion-MNIST weights (``bam_resnet20.fmnist`` / ``resnet20.fmnist``,
+  ``bam_resnet56.fmnist_long`` / ``resnet56.fmnist_long``) in eval mode, unfused, at batch 500 (as
+  ``python -m bam_zoo.evaluate`` runs them) and 32.
+* ``--ablate`` switches each component of the CPU speed layer off in turn (``bam_zoo.layers.bam_cpu.COMPONENTS``,
+  and ``layer``: all of it) and prints each one's gain per case: plain, BAM and every variant run round-robin in
+  one process, the order rotating each round. ``--compile`` runs both models through ``torch.compile``.
 * ``pipeline`` measures the real Fashion-MNIST training loop (``FashionMNISTDataModule``'s loader and batch
   augmentation, then the training step) against the same steps on a ready-made batch.
 * Allocator: by default the benchmark runs as ``cli.py`` trains, with glibc keeping freed memory
@@ -34,7 +40,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -44,11 +50,12 @@ import bam_zoo
 
 from .fuse import fuse_for_inference
 from .layers import BAM
-from .layers.bam_cpu import buffer_cache_info, disable_cpu_fast_path, native_kernels_available
+from .layers.bam_cpu import (
+    COMPONENTS, buffer_cache_info, components_off, disable_cpu_fast_path, native_kernels_available)
 from .runtime import keep_freed_memory
 from .training.data import FashionMNISTDataModule
 
-__all__ = ["Case", "CASES", "QUICK_CASES", "Result", "run_case", "peak_memory", "main"]
+__all__ = ["Case", "CASES", "QUICK_CASES", "Result", "run_case", "Ablation", "run_ablation", "peak_memory", "main"]
 
 
 @dataclass(frozen=True)
@@ -62,7 +69,8 @@ class Case:
         candidate: Name of the BAM model, or ``"block"`` for one BAM module.
         mode: ``"infer"`` (eval, no grad) or ``"train"`` (forward, backward, SGD step).
         input_shape: Batch shape N x C x H x W.
-        model_kwargs: Extra ``create_model`` arguments (``in_chans``, ``num_classes``).
+        model_kwargs: Extra ``create_model`` arguments (``in_chans``, ``num_classes``, ``pretrained``).
+        fuse: Fold BAM's branch BatchNorms for inference (``False``: the model as a user loads it).
     """
     name: str
     baseline: str
@@ -70,9 +78,20 @@ class Case:
     mode: str
     input_shape: Tuple[int, int, int, int]
     model_kwargs: Dict[str, int] = field(default_factory=dict)
+    fuse: bool = True
 
 
 _FMNIST = dict(in_chans=1, num_classes=10)
+_SHIPPED = dict(pretrained=True)
+
+
+def _shipped_cases(quick: bool = False) -> List[Case]:
+    """The shipped Fashion-MNIST weights against their plain twins, in eval mode and unfused, as
+    ``python -m bam_zoo.evaluate`` runs them (batch 500) and as a small batch (32)."""
+    pairs = (("resnet20.fmnist", "bam_resnet20.fmnist"), ("resnet56.fmnist_long", "bam_resnet56.fmnist_long"))
+    return [Case(f"ship-{plain.split('.')[0]}-b{n}", plain, bam, "infer", (2 if quick else n, 1, 28, 28), _SHIPPED,
+                 fuse=False) for plain, bam in pairs for n in (500, 32)]
+
 
 CASES: Dict[str, Case] = {c.name: c for c in [
     Case("infer-resnet50", "resnet50", "bam_resnet50", "infer", (8, 3, 224, 224)),
@@ -84,7 +103,12 @@ CASES: Dict[str, Case] = {c.name: c for c in [
     # The block alone, at ResNet-50's first BAM (stage 1 output at 224 px, batch 8).
     Case("block-infer", "block", "block", "infer", (8, 256, 56, 56)),
     Case("block-train", "block", "block", "train", (8, 256, 56, 56)),
+    *_shipped_cases(),
 ]}
+
+# The cases the issue's targets name: the ablation's default.
+ABLATION_CASES = ("train-resnet20", "infer-resnet50", "train-resnet50", "ship-resnet20-b500", "ship-resnet20-b32",
+                  "ship-resnet56-b500", "ship-resnet56-b32")
 
 # Tiny sizes for the smoke test (``--quick``): the same code paths in a few seconds.
 QUICK_CASES: Dict[str, Case] = {c.name: c for c in [
@@ -96,6 +120,7 @@ QUICK_CASES: Dict[str, Case] = {c.name: c for c in [
     Case("train-resnet20", "resnet20", "bam_resnet20", "train", (8, 1, 28, 28), _FMNIST),
     Case("block-infer", "block", "block", "infer", (2, 32, 16, 16)),
     Case("block-train", "block", "block", "train", (2, 32, 16, 16)),
+    *_shipped_cases(quick=True),
 ]}
 
 
@@ -120,7 +145,7 @@ def _build_pair(case: Case, fuse: bool, memory_format: str = "contiguous") -> Tu
     if case.mode == "infer":
         baseline.eval()
         candidate.eval()
-        if fuse:
+        if fuse and case.fuse:
             fuse_for_inference(candidate)
     else:
         baseline.train()
@@ -233,7 +258,7 @@ def _interleaved(baseline: Callable[[], None], candidate: Callable[[], None], ru
 
 
 def run_case(case: Case, runs: int = 7, warmup: int = 2, repeats: int = 1, fuse: bool = True,
-             memory_format: str = "contiguous") -> Result:
+             memory_format: str = "contiguous", compiled: bool = False) -> Result:
     """Measure one case: ``repeats`` interleaved measurements of ``runs`` rounds each, then peak memory.
 
     Args:
@@ -243,8 +268,12 @@ def run_case(case: Case, runs: int = 7, warmup: int = 2, repeats: int = 1, fuse:
         repeats: Independent measurements; the reported ratio is the median of their ratios.
         fuse: Fold BAM's branch BatchNorms for inference cases (:func:`bam_zoo.fuse.fuse_for_inference`).
         memory_format: ``"contiguous"`` or ``"channels_last"``, for both models and the batch.
+        compiled: Run both models through ``torch.compile`` (inductor; BAM is one opaque op in the graph); the
+            warm-up rounds include the compilation.
     """
     baseline_model, candidate_model = _build_pair(case, fuse, memory_format)
+    if compiled:
+        baseline_model, candidate_model = torch.compile(baseline_model), torch.compile(candidate_model)
     baseline = _make_step(baseline_model, case, memory_format)
     candidate = _make_step(candidate_model, case, memory_format)
     ratios, base_ms, cand_ms = [], [], []
@@ -259,6 +288,74 @@ def run_case(case: Case, runs: int = 7, warmup: int = 2, repeats: int = 1, fuse:
     name = case.name + ("/cl" if memory_format == "channels_last" else "")
     return Result(name, statistics.median(base_ms), statistics.median(cand_ms), statistics.median(ratios),
                   base_mem / 2 ** 20, cand_mem / 2 ** 20, cand_mem / base_mem, ratios)
+
+
+# Which components a case can exercise (the others do nothing there, and print as "-").
+def _applies(component: str, case: Case, memory_format: str) -> bool:
+    if component in ("node", "chain"):
+        return case.mode == "train"
+    if component == "pool_reduce":
+        return case.mode == "train" and memory_format == "channels_last"
+    return True
+
+
+ABLATION_COLUMNS = ("layer",) + COMPONENTS  # "layer": the whole speed layer (disable_cpu_fast_path)
+
+
+@dataclass
+class Ablation:
+    """One case's ablation: BAM / plain with everything on, and each component's gain (time without it / time with
+    it - 1; None where it does not apply), medians of per-round ratios."""
+    case: str
+    ratio: float
+    gains: Dict[str, Optional[float]]
+
+
+def _switched_off(component: str, model: nn.Module, step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` with one component of the speed layer off (``"layer"``: all of it) for the call."""
+    def run() -> None:
+        if component == "layer":
+            disable_cpu_fast_path(model)
+            try:
+                step()
+            finally:
+                disable_cpu_fast_path(model, False)
+        else:
+            with components_off(component):
+                step()
+    return run
+
+
+def run_ablation(case: Case, runs: int = 7, warmup: int = 2, fuse: bool = True,
+                 memory_format: str = "contiguous", columns: Sequence[str] = ABLATION_COLUMNS) -> Ablation:
+    """Time plain, BAM, and BAM with each component off in turn, round-robin (the order rotates every round), on
+    one pair of models."""
+    baseline_model, candidate_model = _build_pair(case, fuse, memory_format)
+    candidate = _make_step(candidate_model, case, memory_format)
+    variants = [("plain", _make_step(baseline_model, case, memory_format)), ("all", candidate)]
+    variants += [(c, _switched_off(c, candidate_model, candidate)) for c in columns if _applies(c, case, memory_format)]
+    for _ in range(warmup):
+        for _, fn in variants:
+            fn()
+    times: Dict[str, List[float]] = {name: [] for name, _ in variants}
+    for i in range(runs):
+        shift = i % len(variants)
+        for name, fn in variants[shift:] + variants[:shift]:
+            times[name].append(_timed(fn))
+    all_t = times["all"]
+    gains = {c: (statistics.median(t / a for t, a in zip(times[c], all_t)) - 1 if c in times else None)
+             for c in columns}
+    name = case.name + ("/cl" if memory_format == "channels_last" else "")
+    return Ablation(name, statistics.median(a / b for a, b in zip(all_t, times["plain"])), gains)
+
+
+def _format_ablation(rows: Sequence[Ablation]) -> str:
+    columns = list(rows[0].gains) if rows else list(ABLATION_COLUMNS)
+    lines = [f"{'case':<20} {'BAM/plain':>9} " + " ".join(f"{c:>11}" for c in columns)]
+    for r in rows:
+        cells = [f"{100 * g:+10.1f}%" if g is not None else f"{'-':>11}" for g in r.gains.values()]
+        lines.append(f"{r.case:<20} {r.ratio:9.3f} " + " ".join(cells))
+    return "\n".join(lines)
 
 
 def run_pipeline(runs: int = 5, steps: int = 4, batch_size: int = 128, model_name: str = "bam_resnet20",
@@ -330,8 +427,8 @@ def _format(results: Sequence[Result]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> List[Result]:
-    """Command line entry point; prints the ratio table and returns the results."""
+def main(argv: Optional[Sequence[str]] = None) -> List[Union[Result, Ablation]]:
+    """Command line entry point; prints the ratio (or ablation) table and returns its rows."""
     parser = argparse.ArgumentParser(prog="python -m bam_zoo.benchmark", description=__doc__.split("\n")[0])
     parser.add_argument("--case", action="append", choices=sorted(CASES) + ["pipeline"],
                         help="case to run (repeatable); default: all model and block cases")
@@ -347,6 +444,12 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Result]:
                              "where page faults on re-allocated tensors add several percent of drift")
     parser.add_argument("--memory-format", choices=["contiguous", "channels_last", "both"], default="both",
                         help="memory format of both models and the batch (default: both, one row each)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile both models (inductor), to measure compiled BAM over compiled plain")
+    parser.add_argument("--ablate", action="store_true",
+                        help="each component of the CPU speed layer off in turn (and the whole layer: 'layer'); "
+                             "prints its gain, time without it / time with it - 1, per case (default cases: "
+                             f"{', '.join(ABLATION_CASES)})")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.malloc == "keep" and not keep_freed_memory():
@@ -355,19 +458,28 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Result]:
     runs, warmup = (max(1, min(args.runs, 2)), 1) if args.quick else (args.runs, args.warmup)
     if not args.quick and runs < 5:
         parser.error("--runs must be >= 5 for a median that means something (use --quick for a smoke test)")
-    names = args.case or list(table)
+    names = args.case or (list(ABLATION_CASES) if args.ablate else list(table))
     formats = ["contiguous", "channels_last"] if args.memory_format == "both" else [args.memory_format]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {runs} interleaved rounds "
           f"after {warmup} warm-up, {args.repeats} repeat(s); ratio = BAM / plain in the same memory format "
           f"(case/cl: channels_last)", flush=True)
     print(f"bam_zoo compiled kernels: {_native_status()}; malloc: {args.malloc}", flush=True)
+    if args.ablate:
+        rows: List[Ablation] = []
+        print("gain of each component = time with it off / time with everything on - 1 (BAM model only)")
+        for name in (n for n in names if n != "pipeline"):
+            for fmt in formats:
+                rows.append(run_ablation(table[name], runs, warmup, fuse=not args.no_fuse, memory_format=fmt))
+                print(_format_ablation(rows).splitlines()[-1] if len(rows) > 1 else _format_ablation(rows),
+                      flush=True)
+        return rows
     results = []
     for name in names:
         if name == "pipeline":
             continue
         for fmt in formats:
             results.append(run_case(table[name], runs, warmup, args.repeats, fuse=not args.no_fuse,
-                                    memory_format=fmt))
+                                    memory_format=fmt, compiled=args.compile))
             print(_format(results[-1:]).splitlines()[-1] if len(results) > 1 else _format(results), flush=True)
     if "pipeline" in names:
         # The zoo recipe: configs/fashion_mnist/*.yaml, batch 128, channels_last, 55k training images per epoch.

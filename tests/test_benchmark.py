@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from bam_zoo import benchmark
+from bam_zoo.layers import bam_cpu
 
 
 def test_quick_run_prints_ratios(capsys):
@@ -19,6 +20,18 @@ def test_quick_run_prints_ratios(capsys):
         assert r.time_ratio > 0 and r.mem_ratio > 0 and r.baseline_mib > 0
         assert re.search(rf"^{re.escape(r.case)}\s+[\d.]+\s+[\d.]+\s+[\d.]+\s", out, re.M)
     assert "ratio = BAM / plain" in out
+
+
+def test_quick_ablation_prints_each_component(capsys):
+    rows = benchmark.main(["--quick", "--ablate", "--threads", str(torch.get_num_threads()), "--case", "train-resnet20",
+                           "--case", "ship-resnet20-b32", "--memory-format", "channels_last"])
+    out = capsys.readouterr().out
+    assert [r.case for r in rows] == ["train-resnet20/cl", "ship-resnet20-b32/cl"]
+    assert list(rows[0].gains) == ["layer", "gate", "node", "chain", "pool_reduce", "conv", "cache"]
+    assert all(g is not None for g in rows[0].gains.values())  # every component acts on a channels_last step
+    assert rows[1].gains["node"] is None and rows[1].gains["gate"] is not None  # inference: no training node
+    assert re.search(r"^ship-resnet20-b32/cl\s+[\d.]+\s+[+-][\d.]+%\s+[+-][\d.]+%\s+-\s", out, re.M), out
+    assert all(bam_cpu.component_enabled(c) for c in bam_cpu.COMPONENTS)  # every switch back on
 
 
 def test_peak_memory_sees_allocations():
