@@ -250,6 +250,15 @@ def report(plot: Path, which: str = "from_scratch") -> str:
     return "\n".join(lines) + "\n"
 
 
+def summary(text: str, out: str) -> str:
+    """README's copy of a report: from its table of runs through the verdicts, and a link to the rest."""
+    lines = text.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("| variant"))
+    last = next((i for i, line in enumerate(lines) if line.startswith(("What `", "![", "Fit times"))), len(lines))
+    body = "\n".join(lines[first:last]).strip()
+    return f"{body}\n\nCommands, curves and the plot: [results/seed_study/{out}](results/seed_study/{out}).\n"
+
+
 def _gamma_table(data: dict[str, dict[int, dict]]) -> list[str]:
     """What BAM's scale learned per stage, over the seeds of each variant that has one (gamma.json)."""
     lines = []
@@ -323,9 +332,9 @@ def main() -> None:
         spec = REPORTS[args.study]
         text = report(ROOT / "docs" / "figures" / spec["plot"], args.study)
         (RESULTS / spec["out"]).write_text(text)  # MODEL_CARD.md includes it (python -m bam_zoo.model_card)
-        readme, block = ROOT / "README.md", readme_block(spec["marker"])
+        readme, block, short = ROOT / "README.md", readme_block(spec["marker"]), summary(text, spec["out"])
         if readme.is_file() and block.search(readme.read_text()):
-            readme.write_text(block.sub(lambda m: m[1] + text + m[2], readme.read_text()))
+            readme.write_text(block.sub(lambda m: m[1] + short + m[2], readme.read_text()))
         print(text, end="")
 
 
