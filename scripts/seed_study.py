@@ -174,12 +174,13 @@ def mean_ci(a: list[float], b: list[float]) -> tuple[float, float, float]:
 
 
 def _verdict(a: str, b: str, diff: float, low: float, high: float) -> str:
+    """In plain words: ``a`` helps, hurts, or does not measurably help, against ``b``, with the interval."""
+    ci = f"95% CI {low:+.2f} to {high:+.2f}"
     if low > 0:
-        return f"`{a}` is better than `{b}` by {diff:.2f} points (95% CI {low:+.2f} to {high:+.2f})."
+        return f"`{a}` helps: {diff:.2f} points better than `{b}` ({ci})."
     if high < 0:
-        return f"`{a}` is worse than `{b}` by {-diff:.2f} points (95% CI {low:+.2f} to {high:+.2f})."
-    return (f"No measurable difference between `{a}` and `{b}`: {diff:+.2f} points, 95% CI {low:+.2f} to "
-            f"{high:+.2f}, which contains 0.")
+        return f"`{a}` hurts: {-diff:.2f} points worse than `{b}` ({ci})."
+    return f"`{a}` does not measurably help against `{b}`: {diff:+.2f} points, {ci}, which contains 0."
 
 
 # report -> its variants, comparisons, opening line, how it is run, README marker and plot

@@ -54,7 +54,7 @@ def test_report_tables_verdict_and_plot(seed_study, tmp_path):
     text = seed_study.report(tmp_path / "docs" / "plot.png")
     assert "| `bam_resnet20` | 3 (1, 2, 3) | 93.50 ± 0.10 | 93.50, 93.60, 93.40 | 10 min |" in text
     assert "| `resnet20` | 3 (1, 2, 3) | 92.90 ± 0.10 |" in text
-    assert "`bam_resnet20` is better than `resnet20` by 0.60 points" in text
+    assert "`bam_resnet20` helps: 0.60 points better than `resnet20`" in text
     assert "product" not in text.split("|---|---|---|")[-1]
     assert "--seed_everything 1" in text and (tmp_path / "docs" / "plot.png").stat().st_size > 10_000
     # the invalid curve is left out of the plot, not the table
@@ -63,8 +63,9 @@ def test_report_tables_verdict_and_plot(seed_study, tmp_path):
 
 
 def test_verdict_without_a_measurable_difference(seed_study):
-    assert seed_study._verdict("a", "b", -0.13, -1.08, 0.82).startswith("No measurable difference")
-    assert "worse" in seed_study._verdict("a", "b", -0.5, -0.8, -0.2)
+    assert seed_study._verdict("a", "b", -0.13, -1.08, 0.82) == (
+        "`a` does not measurably help against `b`: -0.13 points, 95% CI -1.08 to +0.82, which contains 0.")
+    assert seed_study._verdict("a", "b", -0.5, -0.8, -0.2).startswith("`a` hurts: 0.50 points worse than `b`")
 
 
 def test_readme_and_model_card_carry_the_committed_report():
@@ -92,7 +93,7 @@ def test_insertion_report_start_gamma_and_verdict(seed_study, tmp_path):
     text = seed_study.report(tmp_path / "docs" / "insertion.png", "insertion")
     assert text.startswith("Fashion-MNIST: the shipped `resnet20.fmnist` fine-tuned for 5 epochs")
     assert "| `resnet20.fmnist+bam` | 3 (1, 2, 3) | 93.20 ± 0.10 |" in text
-    assert "No measurable difference between `resnet20.fmnist+bam` and `resnet20.fmnist`: -0.10 points" in text
+    assert "`resnet20.fmnist+bam` does not measurably help against `resnet20.fmnist`: -0.10 points" in text
     assert "93.08 without BAM, 93.08 with it" in text
     assert "| `layer1` | 0.020 (0.010 to 0.030) | 0.040 (0.020 to 0.060) | 0.100 (0.100 to 0.100) |" in text
     assert "--study insertion" in text and (tmp_path / "docs" / "insertion.png").stat().st_size > 10_000
