@@ -8,7 +8,7 @@ pretrained cfg (``bam_zoo.models.pretrained.fashion_mnist_cfg``). Its config.jso
 where the weight's facts are written, once: test top-1/top-5 from the run's ``metrics.json``, per class,
 parameters, MACs, the run's training time and the top-1 with test-time flip it measures. Prints the
 ``WEIGHT_METADATA`` entry (the sha256) to paste into ``bam_zoo/models/pretrained.py``; then regenerate
-MODEL_CARD.md and README's table (``python -m bam_zoo.model_card``).
+MODEL_CARD.md and README's table (``python scripts/model_card.py``).
 """
 from __future__ import annotations
 
