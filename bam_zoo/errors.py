@@ -7,11 +7,15 @@ Each class also subclasses the builtin a generic caller already catches (``Value
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
+
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 __all__ = [
-    "BamZooError", "UnknownModelError", "UnknownPretrainedTagError", "ChecksumMismatchError",
-    "CheckpointKeysError", "CorruptCheckpointError", "MetricConflictError", "TrainingError", "DatasetNotFoundError",
-    "NonFiniteLossError", "TRUST_OPTION", "UnsafeCheckpointError", "WeightsNotFoundError",
+    "BamZooError", "UnknownModelError", "UnknownPretrainedTagError", "InvalidModelArgumentError", "InputChannelsError",
+    "ChecksumMismatchError", "CheckpointKeysError", "CorruptCheckpointError", "MetricConflictError", "TrainingError",
+    "CheckpointNotFoundError", "DatasetNotFoundError", "DatasetDownloadError", "NoImagesError", "NonFiniteLossError",
+    "TRUST_OPTION", "UnsafeCheckpointError", "WeightsNotFoundError",
 ]
 
 
@@ -39,6 +43,58 @@ class UnknownPretrainedTagError(BamZooError, ValueError):
         super().__init__(
             f"Unknown pretrained tag {tag!r} for {arch!r}. Available tags: {', '.join(self.available) or '(none)'}. "
             f"See bam_zoo.list_pretrained('{arch}*')."
+        )
+
+
+class InvalidModelArgumentError(BamZooError, ValueError):
+    """``num_classes`` or ``in_chans`` is not a usable whole number.
+
+    Message::
+
+        num_classes must be a whole number >= 0 (0: no classifier, features only), got '5' (str); pass num_classes=5.
+
+    Attributes:
+        name: the argument.
+        value: what was passed.
+    """
+
+    def __init__(self, name: str, value: Any, minimum: int, meaning: str) -> None:
+        self.name, self.value = name, value
+        fix = ""
+        try:
+            if isinstance(value, bool):
+                raise TypeError
+            number = float(value)
+            if number.is_integer() and number >= minimum:
+                fix = f"; pass {name}={int(number)}"
+        except (TypeError, ValueError):
+            pass
+        super().__init__(f"{name} must be a whole number >= {minimum} ({meaning}), got {value!r} "
+                         f"({type(value).__name__}){fix}.")
+
+
+class InputChannelsError(BamZooError, ValueError):
+    """An image batch whose channel count differs from the model's ``in_chans``.
+
+    Message::
+
+        bam_resnet20.fmnist takes 1-channel images, got a batch of shape (2, 3, 28, 28). Convert the images
+        (PIL: image.convert('L'); tensor: x.mean(1, keepdim=True)), or build the model with in_chans=3
+        (pretrained stems are adapted by timm).
+
+    Attributes:
+        expected: the model's input channels.
+        shape: the shape of the batch that was passed.
+    """
+
+    def __init__(self, model_name: str, expected: int, shape: tuple[int, ...]) -> None:
+        self.expected, self.shape = expected, tuple(shape)
+        convert = "image.convert('L'); tensor: x.mean(1, keepdim=True)" if expected == 1 else (
+            "image.convert('RGB'); tensor: x.expand(-1, 3, -1, -1)" if expected == 3 else "match the channel count")
+        got = shape[1] if len(shape) == 4 else "?"
+        super().__init__(
+            f"{model_name} takes {expected}-channel images, got a batch of shape {tuple(shape)}. Convert the images "
+            f"(PIL: {convert}), or build the model with in_chans={got} (pretrained stems are adapted by timm)."
         )
 
 
@@ -170,6 +226,47 @@ class DatasetNotFoundError(TrainingError, FileNotFoundError):
         if can_download:
             lines.append("  --data.download true --data.root DIR   (download with torchvision; needs internet)")
         super().__init__("\n".join(lines))
+
+
+class CheckpointNotFoundError(TrainingError, FileNotFoundError):
+    """``--ckpt_path`` names no checkpoint; raised before the run creates its folders.
+
+    Message::
+
+        --ckpt_path runs/x/last.ckpt: no such file. Pass a .ckpt a run wrote (<default_root_dir>/checkpoints/
+        last.ckpt or best-*.ckpt), or --ckpt_path last to continue the run in --trainer.default_root_dir.
+    """
+
+
+class DatasetDownloadError(TrainingError, ConnectionError):
+    """``--data.download true`` could not fetch the data set (no network, proxy, server down).
+
+    Message::
+
+        Could not download CIFAR-10 into data: <urlopen error [Errno -3] Temporary failure in name resolution>.
+        Without internet, copy the files there from a machine that has it (python -c "import torchvision;
+        torchvision.datasets.CIFAR10('data', download=True)") and drop --data.download.
+    """
+
+    def __init__(self, dataset: str, root: object, reason: BaseException, fetch: str) -> None:
+        self.dataset, self.root = dataset, root
+        super().__init__(
+            f"Could not download {dataset} into {root}: {reason}. Without internet, copy the files there from a "
+            f"machine that has it ({fetch}) and drop --data.download."
+        )
+
+
+class NoImagesError(TrainingError, ValueError):
+    """No image files where some were expected: an empty (class) folder, or a named path that does not exist.
+
+    Message::
+
+        ImageFolder data: /data/pets/train/cat holds no images (.jpg .jpeg .png .ppm .bmp .pgm .tif .tiff .webp);
+        add images to it or remove the folder.
+    """
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(f"{problem} (image files end in {' '.join(IMG_EXTENSIONS)})")
 
 
 class NonFiniteLossError(TrainingError, FloatingPointError):

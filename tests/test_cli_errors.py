@@ -56,7 +56,7 @@ def test_typo_in_a_config_file(tmp_path: Path, capsys: pytest.CaptureFixture) ->
 @pytest.mark.parametrize("value", ["5", 5.0, -1])
 def test_num_classes_must_be_a_whole_number(value: object) -> None:
     import bam_zoo
-    from bam_zoo.model_args import InvalidModelArgumentError
+    from bam_zoo.errors import InvalidModelArgumentError
     from bam_zoo.training import ImageClassifier
 
     for build in (lambda: bam_zoo.create_model("resnet20", num_classes=value),
@@ -68,7 +68,7 @@ def test_num_classes_must_be_a_whole_number(value: object) -> None:
 def test_three_channel_batch_into_a_one_channel_model() -> None:
     import torch
 
-    from bam_zoo.model_args import InputChannelsError
+    from bam_zoo.errors import InputChannelsError
     from bam_zoo.training import ImageClassifier
 
     module = ImageClassifier("bam_resnet20", num_classes=10, in_chans=1).eval()

@@ -8,8 +8,9 @@ from PIL import Image
 
 import bam_zoo
 from bam_zoo.cli import main
+from bam_zoo.errors import NoImagesError
 from bam_zoo.explain import explain
-from bam_zoo.training.data import NoImagesError, image_files
+from bam_zoo.training.data import image_files
 
 pytest.importorskip("matplotlib")
 

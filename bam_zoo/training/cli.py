@@ -50,12 +50,12 @@ import pytorch_lightning as pl
 
 from bam_zoo.training import data as _data  # noqa: F401  (imports every DataModule for short class_path names)
 from bam_zoo.training.callbacks import HubExport, LastCheckpoint, PredictionWriter
-from bam_zoo.errors import TRUST_OPTION, TrainingError, UnsafeCheckpointError
+from bam_zoo.errors import TRUST_OPTION, CheckpointNotFoundError, TrainingError, UnsafeCheckpointError
 from bam_zoo.models.convert import unpickle_refusal
 from bam_zoo.training.module import ImageClassifier
 
 __all__ = [
-    "BamZooArgumentParser", "BamZooCLI", "BatchCountTrainer", "CheckpointNotFoundError", "cli_main", "sync_batchnorm_problem",
+    "BamZooArgumentParser", "BamZooCLI", "BatchCountTrainer", "cli_main", "sync_batchnorm_problem",
 ]
 
 _SPECIAL_CKPT = {"last", "best", "hpc", "registry"}
@@ -97,16 +97,6 @@ def explain_parse_error(message: str, parser: ArgumentParser) -> str:
         return _ONE_OPTIMIZER
     close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
     return f"unknown option {key}" + (f"; did you mean {close[0]}?" if close else ".") + more
-
-
-class CheckpointNotFoundError(TrainingError, FileNotFoundError):
-    """``--ckpt_path`` names no checkpoint; raised before the run creates its folders.
-
-    Message::
-
-        --ckpt_path runs/x/last.ckpt: no such file. Pass a .ckpt a run wrote (<default_root_dir>/checkpoints/
-        last.ckpt or best-*.ckpt), or --ckpt_path last to continue the run in --trainer.default_root_dir.
-    """
 
 
 class BamZooArgumentParser(LightningArgumentParser):

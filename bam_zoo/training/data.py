@@ -28,9 +28,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, default_convert, random_split
 from torchvision import datasets
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, is_image_file
+from torchvision.datasets.folder import find_classes, is_image_file
 
-from bam_zoo.errors import DatasetNotFoundError, TrainingError
+from bam_zoo.errors import DatasetDownloadError, DatasetNotFoundError, NoImagesError, TrainingError
 from bam_zoo.models.pretrained import FASHION_MNIST_LABELS, FASHION_MNIST_MEAN, FASHION_MNIST_STD
 
 __all__ = [
@@ -42,44 +42,11 @@ __all__ = [
     "CIFAR100DataModule",
     "ImageFolderDataModule",
     "ImageFilesDataModule",
-    "DatasetDownloadError",
-    "NoImagesError",
     "image_files",
     "read_idx",
 ]
 
 FASHION_MNIST_DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
-
-
-class DatasetDownloadError(TrainingError, ConnectionError):
-    """``--data.download true`` could not fetch the data set (no network, proxy, server down).
-
-    Message::
-
-        Could not download CIFAR-10 into data: <urlopen error [Errno -3] Temporary failure in name resolution>.
-        Without internet, copy the files there from a machine that has it (python -c "import torchvision;
-        torchvision.datasets.CIFAR10('data', download=True)") and drop --data.download.
-    """
-
-    def __init__(self, dataset: str, root: Path, reason: BaseException, fetch: str) -> None:
-        self.dataset, self.root = dataset, root
-        super().__init__(
-            f"Could not download {dataset} into {root}: {reason}. Without internet, copy the files there from a "
-            f"machine that has it ({fetch}) and drop --data.download."
-        )
-
-
-class NoImagesError(TrainingError, ValueError):
-    """No image files where some were expected: an empty (class) folder, or a named path that does not exist.
-
-    Message::
-
-        ImageFolder data: /data/pets/train/cat holds no images (.jpg .jpeg .png .ppm .bmp .pgm .tif .tiff .webp);
-        add images to it or remove the folder.
-    """
-
-    def __init__(self, problem: str) -> None:
-        super().__init__(f"{problem} (image files end in {' '.join(IMG_EXTENSIONS)})")
 
 
 class BatchAugment(nn.Module):
