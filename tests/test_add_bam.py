@@ -10,12 +10,18 @@ import torch
 from safetensors.torch import save_file
 
 import bam_zoo
-from bam_zoo.hub import save_pretrained
+from bam_zoo.hub import push, save_pretrained
+from huggingface_hub import hf_hub_download
 from bam_zoo.models.placement import TESTED_FAMILIES, bottleneck_stages
 from bam_zoo.training.cli import cli_main
 from _helpers import randomise_bn
 from test_training_utils import one_torch_thread  # noqa: F401  (autouse)
 from test_training_utils import write_imagefolder
+
+try:
+    from tests.hf_server import hub_env, hub_server  # noqa: F401
+except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
+    from hf_server import hub_env, hub_server  # noqa: F401
 
 FAMILIES = sorted(TESTED_FAMILIES.items())
 IDS = [family for family, _ in FAMILIES]
@@ -187,3 +193,21 @@ def test_two_step_cli_fine_tune_with_add_bam(family, name, tmp_path):
     assert len(gammas) == 3 and all(g.abs().sum() > 0 for g in gammas)  # BAM trained from zero
     config = json.loads((tmp_path / "run" / "export" / "config.json").read_text())
     assert config["model_args"]["base_model"] == name and config["model_args"]["num_classes"] == 3
+
+
+def test_inserted_export_pushes_and_comes_back_from_the_hub(hub_env, tmp_path):
+    """push -> hf-hub: through bam_zoo and timm, identical logits; the card names the plain weights."""
+    plain, path = _plain_weights("resnet10t", tmp_path)
+    model = bam_zoo.create_model("resnet10t", pretrained=True, add_bam=True, num_classes=7,
+                                 pretrained_cfg_overlay=dict(file=str(path), num_classes=7)).eval()
+    for _, bam in bam_zoo.bam_modules(model):
+        bam.gamma.data.normal_(0, 0.5)
+    save_pretrained(model, tmp_path / "export", model_name="resnet10t.bam_test")
+    repo_id = hub_env.repo_id()
+    push(tmp_path / "export", repo_id)
+    card = (Path(hf_hub_download(repo_id, "README.md"))).read_text()
+    assert "BAM inserted into resnet10t" in card and f"hf-hub:{repo_id}" in card
+    with torch.no_grad():
+        for again in (bam_zoo.create_model(f"hf-hub:{repo_id}", pretrained=True),
+                      timm.create_model(f"hf-hub:{repo_id}", pretrained=True)):
+            assert torch.equal(again.eval()(X), model(X))
