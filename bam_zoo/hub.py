@@ -30,13 +30,13 @@ import yaml
 from huggingface_hub import CommitInfo, EvalResult, HfApi, ModelCard, ModelCardData
 from timm.models import save_for_hf
 
-from . import __version__, create_model
-from .errors import CorruptCheckpointError, MetricConflictError, UnsafeCheckpointError
-from .models.convert import check_keys, from_official, from_pytorchcv, read_checkpoint
+from . import __version__
+from .errors import MetricConflictError
+from .models.convert import from_official, from_pytorchcv, read_checkpoint
 from .models.pretrained import WEIGHTS_NAME
 
-__all__ = ["CONFIG_NAME", "README_NAME", "RECIPE_NAME", "WEIGHTS_NAME", "Export", "convert", "lightning_model",
-           "load_export", "push", "render_details", "save_pretrained", "write_card"]
+__all__ = ["CONFIG_NAME", "README_NAME", "RECIPE_NAME", "WEIGHTS_NAME", "Export", "convert", "load_export", "push",
+           "render_details", "save_pretrained", "write_card"]
 
 CONFIG_NAME, README_NAME, RECIPE_NAME = "config.json", "README.md", "recipe.yaml"
 #: Metric keys a card accepts, all accuracies in percent (one unit on every card).
@@ -297,49 +297,11 @@ def load_export(path: str | Path, trust_checkpoint_code: bool = False) -> Export
                       meta.get("dataset"), recipe, path)
     if not path.is_file():
         raise FileNotFoundError(f"--checkpoint {path}: no such file or folder")
-    ckpt = _load_lightning(path, trust_checkpoint_code)
-    hp = dict(ckpt.get("hyper_parameters") or {})
-    state = ckpt.get("state_dict")
-    if not isinstance(state, Mapping) or not isinstance(hp.get("model_name"), str):
-        raise CorruptCheckpointError(str(path), "it has no 'state_dict' and 'hyper_parameters.model_name'")
-    model = lightning_model(ckpt, "model_ema.module." if any(k.startswith("model_ema.module.") for k in state)
-                            else "model.")
-    metrics = {}  # the best checkpoint's monitored accuracy, as a percentage like every other card metric
-    for key, cb in (ckpt.get("callbacks") or {}).items():
-        monitor, score = (cb.get("monitor"), cb.get("best_model_score")) if isinstance(cb, Mapping) else (None, None)
-        if str(key).startswith("ModelCheckpoint") and monitor in ("val/acc1", "val/acc5") and score is not None:
-            metrics[f"val_top{monitor[-1]}"] = round(100.0 * float(score), 4)
-    data_hp = dict(ckpt.get("datamodule_hyper_parameters") or {})
-    dataset = data_hp.get("dataset") or data_hp.get("name")
-    return Export(model, None, hp.get("label_names"), metrics, dataset,
-                  _plain({"model": hp, **({"data": data_hp} if data_hp else {})}))
+    # the training package owns its checkpoint format; imported here, as it imports hub to export
+    from .training.checkpoint import read_fit_checkpoint
 
-
-def lightning_model(ckpt: Mapping[str, Any], prefix: str = "model.") -> nn.Module:
-    """The network of a ``cli.py fit`` checkpoint, strictly loaded with its weights under ``prefix``
-    (``model.``: what SGD reached; ``model_ema.module.``: their moving average, where the run kept one)."""
-    hp, state = ckpt["hyper_parameters"], ckpt["state_dict"]
-    kwargs = {"num_classes": hp.get("num_classes"), "in_chans": hp.get("in_chans"), **(hp.get("model_kwargs") or {})}
-    model = create_model(hp["model_name"], add_bam=bool(hp.get("add_bam")),
-                         **{k: v for k, v in kwargs.items() if v is not None})
-    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    check_keys(weights, model, f"This checkpoint (its {prefix}* weights)", f"Its hyper_parameters (model_name "
-               f"{hp['model_name']}, num_classes, in_chans, model_kwargs) describe another network: pass a checkpoint "
-               "`cli.py fit` wrote, unchanged, or the export folder of its run.")
-    model.load_state_dict(weights, strict=True)
-    return model
-
-
-def _load_lightning(path: Path, trust_checkpoint_code: bool = False) -> dict[str, Any]:
-    try:
-        ckpt = read_checkpoint(path, trust_checkpoint_code=trust_checkpoint_code)
-    except UnsafeCheckpointError:
-        raise
-    except Exception as e:  # noqa: BLE001  pickle raises anything for a file that is not one
-        raise CorruptCheckpointError(str(path), f"torch.load could not read it: {type(e).__name__}: {e}") from None
-    if not isinstance(ckpt, dict):
-        raise CorruptCheckpointError(str(path), f"it holds a {type(ckpt).__name__}, not a checkpoint dict")
-    return ckpt
+    fit = read_fit_checkpoint(path, trust_checkpoint_code)
+    return Export(fit.model, None, fit.label_names, fit.metrics, fit.dataset, _plain(fit.recipe))
 
 
 def push(

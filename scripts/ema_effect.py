@@ -18,9 +18,9 @@ from pathlib import Path
 
 from bam_zoo.errors import BamZooError
 from bam_zoo.evaluate import measure
-from bam_zoo.hub import lightning_model
 from bam_zoo.models.convert import read_checkpoint
 from bam_zoo.models.pretrained import fashion_mnist_cfg
+from bam_zoo.training.checkpoint import decode_fit_checkpoint
 
 
 def main() -> None:
@@ -31,17 +31,18 @@ def main() -> None:
     args = parser.parse_args()
     try:
         checkpoint = read_checkpoint(args.checkpoint, trust_checkpoint_code=args.trust_checkpoint_code == "true")
+        runs = {label: decode_fit_checkpoint(checkpoint, str(args.checkpoint), ema) for label, ema in
+                (("raw", False), ("EMA", True))}
     except BamZooError as error:
         sys.exit(f"ema_effect.py: error: {error}")
-    if not any(key.startswith("model_ema.module.") for key in checkpoint["state_dict"]):
+    if not runs["EMA"].ema:
         raise SystemExit(f"{args.checkpoint} holds no EMA weights (model_ema.module.*): it was trained without "
                          "--model.ema_decay, so there is nothing to compare.")
     print(f"{args.checkpoint} (epoch {checkpoint['epoch']}, step {checkpoint['global_step']})")
     print(f"{'weights':<12}{'top-1':>8}{'top-5':>8}{'flip':>8}")
-    for label, prefix in (("raw", "model."), ("EMA", "model_ema.module.")):
-        model = lightning_model(checkpoint, prefix)
-        arch = checkpoint["hyper_parameters"]["model_name"]
-        model.pretrained_cfg = {**model.pretrained_cfg, **fashion_mnist_cfg(arch, "run")}
+    for label, run in runs.items():
+        model = run.model
+        model.pretrained_cfg = {**model.pretrained_cfg, **fashion_mnist_cfg(run.model_name, "run")}
         result = measure(model)
         print(f"{label:<12}{result['top1']:>8.2f}{result['top5']:>8.2f}{result['top1_flip']:>8.2f}")
 
