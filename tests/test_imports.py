@@ -1,4 +1,4 @@
-"""Imports run one way, layers <- models <- (hub, training) <- cli, and no private name crosses modules."""
+"""Imports run one way, layers <- models <- (hub, training) <- cli; no private name crosses modules; training owns .ckpt."""
 
 from __future__ import annotations
 
@@ -53,3 +53,11 @@ def test_imports_go_down_the_layers_only() -> None:
                     private.append(f"{module} imports {target}.{name}")
     assert not upward, upward
     assert not private, private
+
+
+def test_hub_leaves_the_checkpoint_format_to_training() -> None:
+    """The training package owns what a ``cli.py fit`` checkpoint holds; hub reads .ckpt files through it."""
+    source = (PACKAGE / "hub.py").read_text()
+    named = [key for key in ("hyper_parameters", "model_ema", "val/acc", "ModelCheckpoint", "callbacks")
+             if key in source]
+    assert not named, f"hub.py decodes Lightning's checkpoint ({', '.join(named)}): use bam_zoo.training.checkpoint"
