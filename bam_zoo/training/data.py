@@ -34,16 +34,8 @@ from bam_zoo.errors import DatasetDownloadError, DatasetNotFoundError, NoImagesE
 from bam_zoo.models.pretrained import FASHION_MNIST_LABELS, FASHION_MNIST_MEAN, FASHION_MNIST_STD
 
 __all__ = [
-    "BatchAugment",
-    "InMemoryDataModule",
-    "FashionMNISTDataModule",
-    "MNISTDataModule",
-    "CIFAR10DataModule",
-    "CIFAR100DataModule",
-    "ImageFolderDataModule",
-    "ImageFilesDataModule",
-    "image_files",
-    "read_idx",
+    "BatchAugment", "InMemoryDataModule", "FashionMNISTDataModule", "MNISTDataModule", "CIFAR10DataModule",
+    "CIFAR100DataModule", "ImageFolderDataModule", "ImageFilesDataModule", "image_files", "read_idx",
 ]
 
 FASHION_MNIST_DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
@@ -67,9 +59,7 @@ class BatchAugment(nn.Module):
     def __init__(self, mean: Sequence[float], std: Sequence[float], padding: int = 0, hflip: float = 0.0,
                  erasing: float = 0.0) -> None:
         super().__init__()
-        self.padding = padding
-        self.hflip = hflip
-        self.erasing = erasing
+        self.padding, self.hflip, self.erasing = padding, hflip, erasing
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 
@@ -129,8 +119,7 @@ def read_idx(path: str | os.PathLike) -> torch.Tensor:
     gzipped in a flat folder, so bam-zoo reads both.
     """
     path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
         data = f.read()
     magic = int.from_bytes(data[0:4], "big")
     dtype_code, ndim = magic // 256, magic % 256
@@ -140,7 +129,34 @@ def read_idx(path: str | os.PathLike) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=4 + 4 * ndim).reshape(dims).clone()
 
 
-class InMemoryDataModule(pl.LightningDataModule):
+class _SplitDataModule(pl.LightningDataModule):
+    """What the CLI links into the model, and a dataloader per split from ``_loader``; predict takes the test split."""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        return (self.in_chans, self.image_size, self.image_size)
+
+    def _loader(self, split: str) -> DataLoader:
+        raise NotImplementedError
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+
+class InMemoryDataModule(_SplitDataModule):
     """Base of the DataModules whose whole data set fits in memory as ``uint8`` tensors.
 
     Subclasses set the class attributes and implement ``_load(train)`` and ``_exists()``.
@@ -193,21 +209,15 @@ class InMemoryDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         self.root = Path(root if root is not None else self.default_root).expanduser()
-        self.download = download
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or 2 * batch_size
-        self.val_size = val_size
-        self.split_seed = split_seed
+        self.download, self.batch_size, self.eval_batch_size = download, batch_size, eval_batch_size or 2 * batch_size
+        self.val_size, self.split_seed = val_size, split_seed
         self.class_subset = list(class_subset) if class_subset is not None else None
         self.limit_train, self.limit_val, self.limit_test = limit_train, limit_val, limit_test
         hflip = self.default_hflip if hflip is None else hflip
         self.train_augment = BatchAugment(self.mean, self.std, padding=padding, hflip=hflip, erasing=erasing)
         self.eval_augment = BatchAugment(self.mean, self.std)
-        self.train_set: TensorDataset | None = None
-        self.val_set: TensorDataset | None = None
-        self.test_set: TensorDataset | None = None
+        self.train_set = self.val_set = self.test_set = None  # TensorDatasets, once set up
 
-    # metadata linked into the model and the export
     @property
     def classes(self) -> list[str]:
         """Label names, in label order."""
@@ -215,15 +225,6 @@ class InMemoryDataModule(pl.LightningDataModule):
             return list(self.class_names)
         return [self.class_names[i] for i in self.class_subset]
 
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    @property
-    def input_size(self) -> tuple[int, int, int]:
-        return (self.in_chans, self.image_size, self.image_size)
-
-    # to be implemented by subclasses
     def _load(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(images uint8 (N, C, H, W), labels int64 (N,))``; raise DatasetNotFoundError if absent."""
         raise NotImplementedError
@@ -264,27 +265,15 @@ class InMemoryDataModule(pl.LightningDataModule):
         remap[torch.tensor(self.class_subset)] = torch.arange(len(self.class_subset))
         return x[keep], remap[y[keep]]
 
-    def _loader(self, dataset: TensorDataset | None, batch_size: int, train: bool) -> DataLoader:
+    def _loader(self, split: str) -> DataLoader:
+        dataset, train = getattr(self, f"{split}_set"), split == "train"
         if dataset is None:
             raise RuntimeError("call setup() before asking for a dataloader")
+        batch_size = self.batch_size if train else self.eval_batch_size
         # drop_last keeps every training batch even-sized and full, as timm's Mixup requires;
         # __getitems__ returns whole batches, which default_convert passes through as they are
-        return DataLoader(
-            dataset, batch_size=batch_size, shuffle=train, drop_last=train and len(dataset) >= batch_size,
-            collate_fn=default_convert, num_workers=0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.eval_batch_size, train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, self.eval_batch_size, train=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.test_dataloader()
+        return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train and len(dataset) >= batch_size,
+                          collate_fn=default_convert, num_workers=0)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Augment (training) or only normalise (evaluation) the batch on its device."""
@@ -483,7 +472,7 @@ def image_loader(in_chans: int) -> Callable[[str], Image.Image]:
     return functools.partial(_open_as, "L" if in_chans == 1 else "RGB")  # a partial pickles into workers
 
 
-class ImageFolderDataModule(pl.LightningDataModule):
+class ImageFolderDataModule(_SplitDataModule):
     """Images in class folders (ImageNet layout: ``root/train/<class>/*.JPEG``, ``root/val/<class>/*``).
 
     Transforms come from timm's ``create_transform``: RandomResizedCrop + flip for training (the
@@ -535,7 +524,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         super().__init__()
         self.root = Path(root).expanduser()
         self.splits = {"train": train_split, "val": val_split, "test": test_split}
-        self.img_size, self.batch_size, self.num_workers = img_size, batch_size, num_workers
+        self.image_size, self.batch_size, self.num_workers = img_size, batch_size, num_workers
         self.eval_batch_size = eval_batch_size or batch_size
         self.transform_args = dict(scale=tuple(scale), color_jitter=color_jitter, auto_augment=auto_augment,
                                    interpolation=interpolation, crop_pct=crop_pct)  # timm's create_transform's
@@ -579,10 +568,6 @@ class ImageFolderDataModule(pl.LightningDataModule):
         return self._classes
 
     @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    @property
     def in_chans(self) -> int:
         if self._in_chans is None:
             with Image.open(self._first_image[self._split_dir("train")]) as image:
@@ -597,10 +582,6 @@ class ImageFolderDataModule(pl.LightningDataModule):
     def std(self) -> tuple[float, ...]:
         return tuple(self._std_arg or ((0.226,) if self.in_chans == 1 else IMAGENET_DEFAULT_STD))
 
-    @property
-    def input_size(self) -> tuple[int, int, int]:
-        return (self.in_chans, self.img_size, self.img_size)
-
     def _transform(self, training: bool) -> Any:
         return create_transform(self.input_size, is_training=training, mean=self.mean, std=self.std,
                                 **self.transform_args)
@@ -612,24 +593,13 @@ class ImageFolderDataModule(pl.LightningDataModule):
                 self.datasets[split] = ImageFolder(str(self._split_dir(split)), transform=transform,
                                                    loader=image_loader(self.in_chans))
 
-    def _loader(self, split: str, batch_size: int) -> DataLoader:
+    def _loader(self, split: str) -> DataLoader:
         train = split == "train"
         return DataLoader(
-            self.datasets[split], batch_size=batch_size, shuffle=train, drop_last=train, num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0,
+            self.datasets[split], batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train,
+            drop_last=train, num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
         )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.eval_batch_size)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.test_dataloader()
 
 
 class _ImageFiles(Dataset):
