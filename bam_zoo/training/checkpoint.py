@@ -28,26 +28,15 @@ MONITORED = {"val/acc1": "val_top1", "val/acc5": "val_top5"}
 
 @dataclass
 class FitCheckpoint:
-    """A ``cli.py fit`` checkpoint, decoded.
-
-    Attributes:
-        model: The network, strictly loaded: the EMA weights where the run kept them (what it validated,
-            tested and exported), else what SGD reached.
-        model_name: The name it was built from, e.g. ``bam_resnet20``.
-        ema: Whether ``model`` holds the EMA weights.
-        label_names: Class names in classifier order, where the data named them.
-        metrics: The best monitored validation accuracies, in percent (``val_top1``, ``val_top5``).
-        dataset: The DataModule's data set name.
-        recipe: The model's and the DataModule's hyperparameters (``{"model": ..., "data": ...}``).
-    """
+    """A decoded ``cli.py fit`` checkpoint: its strictly loaded network and what describes it."""
 
     model: nn.Module
     model_name: str
-    ema: bool
+    ema: bool  #: whether ``model`` holds the EMA weights
     label_names: list[str] | None
-    metrics: dict[str, float]
+    metrics: dict[str, float]  #: the best monitored validation accuracies in percent (``val_top1``, ``val_top5``)
     dataset: str | None
-    recipe: dict[str, Any]
+    recipe: dict[str, Any]  #: the model's and the DataModule's hyperparameters (``{"model": ..., "data": ...}``)
 
 
 def read_fit_checkpoint(path: str | Path, trust_checkpoint_code: bool = False) -> FitCheckpoint:
@@ -70,12 +59,10 @@ def read_fit_checkpoint(path: str | Path, trust_checkpoint_code: bool = False) -
 
 
 def decode_fit_checkpoint(ckpt: Mapping[str, Any], source: str, ema: bool | None = None) -> FitCheckpoint:
-    """The network and facts of a loaded ``cli.py fit`` checkpoint (``source`` names it in errors).
+    """The network and facts of a loaded ``cli.py fit`` checkpoint; ``source`` names its file in errors.
 
-    Args:
-        ckpt: The checkpoint dict.
-        source: The file it came from.
-        ema: ``False``: the weights SGD reached; ``True`` or ``None``: the EMA weights where the run kept them.
+    ``ema=False`` loads the weights SGD reached; otherwise the EMA weights where the run kept them, as the run
+    validated, tested and exported them.
 
     Raises:
         CorruptCheckpointError: It has no ``state_dict`` or no ``hyper_parameters.model_name``.
