@@ -1,33 +1,11 @@
 """``BamZooCLI``: LightningCLI with bam-zoo's defaults (fit / validate / test / predict).
 
-What it adds to LightningCLI, and why:
-
-* ``data.num_classes``, ``data.in_chans`` and ``data.classes`` are linked into the model, so one
-  config key (the data) decides the classifier size, the stem and the label names.
-* ``ModelCheckpoint``s for the best epoch by ``val/acc1`` (``--checkpoint.*``) and ``last.ckpt`` after
-  every epoch (``--last_checkpoint.*``), a ``LearningRateMonitor``
-  and :class:`~bam_zoo.training.callbacks.HubExport` (``--export.*``) are always present.
-  Checkpoints default to ``<trainer.default_root_dir>/checkpoints`` (a fixed folder, so
-  ``--ckpt_path last`` finds the previous run's ``last.ckpt``) and logs to CSV + TensorBoard under
-  ``<trainer.default_root_dir>``.
-* ``predict`` writes one row per image (path, top-k labels and probabilities) to ``--predictions.file``
-  (:class:`~bam_zoo.training.callbacks.PredictionWriter`); ``--data ImageFilesDataModule --data.paths``
-  takes files and flat folders, and a published tag needs no config (classes come from its weights).
-* A ``--ckpt_path`` that does not exist, or ``last`` with nothing to continue, is reported before anything
-  is created: an error, except ``fit --ckpt_path last``, which starts from scratch with a one-line notice
-  (a requeued cluster job sets it from its first submission on).
-* After ``fit`` the best checkpoint is tested (``--test_after_fit``), which triggers the export.
-* One way to choose the optimizer and schedule: ``model.optimizer`` / ``model.scheduler``. LightningCLI's
-  automatic ``--optimizer`` / ``--lr_scheduler`` are off (they silently replaced the recipe's param groups
-  and schedule while the saved config still named the recipe's optimizer), and passing them says so.
-* ``--trainer.limit_train_batches 1`` (and the other ``limit_*_batches``, ``overfit_batches``) is one batch, as
-  Lightning documents, not 100% (:class:`BatchCountTrainer`).
-* A wrong option is one line naming the closest valid key, not the ~115-line usage
-  (:class:`BamZooArgumentParser`).
-* ``--trainer.sync_batchnorm true`` without GPUs and remote ``--ckpt_path`` URLs are refused with
-  a one-line explanation instead of a stack trace deep inside PyTorch; local checkpoints are read with
-  ``--weights_only true`` (PyTorch's restricted unpickler), and one it refuses is named in one line before
-  anything runs, unless the user passes ``--trust_checkpoint_code true``.
+It links the data's ``num_classes``, ``in_chans`` and ``classes`` into the model; always adds the best and
+``last.ckpt`` checkpoints (under ``<trainer.default_root_dir>/checkpoints``, so ``--ckpt_path last`` finds
+them), the LR monitor, the export and the prediction writer; tests the best checkpoint after ``fit``; and
+refuses, in one line and before anything runs, what would fail deep inside a run: a missing ``--ckpt_path``,
+a pickle torch's ``weights_only`` loader refuses, ``sync_batchnorm`` without GPUs, an unknown option,
+LightningCLI's ``--optimizer``. docs/training.md describes the options.
 """
 
 from __future__ import annotations
