@@ -26,20 +26,12 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-import bam_zoo  # for create_model; bam_zoo itself never imports training, so no cycle
+from bam_zoo import create_model  # the one registry every network comes from; bam_zoo never imports training
 from bam_zoo.errors import NonFiniteLossError
 from bam_zoo.model_args import check_input_channels
 from bam_zoo.training.optim import SchedulerName, create_lr_scheduler, param_groups
 
 __all__ = ["ImageClassifier", "create_model"]
-
-
-def create_model(model_name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """Create a network by name: bam-zoo's BAM architectures and baselines, or anything in timm.
-
-    The single place where the training stack builds networks, so they all come from the same registry.
-    """
-    return bam_zoo.create_model(model_name, pretrained=pretrained, **kwargs)
 
 
 def _pretrained_overlay(pretrained_file: str) -> dict[str, Any]:
@@ -213,17 +205,12 @@ class ImageClassifier(pl.LightningModule):
         kwargs.setdefault("pretrained_file", None)
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, network: nn.Module | None = None) -> torch.Tensor:
+        """Logits of ``network`` (default: the trained one), with ``x`` checked and in its memory format."""
         check_input_channels(x, self.hparams.in_chans, self.hparams.model_name)
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.model(x)
-
-    def _eval_forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input_channels(x, self.hparams.in_chans, self.hparams.model_name)
-        if self.hparams.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self.eval_model(x)
+        return (network or self.model)(x)
 
     def train(self, mode: bool = True) -> ImageClassifier:
         """Switch modes, keeping a frozen backbone's norm layers in eval mode (pretrained statistics)."""
@@ -267,7 +254,7 @@ class ImageClassifier(pl.LightningModule):
         self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, metrics: MetricCollection
     ) -> torch.Tensor:
         x, y = batch
-        logits = self._eval_forward(x)
+        logits = self.forward(x, self.eval_model)
         loss = self.eval_criterion(logits, y)
         metrics.update(logits, y)
         self.log(f"{stage}/loss", loss, sync_dist=True)
@@ -298,7 +285,7 @@ class ImageClassifier(pl.LightningModule):
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         """Class probabilities of a batch (``(x, y)`` or bare ``x``)."""
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return self._eval_forward(x).softmax(dim=-1)
+        return self.forward(x, self.eval_model).softmax(dim=-1)
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
