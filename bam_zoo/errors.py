@@ -19,6 +19,11 @@ __all__ = [
 ]
 
 
+def _first(names: Sequence[str], n: int) -> str:
+    """The first ``n`` names and how many more: a checkpoint of another depth misses hundreds of keys."""
+    return ", ".join(names[:n]) + (f", ... {len(names) - n} more" if len(names) > n else "")
+
+
 class BamZooError(Exception):
     """Base class of every bam-zoo error: ``except BamZooError`` catches them all."""
 
@@ -74,13 +79,7 @@ class InvalidModelArgumentError(BamZooError, ValueError):
 
 
 class InputChannelsError(BamZooError, ValueError):
-    """An image batch whose channel count differs from the model's ``in_chans``.
-
-    Message::
-
-        bam_resnet20.fmnist takes 1-channel images, got a batch of shape (2, 3, 28, 28). Convert the images
-        (PIL: image.convert('L'); tensor: x.mean(1, keepdim=True)), or build the model with in_chans=3
-        (pretrained stems are adapted by timm).
+    """An image batch whose channel count differs from the model's ``in_chans``; the message says how to convert.
 
     Attributes:
         expected: the model's input channels.
@@ -118,13 +117,8 @@ class ChecksumMismatchError(BamZooError, ValueError):
 
 
 class WeightsNotFoundError(BamZooError, FileNotFoundError):
-    """A tag whose weights are neither on the Hub (nor in its cache) nor in a mirror folder.
-
-    Message::
-
-        No weights for bam_resnet20.fmnist: the Hugging Face Hub was not used because HF_HUB_OFFLINE is set, and
-        no mirror folder is set (BAM_ZOO_CHECKPOINTS). Connect to the Hub, or set BAM_ZOO_CHECKPOINTS to a
-        folder holding bam_resnet20.fmnist/model.safetensors (a copy of the repository's checkpoints/).
+    """A tag whose weights are neither on the Hub (nor in its cache) nor in a mirror folder: one line, not
+    huggingface_hub's traceback, saying why the Hub was not used and where the mirror was looked for.
 
     Attributes:
         name: The tag (``arch.tag``).
@@ -161,20 +155,13 @@ class CheckpointKeysError(BamZooError, ValueError, RuntimeError):
     def __init__(self, what: str, arch: str, unexpected: Sequence[str], missing: Sequence[str],
                  misshaped: Sequence[str], fix: str) -> None:
         self.unexpected, self.missing, self.misshaped = list(unexpected), list(missing), list(misshaped)
-        found = [f"{len(keys)} {kind} ({', '.join(keys[:3])}{f', ... {len(keys) - 3} more' if len(keys) > 3 else ''})"
-                 for kind, keys in (("missing", self.missing), ("unexpected", self.unexpected),
-                                    ("misshaped", self.misshaped)) if keys]
+        found = [f"{len(keys)} {kind} ({_first(keys, 3)})" for kind, keys in
+                 (("missing", self.missing), ("unexpected", self.unexpected), ("misshaped", self.misshaped)) if keys]
         super().__init__(f"{what} does not fit {arch}: {'; '.join(found)}. {fix}")
 
 
 class CorruptCheckpointError(BamZooError, ValueError):
-    """A local file given to ``push`` that is neither a Lightning checkpoint of bam-zoo nor an export folder.
-
-    Message::
-
-        garbage.ckpt is not a Lightning checkpoint (torch.load: invalid load key, 't'). Point --checkpoint at a
-        .ckpt written by `cli.py fit`, or at an export folder (config.json + model.safetensors).
-    """
+    """A local file given to ``push`` that is neither a Lightning checkpoint of bam-zoo nor an export folder."""
 
     def __init__(self, path: str, detail: str) -> None:
         self.path, self.detail = str(path), detail
@@ -207,18 +194,9 @@ class DatasetNotFoundError(TrainingError, FileNotFoundError):
         searched: folders that were searched.
     """
 
-    def __init__(
-        self,
-        dataset: str,
-        searched: Sequence[str],
-        missing: str,
-        *,
-        apt_package: str | None = None,
-        apt_dir: str | None = None,
-        can_download: bool = True,
-    ) -> None:
-        self.dataset = dataset
-        self.searched = [str(s) for s in searched]
+    def __init__(self, dataset: str, searched: Sequence[str], missing: str, *, apt_package: str | None = None,
+                 apt_dir: str | None = None, can_download: bool = True) -> None:
+        self.dataset, self.searched = dataset, [str(s) for s in searched]
         lines = [f"{dataset} not found: looked for {missing} in {' and '.join(self.searched)}.", "Get it with one of:"]
         if apt_package:
             lines.append(f"  sudo apt-get install {apt_package}   (files land in {apt_dir})")
@@ -239,14 +217,8 @@ class CheckpointNotFoundError(TrainingError, FileNotFoundError):
 
 
 class DatasetDownloadError(TrainingError, ConnectionError):
-    """``--data.download true`` could not fetch the data set (no network, proxy, server down).
-
-    Message::
-
-        Could not download CIFAR-10 into data: <urlopen error [Errno -3] Temporary failure in name resolution>.
-        Without internet, copy the files there from a machine that has it (python -c "import torchvision;
-        torchvision.datasets.CIFAR10('data', download=True)") and drop --data.download.
-    """
+    """``--data.download true`` could not fetch the data set (no network, proxy, server down); the message
+    gives the command that fetches it on a machine with internet."""
 
     def __init__(self, dataset: str, root: object, reason: BaseException, fetch: str) -> None:
         self.dataset, self.root = dataset, root
@@ -257,13 +229,7 @@ class DatasetDownloadError(TrainingError, ConnectionError):
 
 
 class NoImagesError(TrainingError, ValueError):
-    """No image files where some were expected: an empty (class) folder, or a named path that does not exist.
-
-    Message::
-
-        ImageFolder data: /data/pets/train/cat holds no images (.jpg .jpeg .png .ppm .bmp .pgm .tif .tiff .webp);
-        add images to it or remove the folder.
-    """
+    """No image files where some were expected: an empty (class) folder, or a named path that does not exist."""
 
     def __init__(self, problem: str) -> None:
         super().__init__(f"{problem} (image files end in {' '.join(IMG_EXTENSIONS)})")
@@ -310,8 +276,7 @@ class UnsafeCheckpointError(BamZooError, ValueError):
     def __init__(self, path: str, refused: Sequence[str] = (), reason: str | None = None) -> None:
         self.path, self.refused, self.reason = str(path), list(refused), reason
         if self.refused or reason:
-            names = ", ".join(self.refused[:5]) + (f", ... {len(self.refused) - 5} more" if len(self.refused) > 5 else "")
-            why = (f"it names {names}, beyond torch's weights_only allowlist, so unpickling it can run any code"
+            why = (f"it names {_first(self.refused, 5)}, beyond torch's weights_only allowlist, so unpickling it can run any code"
                    if self.refused else
                    f"torch's weights_only loader refused it ({reason}), and a full unpickle can run any code")
             message = (f"Refused to unpickle {path}: {why}. If you trust this file and whoever made it, pass "
