@@ -159,7 +159,7 @@ class _SplitDataModule(pl.LightningDataModule):
 class InMemoryDataModule(_SplitDataModule):
     """Base of the DataModules whose whole data set fits in memory as ``uint8`` tensors.
 
-    Subclasses set the class attributes and implement ``_load(train)`` and ``_exists()``.
+    Subclasses set the class attributes and implement ``_load(train)`` and ``_missing()``.
     The validation split is carved from the official training set by ``random_split`` with a fixed seed,
     so BAM models and their baselines are always compared on the same images; the official test set is
     the test set.
@@ -229,13 +229,13 @@ class InMemoryDataModule(_SplitDataModule):
         """Return ``(images uint8 (N, C, H, W), labels int64 (N,))``; raise DatasetNotFoundError if absent."""
         raise NotImplementedError
 
-    def _exists(self) -> bool:
+    def _missing(self) -> list[str]:
+        """The data set's files that are not under ``root`` (yet)."""
         raise NotImplementedError
 
-    # LightningDataModule API
     def prepare_data(self) -> None:
         """Download on one process per node; nothing to do when the files are there."""
-        if self.download and not self._exists():
+        if self.download and self._missing():
             try:
                 self.torchvision_class(str(self.root), train=True, download=True)  # fetches both splits
             except (OSError, RuntimeError) as error:  # urllib's URLError is an OSError; torchvision's mirrors raise RuntimeError
@@ -296,23 +296,18 @@ class _IDXDataModule(InMemoryDataModule):
         return [self.root, self.root / self.torchvision_class.__name__ / "raw"]
 
     def _find(self, name: str) -> Path | None:
-        for folder in self._search_dirs():
-            for candidate in (folder / name, folder / f"{name}.gz"):
-                if candidate.is_file():
-                    return candidate
-        return None
+        candidates = (folder / f"{name}{gz}" for folder in self._search_dirs() for gz in ("", ".gz"))
+        return next((path for path in candidates if path.is_file()), None)
 
-    def _exists(self) -> bool:
-        return all(self._find(n) is not None for names in self.files.values() for n in names)
+    def _missing(self) -> list[str]:
+        return [n for names in self.files.values() for n in names if self._find(n) is None]
 
     def _load(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         paths = [self._find(n) for n in self.files[train]]
         if None in paths:
             missing = self.files[train][paths.index(None)]
-            raise DatasetNotFoundError(
-                self.human_name, self._search_dirs(), f"{missing}[.gz]", apt_package=self.apt_package,
-                apt_dir=FASHION_MNIST_DEBIAN_DIR,
-            )
+            raise DatasetNotFoundError(self.human_name, self._search_dirs(), f"{missing}[.gz]",
+                                       apt_package=self.apt_package, apt_dir=FASHION_MNIST_DEBIAN_DIR)
         images, labels = read_idx(paths[0]), read_idx(paths[1])
         return images.unsqueeze(1), labels.long()
 
@@ -363,8 +358,8 @@ class DigitsDataModule(InMemoryDataModule):
     default_hflip = 0.0
     test_size = 497
 
-    def _exists(self) -> bool:
-        return True  # bundled with scikit-learn
+    def _missing(self) -> list[str]:
+        return []  # bundled with scikit-learn
 
     def _load(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         try:
@@ -399,9 +394,6 @@ class _CIFARDataModule(InMemoryDataModule):
         cls = self.torchvision_class
         names = [name for name, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
         return [name for name in names if not (self.root / cls.base_folder / name).is_file()]
-
-    def _exists(self) -> bool:
-        return not self._missing()
 
     def _torchvision(self, train: bool) -> datasets.CIFAR10:
         self.prepare_data()
