@@ -2,8 +2,8 @@
 
 glibc's malloc returns large freed blocks to the OS (``munmap``, heap trimming), so the next tensor of that
 size is faulted in page by page again. PyTorch's CPU allocator has no cache of its own, so on CPU every
-training or inference step pays for it (``python -m bam_zoo.runtime`` measures a first touch against a
-reuse), and how much depends on the order of earlier allocations, which makes CPU timings drift between runs.
+training or inference step pays for it (``python scripts/malloc_faults.py --first-touch`` measures a first
+touch against a reuse), and how much depends on the order of earlier allocations, which makes CPU timings drift between runs.
 
 ``cli.py`` (``bam-zoo``) applies :func:`keep_freed_memory` at start, as does ``python -m bam_zoo.benchmark``
 by default; a program of your own can call it, or set the equivalent environment variables before Python
@@ -36,29 +36,3 @@ def keep_freed_memory() -> bool:
     if mallopt is None or not hasattr(libc, "gnu_get_libc_version"):
         return False
     return bool(mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, _MAX_TRIM_THRESHOLD))
-
-
-def _first_touch_cost(numel: int = 3_200_000, rounds: int = 8) -> tuple:
-    """(ms to fill a fresh tensor, ms to fill it again): the price of a page fault per tensor, measured."""
-    import statistics
-    import time
-
-    import torch
-
-    fresh, reused, keep = [], [], []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        t = torch.empty(numel)
-        t.fill_(1.0)
-        fresh.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        t.fill_(2.0)
-        reused.append(time.perf_counter() - start)
-        keep.append(t)  # kept alive, so the next tensor needs new memory
-    return statistics.median(fresh) * 1e3, statistics.median(reused) * 1e3
-
-
-if __name__ == "__main__":
-    first, again = _first_touch_cost()
-    print(f"filling a fresh 12.8 MB float32 tensor: {first:.2f} ms; filling it again: {again:.2f} ms "
-          f"(median of 8; the difference is page faults on first touch)")

@@ -2,6 +2,7 @@
 allocator settings this process starts with (glibc's stock ones unless the environment changes them).
 
     python scripts/malloc_faults.py
+    python scripts/malloc_faults.py --first-touch   # what one page-faulted tensor costs against a reused one
 
 Prints, for each network run alone and then interleaved with the other, the median time (ms) and the memory
 faulted in per forward (MiB, from getrusage's minor faults). Run it a few times: both numbers depend on the
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import resource
 import statistics
+import sys
 import time
 
 import timm
@@ -43,5 +45,26 @@ def main() -> None:
                                       f"{statistics.median(f for _, f in r):.0f} MiB faulted" for name, r in results.items()))
 
 
+
+def first_touch_cost(numel: int = 3_200_000, rounds: int = 8) -> tuple[float, float]:
+    """(ms to fill a fresh tensor, ms to fill it again): the price of a page fault per tensor, measured."""
+    fresh, reused, keep = [], [], []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        t = torch.empty(numel)
+        t.fill_(1.0)
+        fresh.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        t.fill_(2.0)
+        reused.append(time.perf_counter() - start)
+        keep.append(t)  # kept alive, so the next tensor needs new memory
+    return statistics.median(fresh) * 1e3, statistics.median(reused) * 1e3
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["--first-touch"]:
+        first, again = first_touch_cost()
+        print(f"filling a fresh 12.8 MB float32 tensor: {first:.2f} ms; filling it again: {again:.2f} ms "
+              f"(median of 8; the difference is page faults on first touch)")
+    else:
+        main()
