@@ -62,19 +62,11 @@ def _checked_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
     return out
 
 
-def save_pretrained(
-    model: nn.Module,
-    save_directory: str | Path,
-    *,
-    model_name: str,
-    label_names: Sequence[str] | None = None,
-    metrics: Mapping[str, float] | None = None,
-    dataset: str | None = None,
-    recipe: Mapping[str, Any] | None = None,
-    model_args: Mapping[str, Any] | None = None,
-    repo_id: str | None = None,
-    details: Mapping[str, Any] | None = None,
-) -> Path:
+def save_pretrained(model: nn.Module, save_directory: str | Path, *, model_name: str,
+                    label_names: Sequence[str] | None = None, metrics: Mapping[str, float] | None = None,
+                    dataset: str | None = None, recipe: Mapping[str, Any] | None = None,
+                    model_args: Mapping[str, Any] | None = None, repo_id: str | None = None,
+                    details: Mapping[str, Any] | None = None) -> Path:
     """Write ``model`` in timm's Hub layout, with a card and config that describe these weights only.
 
     Files: ``config.json`` (timm's ``save_for_hf``, plus a ``bam_zoo`` entry with ``model_name``, ``dataset``,
@@ -304,18 +296,9 @@ def load_export(path: str | Path, trust_checkpoint_code: bool = False) -> Export
     return Export(fit.model, None, fit.label_names, fit.metrics, fit.dataset, _plain(fit.recipe))
 
 
-def push(
-    checkpoint: str | Path,
-    repo_id: str,
-    *,
-    private: bool = False,
-    revision: str | None = None,
-    commit_message: str | None = None,
-    metrics: dict[str, float] | None = None,
-    dataset: str | None = None,
-    token: str | None = None,
-    trust_checkpoint_code: bool = False,
-) -> CommitInfo:
+def push(checkpoint: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
+         commit_message: str | None = None, metrics: dict[str, float] | None = None, dataset: str | None = None,
+         token: str | None = None, trust_checkpoint_code: bool = False) -> CommitInfo:
     """Push a Lightning ``.ckpt`` or an export folder to a Hub repo as one commit that names its parent.
 
     Why ``parent_commit``: a concurrent push to the same branch makes this one fail (HTTP 412) instead of
