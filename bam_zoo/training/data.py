@@ -192,20 +192,10 @@ class InMemoryDataModule(_SplitDataModule):
     default_hflip: float = 0.5
 
     def __init__(
-        self,
-        root: str | None = None,
-        download: bool = False,
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        val_size: int = 5000,
-        split_seed: int = 0,
-        padding: int = 4,
-        hflip: float | None = None,
-        erasing: float = 0.0,
-        class_subset: list[int] | None = None,
-        limit_train: int | None = None,
-        limit_val: int | None = None,
-        limit_test: int | None = None,
+        self, root: str | None = None, download: bool = False, batch_size: int = 128,
+        eval_batch_size: int | None = None, val_size: int = 5000, split_seed: int = 0, padding: int = 4,
+        hflip: float | None = None, erasing: float = 0.0, class_subset: list[int] | None = None,
+        limit_train: int | None = None, limit_val: int | None = None, limit_test: int | None = None,
     ) -> None:
         super().__init__()
         self.root = Path(root if root is not None else self.default_root).expanduser()
@@ -495,23 +485,11 @@ class ImageFolderDataModule(_SplitDataModule):
     name = "imagefolder"
 
     def __init__(
-        self,
-        root: str,
-        train_split: str = "train",
-        val_split: str = "val",
-        test_split: str = "val",
-        img_size: int = 224,
-        crop_pct: float = 0.875,
-        batch_size: int = 32,
-        eval_batch_size: int | None = None,
-        num_workers: int = 8,
-        scale: tuple[float, float] = (0.08, 1.0),
-        color_jitter: float = 0.0,
-        auto_augment: str | None = None,
-        interpolation: str = "bilinear",
-        in_chans: int | None = None,
-        mean: tuple[float, ...] | None = None,
-        std: tuple[float, ...] | None = None,
+        self, root: str, train_split: str = "train", val_split: str = "val", test_split: str = "val",
+        img_size: int = 224, crop_pct: float = 0.875, batch_size: int = 32, eval_batch_size: int | None = None,
+        num_workers: int = 8, scale: tuple[float, float] = (0.08, 1.0), color_jitter: float = 0.0,
+        auto_augment: str | None = None, interpolation: str = "bilinear", in_chans: int | None = None,
+        mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
     ) -> None:
         super().__init__()
         self.root = Path(root).expanduser()

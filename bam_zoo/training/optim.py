@@ -57,16 +57,9 @@ def param_groups(
 
 
 def create_lr_scheduler(
-    optimizer: torch.optim.Optimizer,
-    name: SchedulerName,
-    total_steps: int,
-    steps_per_epoch: int,
-    warmup_epochs: float = 0.0,
-    warmup_start_factor: float = 0.01,
-    min_lr_ratio: float = 0.0,
-    decay_epochs: float = 30.0,
-    decay_rate: float = 0.1,
-    decay_milestones: Sequence[float] = (),
+    optimizer: torch.optim.Optimizer, name: SchedulerName, total_steps: int, steps_per_epoch: int,
+    warmup_epochs: float = 0.0, warmup_start_factor: float = 0.01, min_lr_ratio: float = 0.0,
+    decay_epochs: float = 30.0, decay_rate: float = 0.1, decay_milestones: Sequence[float] = (),
 ) -> LRScheduler:
     """Build a per-step LR schedule with an optional linear warm-up.
 
