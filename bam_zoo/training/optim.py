@@ -61,25 +61,13 @@ def create_lr_scheduler(
     warmup_epochs: float = 0.0, warmup_start_factor: float = 0.01, min_lr_ratio: float = 0.0,
     decay_epochs: float = 30.0, decay_rate: float = 0.1, decay_milestones: Sequence[float] = (),
 ) -> LRScheduler:
-    """Build a per-step LR schedule with an optional linear warm-up.
+    """A per-step LR schedule with an optional linear warm-up, as :class:`~bam_zoo.training.ImageClassifier`'s
+    arguments of the same names describe it; ``total_steps`` and ``steps_per_epoch`` count optimizer steps.
 
-    Args:
-        optimizer: the optimizer whose groups' ``lr`` is the peak learning rate.
-        name: ``cosine`` (to ``min_lr_ratio * lr``), ``step`` (x ``decay_rate`` every ``decay_epochs``;
-            the paper's ImageNet recipe), ``multistep`` (x ``decay_rate`` at each of ``decay_milestones``),
-            ``onecycle`` (PyTorch's OneCycleLR, whose first
-            ``warmup_epochs`` rise from ``lr / 25``) or ``constant``.
-        total_steps: optimizer steps of the whole run.
-        steps_per_epoch: optimizer steps per epoch, to turn epochs into steps.
-        warmup_epochs: length of the linear warm-up, in (possibly fractional) epochs.
-        warmup_start_factor: LR multiplier at the first warm-up step.
-        min_lr_ratio: final LR of ``cosine`` as a fraction of the peak LR.
-        decay_epochs: period of ``step`` decay, counted from the end of the warm-up.
-        decay_rate: multiplier of ``step`` and ``multistep`` decay.
-        decay_milestones: epochs of the whole run at which ``multistep`` multiplies the LR by ``decay_rate``.
-
-    Returns:
-        A scheduler to be stepped after every optimizer step.
+    ``cosine`` decays to ``min_lr_ratio * lr``; ``step`` multiplies by ``decay_rate`` every ``decay_epochs``,
+    counted from the end of the warm-up (the paper's ImageNet recipe); ``multistep`` at each of
+    ``decay_milestones``, epochs of the whole run; ``onecycle`` is PyTorch's OneCycleLR, whose first
+    ``warmup_epochs`` rise from ``lr / 25``; ``constant`` stays at ``lr``.
     """
     total_steps = max(int(total_steps), 1)
     warmup = min(int(round(warmup_epochs * steps_per_epoch)), total_steps - 1)
