@@ -146,7 +146,6 @@ def check_keys(state_dict: Mapping[str, Any], model: nn.Module, what: str, fix: 
         raise CheckpointKeysError(what, arch, unexpected, missing, misshaped, fix)
 
 
-
 def _shape(value: Any) -> Tuple[int, ...]:
     return tuple(getattr(value, "shape", ()))
 

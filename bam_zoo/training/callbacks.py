@@ -139,9 +139,7 @@ class HubExport(Timer):
 
     def __init__(self, dirpath: str | None = None, weights_name: str | None = None, enabled: bool = True) -> None:
         super().__init__()
-        self.dirpath = dirpath
-        self.weights_name = weights_name
-        self.enabled = enabled
+        self.dirpath, self.weights_name, self.enabled = dirpath, weights_name, enabled
 
     def state_dict(self) -> dict[str, Any]:
         return {"fit_seconds": self.time_elapsed()}
