@@ -5,8 +5,8 @@
 
 A maintainer tool, kept outside the package as timm keeps its ``benchmark.py``. It reads the repository's
 (``--root``, default the one this script is in) ``checkpoints/<arch>.<tag>/config.json``, where each weight's
-measured facts are written once, and the seed study's ``results/seed_study/report.md`` where present. Tests
-fail when either file is out of date.
+measured facts are written once, and the studies' reports (``results/seed_study/report.md``,
+``insertion.md``) where present. Tests fail when either file is out of date.
 """
 from __future__ import annotations
 
@@ -89,6 +89,9 @@ _FOOTER = """
   accuracy is unmeasured. The one ImageNet tag holds converted weights (above), not re-measured.
 - One seed per shipped weight: a difference of a few tenths of a point between a BAM weight and its twin is
   within seed-to-seed spread (see the seed study, where present, for the measured spread).
+- Whether BAM helps was measured on Fashion-MNIST only, on `resnet20`: trained from scratch, and added to the
+  trained `resnet20.fmnist` and fine-tuned for 5 epochs; the studies above give the verdicts and intervals. The
+  insertion study on `resnet56.fmnist_long`, longer fine-tunes and other data sets are not measured.
 
 ## License and citation
 
@@ -177,9 +180,11 @@ def render_model_card(root: Path) -> str:
                  f"Load: `bam_zoo.create_model(\"{name}\", pretrained=True)`, or `timm.create_model` with the same "
                  "arguments once `bam_zoo` is imported.\n")
     body += _ATTENTION
-    seed_study = Path(root) / "results" / "seed_study" / "report.md"  # written by scripts/seed_study.py report
-    if seed_study.is_file():
-        body += "\n## Does BAM help? Seeds and the fusion ablation\n\n" + seed_study.read_text()
+    studies = Path(root) / "results" / "seed_study"  # reports written by scripts/seed_study.py report
+    for report, title in (("report.md", "Does BAM help from scratch? Seeds and the fusion ablation"),
+                          ("insertion.md", "Does BAM help once added to a trained network? The insertion study")):
+        if (studies / report).is_file():
+            body += f"\n## {title}\n\n" + (studies / report).read_text()
     converted = [_converted(n, m) for n, m in WEIGHT_METADATA.items() if "source" in m]
     if converted:
         body += "\n## Converted weights\n\nPublished elsewhere, converted to bam-zoo on load; not trained here.\n\n"

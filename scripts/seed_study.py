@@ -277,6 +277,11 @@ def _gamma_table(data: dict[str, dict[int, dict]]) -> list[str]:
                 values = [g[stage][key] for g in per_seed]
                 cells.append(f"{statistics.mean(values):.3f} ({min(values):.3f} to {max(values):.3f})")
             lines.append(f"| `{stage}` | " + " | ".join(cells) + " |")
+        largest = max(g[stage]["max_abs"] for g in per_seed for stage in g)
+        lines += ["", f"BAM's output is `x + gamma * x * sigmoid(...)` with the sigmoid in (0, 1), so a scale of at most "
+                  f"{largest:.3f} changes any activation by less than {100 * largest:.1f}%: after this fine-tune the "
+                  "inserted BAM is still close to the identity it started as."
+                  if largest < 0.1 else f"The largest learned scale is {largest:.3f}."]
     return lines
 
 
@@ -332,7 +337,7 @@ def main() -> None:
     else:
         spec = REPORTS[args.study]
         text = report(ROOT / "docs" / "figures" / spec["plot"], args.study)
-        (RESULTS / spec["out"]).write_text(text)  # MODEL_CARD.md includes it (python -m bam_zoo.model_card)
+        (RESULTS / spec["out"]).write_text(text)  # MODEL_CARD.md includes it (python scripts/model_card.py)
         readme, block, short = ROOT / "README.md", readme_block(spec["marker"]), summary(text, spec["out"])
         if readme.is_file() and block.search(readme.read_text()):
             readme.write_text(block.sub(lambda m: m[1] + short + m[2], readme.read_text()))
