@@ -23,8 +23,8 @@ from _helpers import randomise_bn
 from bam_zoo import fuse_for_inference
 from bam_zoo.layers import BAM, bam_cpu
 from bam_zoo.layers.bam_cpu import (
-    COMPONENTS, buffer_cache_info, component_enabled, components_off, cpu_fast_path_applies, disable_cpu_fast_path,
-    empty_buffer_cache, few_channel_conv, native_kernels_available)
+    COMPONENTS, component_enabled, components_off, cpu_fast_path_applies, disable_cpu_fast_path, few_channel_conv,
+    native_kernels_available)
 
 needs_native = pytest.mark.skipif(not native_kernels_available(), reason="bam_zoo._native not built")
 
@@ -272,7 +272,7 @@ def test_few_channel_convs_match_float64_conv2d(in_ch, out_ch, kernel, dilation,
 
 # Each component of the speed layer off in turn ("node" off runs the definition, which the float64 reference
 # already is, so it is not among them).
-VARIANTS = ["all", "gate", "chain", "pool_reduce", "conv", "cache"]
+VARIANTS = ["all", "gate", "chain", "pool_reduce", "conv"]
 
 
 def _step(bam, x, dy):
@@ -317,7 +317,7 @@ def _compare(bam, x, fmt=torch.contiguous_format, variant="all", tol=1e-4, calls
 
 
 def _variants():
-    return [pytest.param(v, marks=[needs_native] if v in ("gate", "chain", "pool_reduce", "cache") else [], id=v)
+    return [pytest.param(v, marks=[needs_native] if v in ("gate", "chain", "pool_reduce") else [], id=v)
             for v in VARIANTS]
 
 
@@ -661,22 +661,6 @@ def test_components_off_switches_and_restores():
             pass
 
 
-@needs_native
-def test_cache_switch_bypasses_the_cache_and_keeps_its_blocks():
-    """``cache`` off: the gate's buffers come from the CPU allocator, and the cache keeps its blocks for later."""
-    x, c, s, _ = _gate_inputs((2, 8, 16, 16))
-    empty_buffer_cache()
-    _gate(x, c, s)  # freed at once: its block is kept
-    kept = buffer_cache_info().cached
-    assert kept > 0
-    with components_off("cache"):
-        y = _gate(x, c, s)
-        assert buffer_cache_info().allocated == 0 and buffer_cache_info().cached == kept
-    del y
-    assert buffer_cache_info().cached == kept
-    empty_buffer_cache()
-
-
 def _python(code, **env):
     return subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
                           timeout=120)
@@ -690,58 +674,11 @@ def test_components_switch_off_from_the_environment():
     assert out.returncode != 0 and "BAM_ZOO_CPU_OFF names unknown components ['kernels']" in out.stderr
 
 
-# ---- The buffer cache ----------------------------------------------------------------------------------------------
-
-@needs_native
-def test_gate_buffers_are_reused_and_accounted():
-    """The gate's full-size outputs come from a cache: freed blocks are handed out again, the profiler's
-    memory view still counts them, and empty_buffer_cache releases them."""
-    x, c, s, _ = _gate_inputs((2, 8, 16, 16))
-    empty_buffer_cache()
-    before = buffer_cache_info()
-    y = _gate(x, c, s)
-    nbytes = y.numel() * 4
-    assert buffer_cache_info().allocated == before.allocated + nbytes
-    ptr = y.data_ptr()
-    del y
-    assert buffer_cache_info().cached == before.cached + nbytes
-    y2 = _gate(x, c, s)
-    assert y2.data_ptr() == ptr  # the same block, no fresh pages
-    _assert_close(y2, _gate_reference(x.double(), c.double(), s.double()), 1e-5)
-    y2.resize_(4, 8, 16, 16)  # still an ordinary, resizable tensor
-    del y2
-    empty_buffer_cache()
-    assert buffer_cache_info().cached == 0
-
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        _gate(x, c, s)
-    reported = [e.cpu_memory_usage for e in prof.events() if e.name == "bam_zoo::gate_forward"]
-    assert reported and reported[0] >= nbytes
-
-
-def test_buffer_cache_without_kernels_is_empty_and_harmless():
-    empty_buffer_cache()
-    if not native_kernels_available():
-        assert buffer_cache_info() == (0, 0, 0)
-    else:
-        assert buffer_cache_info().cached == 0
-
-
-@pytest.mark.parametrize("value,native,message", [
-    ("lots", "0", "BAM_ZOO_BUFFER_CACHE_MB must be a whole number"),  # also where the kernels are missing
-    ("-1", "1", "BAM_ZOO_BUFFER_CACHE_MB must be >= 0"),
-])
-def test_buffer_cache_limit_is_validated(value, native, message):
-    out = _python("import bam_zoo", BAM_ZOO_BUFFER_CACHE_MB=value, BAM_ZOO_NATIVE_GATE=native)
-    assert out.returncode != 0 and message in out.stderr, out.stderr[-2000:]
-
-
 def test_native_kernels_can_be_switched_off():
     """BAM_ZOO_NATIVE_GATE=0 gives the ATen paths (for A/B timing, and as an install without a compiler runs)."""
     code = ("import torch, bam_zoo; from bam_zoo.layers import bam_cpu; m = bam_zoo.BAM(16).train(); "
             "x = torch.randn(2, 16, 20, 20, requires_grad=True); y = m(x); y.sum().backward(); "
-            "print(bam_cpu.native_kernels_available(), type(y.grad_fn).__name__, bam_cpu.buffer_cache_info())")
+            "print(bam_cpu.native_kernels_available(), type(y.grad_fn).__name__)")
     out = _python(code, BAM_ZOO_NATIVE_GATE="0")
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[:2] == ["False", NODE]

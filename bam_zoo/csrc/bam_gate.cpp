@@ -11,25 +11,17 @@
 // that A * B stays finite (the Python side falls back to ATen ops otherwise).
 #include <Python.h>
 
-#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
-#include <c10/core/Allocator.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstring>
-#include <new>
-
-#include <sys/mman.h>
-#include <map>
-#include <mutex>
 #include <tuple>
 #include <vector>
 
@@ -42,142 +34,10 @@
 
 namespace {
 
-// ---- A small cache for the full-size buffers the gate kernels return -------------------------------------
-//
-// A fresh 12.8 MB tensor costs about 3 ms of page faults on first touch on this class of machine (a reused
-// one: 0.3 ms), more than the gate's arithmetic. glibc hands such blocks back to the OS when they are freed,
-// so every training step faults them in again. The gate's output and input gradient are allocated here
-// instead: a freed block is kept (up to a byte limit) and handed out again for the next request of exactly
-// its size, as PyTorch's CUDA caching allocator does. Allocations and frees are reported to the profiler like
-// the CPU allocator's, so torch.profiler's memory view (and bam_zoo.benchmark's peak) still count them.
-
-class BufferCache final : public c10::Allocator {
- public:
-  c10::DataPtr allocate(size_t bytes) override {
-    void* ptr = nullptr;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      auto it = free_.find(bytes);
-      if (it != free_.end() && !it->second.empty()) {
-        ptr = it->second.back();
-        it->second.pop_back();
-        cached_bytes_ -= bytes;
-      }
-      allocated_bytes_ += bytes;
-    }
-    if (ptr == nullptr) ptr = map_pages(bytes);
-    report(ptr, static_cast<int64_t>(bytes));
-    return {ptr, new Block{ptr, bytes}, &BufferCache::release, c10::Device(c10::DeviceType::CPU)};
-  }
-
-  void copy_data(void* dest, const void* src, std::size_t count) const override {
-    default_copy_data(dest, src, count);
-  }
-
-  void set_limit(int64_t bytes) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    limit_bytes_ = static_cast<size_t>(std::max<int64_t>(0, bytes));
-    trim_locked();
-  }
-
-  void empty() {
-    std::lock_guard<std::mutex> lock(mutex_);
-    const size_t limit = limit_bytes_;
-    limit_bytes_ = 0;
-    trim_locked();
-    limit_bytes_ = limit;
-  }
-
-  std::vector<int64_t> info() {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return {static_cast<int64_t>(allocated_bytes_), static_cast<int64_t>(cached_bytes_),
-            static_cast<int64_t>(limit_bytes_)};
-  }
-
-  static BufferCache& instance() {
-    static BufferCache* cache = new BufferCache();  // never destroyed: tensors may outlive static destructors
-    return *cache;
-  }
-
- private:
-  struct Block {
-    void* ptr;
-    size_t bytes;
-  };
-
-  // Straight from the kernel, not through malloc: blocks that live across steps would otherwise change
-  // glibc's heap and its adaptive mmap threshold, and with them the page faults of every other tensor.
-  static void* map_pages(size_t bytes) {
-    void* ptr = mmap(nullptr, std::max<size_t>(bytes, 1), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (ptr == MAP_FAILED) throw std::bad_alloc();
-    return ptr;
-  }
-
-  static void release(void* ctx) {
-    auto* block = static_cast<Block*>(ctx);
-    instance().give_back(block->ptr, block->bytes);
-    delete block;
-  }
-
-  void give_back(void* ptr, size_t bytes) {
-    report(ptr, -static_cast<int64_t>(bytes));
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      allocated_bytes_ -= bytes;
-      if (cached_bytes_ + bytes <= limit_bytes_) {
-        free_[bytes].push_back(ptr);
-        cached_bytes_ += bytes;
-        return;
-      }
-    }
-    munmap(ptr, std::max<size_t>(bytes, 1));
-  }
-
-  void trim_locked() {
-    for (auto it = free_.begin(); it != free_.end() && cached_bytes_ > limit_bytes_; ++it) {
-      while (!it->second.empty() && cached_bytes_ > limit_bytes_) {
-        munmap(it->second.back(), std::max<size_t>(it->first, 1));
-        it->second.pop_back();
-        cached_bytes_ -= it->first;
-      }
-    }
-  }
-
-  void report(void* ptr, int64_t delta) {
-    if (c10::memoryProfilingEnabled()) {
-      size_t allocated, cached;
-      {
-        std::lock_guard<std::mutex> lock(mutex_);
-        allocated = allocated_bytes_;
-        cached = cached_bytes_;
-      }
-      c10::reportMemoryUsageToProfiler(ptr, delta, allocated, allocated + cached,
-                                       c10::Device(c10::DeviceType::CPU));
-    }
-  }
-
-  std::mutex mutex_;
-  std::map<size_t, std::vector<void*>> free_;
-  size_t allocated_bytes_ = 0, cached_bytes_ = 0;
-  size_t limit_bytes_ = size_t(256) << 20;
-};
-
-// Whether the gate's buffers come from the cache (an ablation switch: off, they come from the CPU allocator and
-// the cache keeps what it holds).
-std::atomic<bool> buffer_cache_enabled{true};
-
-// A float32 tensor of x's shape and memory format (contiguous or channels_last) from the cache.
-at::Tensor cached_empty_like(const at::Tensor& x, c10::MemoryFormat format) {
-  if (!buffer_cache_enabled.load(std::memory_order_relaxed))
-    return at::empty(x.sizes(), x.options().memory_format(format));
-  return at::detail::empty_generic(x.sizes(), &BufferCache::instance(), c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                   x.scalar_type(), format);
+// A float32 tensor of x's shape in the given memory format (contiguous or channels_last).
+at::Tensor empty_like_in(const at::Tensor& x, c10::MemoryFormat format) {
+  return at::empty(x.sizes(), x.options().memory_format(format));
 }
-
-void buffer_cache_set_enabled(bool enabled) { buffer_cache_enabled.store(enabled); }
-void buffer_cache_set_limit(int64_t bytes) { BufferCache::instance().set_limit(bytes); }
-void buffer_cache_empty() { BufferCache::instance().empty(); }
-std::vector<int64_t> buffer_cache_info() { return BufferCache::instance().info(); }
 
 // out[i] = x[i] * (1 + g[i]) with g[i] = 1 / (1 + a * b[i])
 BAM_ZOO_CLONES
@@ -271,7 +131,7 @@ int64_t num_chunks(int64_t n, int64_t hw) {
 at::Tensor gate_forward(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b) {
   const c10::MemoryFormat format = check_inputs(x, a, b);
   const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
-  at::Tensor out = cached_empty_like(x, format);
+  at::Tensor out = empty_like_in(x, format);
   const float* xp = x.data_ptr<float>();
   const float* ap = a.data_ptr<float>();
   const float* bp = b.data_ptr<float>();
@@ -306,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_backward(const at::Tensor& g
   const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
   const int64_t chunks = num_chunks(n, hw);
   const int64_t chunk_len = (hw + chunks - 1) / chunks;
-  at::Tensor grad_x = cached_empty_like(x, format);
+  at::Tensor grad_x = empty_like_in(x, format);
   at::Tensor grad_s = at::zeros({n, hw}, x.options());
   const bool nhwc = format == c10::MemoryFormat::ChannelsLast;
   // One partial channel-logit gradient per task, summed at the end (tasks split each sample's pixels).
@@ -917,10 +777,6 @@ at::Tensor pool_reduce_backward_(at::Tensor& grad_x, const at::Tensor& x, const 
 TORCH_LIBRARY(bam_zoo, m) {
   m.def("gate_forward(Tensor x, Tensor a, Tensor b) -> Tensor");
   m.def("gate_backward(Tensor grad_out, Tensor x, Tensor a, Tensor b) -> (Tensor, Tensor, Tensor)");
-  m.def("buffer_cache_set_limit(int bytes) -> ()");
-  m.def("buffer_cache_set_enabled(bool enabled) -> ()");
-  m.def("buffer_cache_empty() -> ()");
-  m.def("buffer_cache_info() -> int[]");
   m.def("small_conv_forward(Tensor x, Tensor weight, Tensor? bias, int[] padding, int[] dilation) -> Tensor");
   m.def("small_conv_backward(Tensor grad_out, Tensor x, Tensor weight, int[] padding, int[] dilation)"
         " -> (Tensor, Tensor, Tensor)");
@@ -933,13 +789,6 @@ TORCH_LIBRARY(bam_zoo, m) {
   m.def("pool_reduce(Tensor x, Tensor weight, Tensor? bias) -> (Tensor, Tensor)");
   m.def("pool_reduce_backward_(Tensor(a!) grad_x, Tensor x, Tensor grad_reduced, Tensor weight, Tensor grad_pooled)"
         " -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(bam_zoo, CompositeExplicitAutograd, m) {
-  m.impl("buffer_cache_set_limit", &buffer_cache_set_limit);
-  m.impl("buffer_cache_set_enabled", &buffer_cache_set_enabled);
-  m.impl("buffer_cache_empty", &buffer_cache_empty);
-  m.impl("buffer_cache_info", &buffer_cache_info);
 }
 
 TORCH_LIBRARY_IMPL(bam_zoo, CPU, m) {

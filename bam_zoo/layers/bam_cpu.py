@@ -23,8 +23,7 @@ The parts, each of which :func:`components_off` (or ``BAM_ZOO_CPU_OFF``) switche
 * ``chain``: the spatial branch after its reduction as compiled kernels when it is one or two channels wide;
 * ``pool_reduce``: the pool and the reduction of a channels_last map with one or two reduced channels in one pass
   each way (training);
-* ``conv``: few-channel convolutions as direct loops or matrix products (:func:`few_channel_conv`);
-* ``cache``: a reuse cache for the gate's full-size buffers (:func:`empty_buffer_cache`).
+* ``conv``: few-channel convolutions as direct loops or matrix products (:func:`few_channel_conv`).
 
 The state dict is the definition's: the fast path reads the same parameters and buffers.
 """
@@ -44,8 +43,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "cpu_fast_path_applies", "bam_cpu_forward", "disable_cpu_fast_path", "native_kernels_available",
-    "BufferCacheInfo", "buffer_cache_info", "empty_buffer_cache", "few_channel_conv", "COMPONENTS",
-    "components_off", "component_enabled",
+    "few_channel_conv", "COMPONENTS", "components_off", "component_enabled",
 ]
 
 
@@ -70,43 +68,9 @@ def native_kernels_available() -> bool:
     return NATIVE
 
 
-def _cache_limit_mb() -> int:
-    """``BAM_ZOO_BUFFER_CACHE_MB`` (default 256, 0 turns the cache off), validated."""
-    value = os.environ.get("BAM_ZOO_BUFFER_CACHE_MB", "256")
-    try:
-        limit = int(value)
-    except ValueError:
-        raise ValueError(f"BAM_ZOO_BUFFER_CACHE_MB must be a whole number of MiB (0 turns the cache off), "
-                         f"got {value!r}.") from None
-    if limit < 0:
-        raise ValueError(f"BAM_ZOO_BUFFER_CACHE_MB must be >= 0 (0 turns the cache off), got {limit}.")
-    return limit
-
-
-_CACHE_LIMIT_MB = _cache_limit_mb()  # validated even where the kernels are missing, so a typo never goes unseen
-
-
-class BufferCacheInfo(NamedTuple):
-    """Bytes of the gate's buffer cache: in live tensors, kept for reuse, and the most it may keep."""
-    allocated: int
-    cached: int
-    limit: int
-
-
-def buffer_cache_info() -> BufferCacheInfo:
-    """Where the gate kernels' buffer cache stands (all zeros without the compiled kernels)."""
-    return BufferCacheInfo(*torch.ops.bam_zoo.buffer_cache_info()) if NATIVE else BufferCacheInfo(0, 0, 0)
-
-
-def empty_buffer_cache() -> None:
-    """Free every buffer the cache keeps for reuse (live tensors are untouched), like ``torch.cuda.empty_cache``."""
-    if NATIVE:
-        torch.ops.bam_zoo.buffer_cache_empty()
-
-
 # ---- The components and their switches -------------------------------------------------------------------------
 
-COMPONENTS = ("gate", "node", "chain", "pool_reduce", "conv", "cache")
+COMPONENTS = ("gate", "node", "chain", "pool_reduce", "conv")
 
 
 def _components_off_from_env() -> frozenset:
@@ -126,18 +90,6 @@ def component_enabled(name: str) -> bool:
     return name not in _OFF
 
 
-def _apply_cache_switch() -> None:
-    """Off, the gate's buffers come from the CPU allocator; the cache keeps its blocks, so switching it back on
-    for the next call of an ablation costs no fresh pages."""
-    if NATIVE:
-        torch.ops.bam_zoo.buffer_cache_set_enabled("cache" not in _OFF)
-
-
-if NATIVE:
-    torch.ops.bam_zoo.buffer_cache_set_limit(_CACHE_LIMIT_MB << 20)
-    _apply_cache_switch()
-
-
 @contextlib.contextmanager
 def components_off(*names: str) -> Iterator[None]:
     """Switch components of the speed layer off inside the block (process-wide; for ablations and tests).
@@ -150,13 +102,11 @@ def components_off(*names: str) -> Iterator[None]:
         raise ValueError(f"unknown components {unknown}; choose from {list(COMPONENTS)}")
     before = set(_OFF)
     _OFF.update(names)
-    _apply_cache_switch()
     try:
         yield
     finally:
         _OFF.clear()
         _OFF.update(before)
-        _apply_cache_switch()
 
 
 # ---- BAM as flat op arguments ----------------------------------------------------------------------------------
