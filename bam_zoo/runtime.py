@@ -5,7 +5,7 @@ size is faulted in page by page again. PyTorch's CPU allocator has no cache of i
 training or inference step pays for it (``python scripts/malloc_faults.py --first-touch`` measures a first
 touch against a reuse), and how much depends on the order of earlier allocations, which makes CPU timings drift between runs.
 
-``cli.py`` (``bam-zoo``) applies :func:`keep_freed_memory` at start, as does ``python -m bam_zoo.benchmark``
+``cli.py`` (``bam-zoo``) applies :func:`keep_freed_memory` at start, as does ``python scripts/benchmark.py``
 by default; a program of your own can call it, or set the equivalent environment variables before Python
 starts (``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647``), or preload a caching
 malloc (jemalloc, tcmalloc). The cost: the process keeps its peak heap size instead of shrinking after it.

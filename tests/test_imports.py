@@ -14,7 +14,7 @@ LAYERS = {
     "bam_zoo.analysis": 3, "bam_zoo.fuse": 3, "bam_zoo.model_args": 3,
     "bam_zoo": 4,  # the package's own __init__: the public API over the layers above
     "bam_zoo.hub": 5, "bam_zoo.training": 5,
-    "bam_zoo.benchmark": 6, "bam_zoo.evaluate": 6, "bam_zoo.explain": 6,
+    "bam_zoo.evaluate": 6, "bam_zoo.explain": 6,
     "bam_zoo.cli": 7,
 }
 

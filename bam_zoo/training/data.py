@@ -68,7 +68,7 @@ class BatchAugment(nn.Module):
 
         Crop and flip are one gather on the (still ``uint8``) batch: the flip is folded into the gather's
         column indices, and normalisation runs in place on the one float copy, so the whole pipeline makes
-        three passes over the batch (measured by ``python -m bam_zoo.benchmark --case pipeline``).
+        three passes over the batch (measured by ``python scripts/benchmark.py --case pipeline``).
         """
         n, c, h, w = x.shape
         if self.padding > 0 or self.hflip > 0:

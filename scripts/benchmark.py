@@ -1,7 +1,7 @@
 """What BAM costs: latency and peak memory of ``bam_X`` against its plain twin ``X``, measured side by side.
 
-Run ``python -m bam_zoo.benchmark`` (all cases) or pick cases, e.g.
-``python -m bam_zoo.benchmark --case train-resnet50 --case train-resnet20 --repeats 3``.
+Run ``python scripts/benchmark.py`` (all cases) or pick cases, e.g.
+``python scripts/benchmark.py --case train-resnet50 --case train-resnet20 --repeats 3``.
 
 Why it is built this way:
 
@@ -22,9 +22,11 @@ Why it is built this way:
 * ``ship-*`` cases time the shipped Fashion-MNIST weights (``bam_resnet20.fmnist`` / ``resnet20.fmnist``,
   ``bam_resnet56.fmnist_long`` / ``resnet56.fmnist_long``) in eval mode, unfused, at batch 500 (as
   ``python -m bam_zoo.evaluate`` runs them) and 32.
+* ``*+bam`` cases time a timm network with BAM inserted (``create_model(name, add_bam=True)``) against the same
+  network; the ``MAC x`` column is BAM's share of the multiply-accumulates, the floor of the time ratio.
 * ``--ablate`` switches each component of the CPU speed layer off in turn (``bam_zoo.layers.bam_cpu.COMPONENTS``,
-  and ``layer``: all of it) and prints each one's gain per case: plain, BAM and every variant run round-robin in
-  one process, the order rotating each round. ``--compile`` runs both models through ``torch.compile``.
+  and ``layer``: all of it) and prints each one's gain per case, each from its own interleaved A/B against the
+  BAM model with everything on. ``--compile`` runs both models through ``torch.compile``.
 * ``pipeline`` measures the real Fashion-MNIST training loop (``FashionMNISTDataModule``'s loader and batch
   augmentation, then the training step) against the same steps on a ready-made batch.
 * Allocator: by default the benchmark runs as ``cli.py`` trains, with glibc keeping freed memory
@@ -48,12 +50,13 @@ import torch.nn.functional as F
 
 import bam_zoo
 
-from .fuse import fuse_for_inference
-from .layers import BAM
-from .layers.bam_cpu import (
-    COMPONENTS, buffer_cache_info, components_off, disable_cpu_fast_path, native_kernels_available)
-from .runtime import keep_freed_memory
-from .training.data import FashionMNISTDataModule
+from bam_zoo.analysis import count_macs
+from bam_zoo.fuse import fuse_for_inference
+from bam_zoo.layers import BAM
+from bam_zoo.layers.bam_cpu import (
+    COMPONENTS, components_off, disable_cpu_fast_path, native_kernels_available)
+from bam_zoo.runtime import keep_freed_memory
+from bam_zoo.training.data import FashionMNISTDataModule
 
 __all__ = ["Case", "CASES", "QUICK_CASES", "Result", "run_case", "Ablation", "run_ablation", "peak_memory", "main"]
 
@@ -66,7 +69,8 @@ class Case:
         name: Case name on the command line.
         baseline: Name of the plain model (``bam_zoo.create_model``), or ``"block"`` for BAM's definition
             (:func:`reference_bam`).
-        candidate: Name of the BAM model, or ``"block"`` for one BAM module.
+        candidate: Name of the BAM model, ``"<plain>+bam"`` for the plain model with BAM inserted
+            (``create_model(plain, add_bam=True)``), or ``"block"`` for one BAM module.
         mode: ``"infer"`` (eval, no grad) or ``"train"`` (forward, backward, SGD step).
         input_shape: Batch shape N x C x H x W.
         model_kwargs: Extra ``create_model`` arguments (``in_chans``, ``num_classes``, ``pretrained``).
@@ -104,6 +108,11 @@ CASES: Dict[str, Case] = {c.name: c for c in [
     Case("block-infer", "block", "block", "infer", (8, 256, 56, 56)),
     Case("block-train", "block", "block", "train", (8, 256, 56, 56)),
     *_shipped_cases(),
+    # BAM inserted into timm networks (add_bam: identity start, the gamma-scaled gate), at ImageNet sizes
+    Case("infer-convnext_atto+bam", "convnext_atto", "convnext_atto+bam", "infer", (8, 3, 224, 224)),
+    Case("train-convnext_atto+bam", "convnext_atto", "convnext_atto+bam", "train", (16, 3, 112, 112)),
+    Case("infer-regnetx_002+bam", "regnetx_002", "regnetx_002+bam", "infer", (8, 3, 224, 224)),
+    Case("train-regnetx_002+bam", "regnetx_002", "regnetx_002+bam", "train", (16, 3, 112, 112)),
 ]}
 
 # The cases the issue's targets name: the ablation's default.
@@ -121,6 +130,10 @@ QUICK_CASES: Dict[str, Case] = {c.name: c for c in [
     Case("block-infer", "block", "block", "infer", (2, 32, 16, 16)),
     Case("block-train", "block", "block", "train", (2, 32, 16, 16)),
     *_shipped_cases(quick=True),
+    Case("infer-convnext_atto+bam", "convnext_atto", "convnext_atto+bam", "infer", (1, 3, 64, 64)),
+    Case("train-convnext_atto+bam", "convnext_atto", "convnext_atto+bam", "train", (2, 3, 64, 64)),
+    Case("infer-regnetx_002+bam", "regnetx_002", "regnetx_002+bam", "infer", (1, 3, 64, 64)),
+    Case("train-regnetx_002+bam", "regnetx_002", "regnetx_002+bam", "train", (2, 3, 64, 64)),
 ]}
 
 
@@ -141,7 +154,8 @@ def _build_pair(case: Case, fuse: bool, memory_format: str = "contiguous") -> Tu
         baseline: nn.Module = reference_bam(candidate)
     else:
         baseline = bam_zoo.create_model(case.baseline, **case.model_kwargs)
-        candidate = bam_zoo.create_model(case.candidate, **case.model_kwargs)
+        name, inserted, _ = case.candidate.partition("+bam")
+        candidate = bam_zoo.create_model(name, add_bam=bool(inserted), **case.model_kwargs)
     if case.mode == "infer":
         baseline.eval()
         candidate.eval()
@@ -232,6 +246,7 @@ class Result:
     candidate_mib: float
     mem_ratio: float
     repeat_ratios: List[float]
+    mac_ratio: Optional[float] = None  # BAM's MACs / plain's (model cases): the floor of the time ratio
 
 
 def _timed(fn: Callable[[], None]) -> float:
@@ -272,6 +287,10 @@ def run_case(case: Case, runs: int = 7, warmup: int = 2, repeats: int = 1, fuse:
             warm-up rounds include the compilation.
     """
     baseline_model, candidate_model = _build_pair(case, fuse, memory_format)
+    mac_ratio = None
+    if case.candidate != "block":
+        image = case.input_shape[1:]
+        mac_ratio = count_macs(candidate_model, image) / count_macs(baseline_model, image)
     if compiled:
         baseline_model, candidate_model = torch.compile(baseline_model), torch.compile(candidate_model)
     baseline = _make_step(baseline_model, case, memory_format)
@@ -287,7 +306,7 @@ def run_case(case: Case, runs: int = 7, warmup: int = 2, repeats: int = 1, fuse:
     cand_mem = peak_memory(candidate) + _state_bytes(candidate_model, candidate)
     name = case.name + ("/cl" if memory_format == "channels_last" else "")
     return Result(name, statistics.median(base_ms), statistics.median(cand_ms), statistics.median(ratios),
-                  base_mem / 2 ** 20, cand_mem / 2 ** 20, cand_mem / base_mem, ratios)
+                  base_mem / 2 ** 20, cand_mem / 2 ** 20, cand_mem / base_mem, ratios, mac_ratio)
 
 
 # Which components a case can exercise (the others do nothing there, and print as "-").
@@ -328,25 +347,20 @@ def _switched_off(component: str, model: nn.Module, step: Callable[[], None]) ->
 
 def run_ablation(case: Case, runs: int = 7, warmup: int = 2, fuse: bool = True,
                  memory_format: str = "contiguous", columns: Sequence[str] = ABLATION_COLUMNS) -> Ablation:
-    """Time plain, BAM, and BAM with each component off in turn, round-robin (the order rotates every round), on
-    one pair of models."""
+    """BAM / plain, then each component's gain as its own interleaved A/B (everything on, then that component off,
+    alternating which goes first), on one pair of models."""
     baseline_model, candidate_model = _build_pair(case, fuse, memory_format)
     candidate = _make_step(candidate_model, case, memory_format)
-    variants = [("plain", _make_step(baseline_model, case, memory_format)), ("all", candidate)]
-    variants += [(c, _switched_off(c, candidate_model, candidate)) for c in columns if _applies(c, case, memory_format)]
-    for _ in range(warmup):
-        for _, fn in variants:
-            fn()
-    times: Dict[str, List[float]] = {name: [] for name, _ in variants}
-    for i in range(runs):
-        shift = i % len(variants)
-        for name, fn in variants[shift:] + variants[:shift]:
-            times[name].append(_timed(fn))
-    all_t = times["all"]
-    gains = {c: (statistics.median(t / a for t, a in zip(times[c], all_t)) - 1 if c in times else None)
-             for c in columns}
+    base_t, cand_t = _interleaved(_make_step(baseline_model, case, memory_format), candidate, runs, warmup)
+    gains: Dict[str, Optional[float]] = {}
+    for component in columns:
+        if not _applies(component, case, memory_format):
+            gains[component] = None
+            continue
+        on_t, off_t = _interleaved(candidate, _switched_off(component, candidate_model, candidate), runs, warmup)
+        gains[component] = statistics.median(off / on for on, off in zip(on_t, off_t)) - 1
     name = case.name + ("/cl" if memory_format == "channels_last" else "")
-    return Ablation(name, statistics.median(a / b for a, b in zip(all_t, times["plain"])), gains)
+    return Ablation(name, statistics.median(c / b for b, c in zip(base_t, cand_t)), gains)
 
 
 def _format_ablation(rows: Sequence[Ablation]) -> str:
@@ -409,27 +423,28 @@ def run_pipeline(runs: int = 5, steps: int = 4, batch_size: int = 128, model_nam
 
 
 def _native_status() -> str:
-    """Whether BAM runs its compiled kernels here (they decide most of the numbers), and the buffer cache."""
+    """Whether BAM runs its compiled kernels here (they decide part of the numbers)."""
     if not native_kernels_available():
         return "not loaded (ATen fallback; build them with `pip install --no-build-isolation -e .`)"
-    return f"loaded; gate buffer cache limit {buffer_cache_info().limit >> 20} MiB (BAM_ZOO_BUFFER_CACHE_MB)"
+    return "loaded"
 
 
 def _format(results: Sequence[Result]) -> str:
     lines = [
-        f"{'case':<16} {'plain ms':>9} {'BAM ms':>9} {'time x':>7} {'plain MiB':>10} {'BAM MiB':>9} {'mem x':>6}"
-        "  repeats",
+        f"{'case':<26} {'plain ms':>9} {'BAM ms':>9} {'time x':>7} {'MAC x':>6} {'plain MiB':>10} {'BAM MiB':>9} "
+        f"{'mem x':>6}  repeats",
     ]
     for r in results:
         reps = " ".join(f"{x:.3f}" for x in r.repeat_ratios)
-        lines.append(f"{r.case:<16} {r.baseline_ms:9.1f} {r.candidate_ms:9.1f} {r.time_ratio:7.3f} "
+        macs = "-" if r.mac_ratio is None else f"{r.mac_ratio:.3f}"
+        lines.append(f"{r.case:<26} {r.baseline_ms:9.1f} {r.candidate_ms:9.1f} {r.time_ratio:7.3f} {macs:>6} "
                      f"{r.baseline_mib:10.1f} {r.candidate_mib:9.1f} {r.mem_ratio:6.3f}  {reps}")
     return "\n".join(lines)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Union[Result, Ablation]]:
     """Command line entry point; prints the ratio (or ablation) table and returns its rows."""
-    parser = argparse.ArgumentParser(prog="python -m bam_zoo.benchmark", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python scripts/benchmark.py", description=__doc__.split("\n")[0])
     parser.add_argument("--case", action="append", choices=sorted(CASES) + ["pipeline"],
                         help="case to run (repeatable); default: all model and block cases")
     parser.add_argument("--runs", type=int, default=7, help="timed interleaved rounds per measurement (>= 5)")
@@ -450,6 +465,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Union[Result, Ablation]]:
                         help="each component of the CPU speed layer off in turn (and the whole layer: 'layer'); "
                              "prints its gain, time without it / time with it - 1, per case (default cases: "
                              f"{', '.join(ABLATION_CASES)})")
+    parser.add_argument("--component", action="append", choices=ABLATION_COLUMNS,
+                        help="with --ablate: only these components (repeatable; default: all)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.malloc == "keep" and not keep_freed_memory():
@@ -469,7 +486,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Union[Result, Ablation]]:
         print("gain of each component = time with it off / time with everything on - 1 (BAM model only)")
         for name in (n for n in names if n != "pipeline"):
             for fmt in formats:
-                rows.append(run_ablation(table[name], runs, warmup, fuse=not args.no_fuse, memory_format=fmt))
+                rows.append(run_ablation(table[name], runs, warmup, fuse=not args.no_fuse, memory_format=fmt,
+                                         columns=args.component or ABLATION_COLUMNS))
                 print(_format_ablation(rows).splitlines()[-1] if len(rows) > 1 else _format_ablation(rows),
                       flush=True)
         return rows
