@@ -143,6 +143,20 @@ def test_timm_model_api(name):
     assert model(x).shape == (2, model.num_features)
 
 
+@pytest.mark.parametrize("name", ["bam_resnet20", "resnet56"])
+def test_cifar_resnet_new_head_follows_the_network(name):
+    """reset_classifier builds the head on the network's device and dtype, in its mode, keeping the pool type (as
+    timm's own networks do; timm's battery checks it on the meta device)."""
+    model = bam_zoo.create_model(name, num_classes=10, global_pool="max").eval().to(dtype=torch.float64)
+    model.reset_classifier(3)
+    assert model.fc.weight.dtype == torch.float64 and not model.fc.training and not model.global_pool.training
+    assert model.global_pool.pool_type == "max"
+    model.train().to(device="meta")
+    model.reset_classifier(0)
+    model.reset_classifier(5, global_pool="avg")
+    assert model.fc.weight.device.type == "meta" and model.fc.training and model.global_pool.pool_type == "avg"
+
+
 def test_bam_args_reach_every_block():
     model = bam_zoo.create_model("bam_resnet20", bam_args=dict(fusion="product", dilation=2))
     assert all(b.fusion == "product" and b.spatial_attn.body.conv0.dilation == (2, 2)

@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, create_classifier, get_act_layer
+from timm.layers import DropPath, create_classifier, get_act_layer, get_device_dtype
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock
 
@@ -135,9 +135,13 @@ class CifarResNet(nn.Module):
         return self.fc
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A new head on the network's device and dtype, in its train/eval mode (the pool kept unless named)."""
         self.num_classes = num_classes
-        pool_type = global_pool if global_pool is not None else "avg"
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=pool_type)
+        pool_type = global_pool if global_pool is not None else self.global_pool.pool_type
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=pool_type,
+                                                      **get_device_dtype(self))
+        self.global_pool.train(self.training)
+        self.fc.train(self.training)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act1(self.bn1(self.conv1(x)))
