@@ -97,3 +97,27 @@ def test_sigterm_saves_the_current_step_exits_nonzero_and_resumes_there(tmp_path
     assert start["global_step"] == saved["global_step"] and start["epoch"] == 0
     assert end["global_step"] == 2 * STEPS_PER_EPOCH  # the interrupted epoch finished, no step redone or lost
     assert start["lr"] == saved["lr_schedulers"][0]["_last_lr"][0]
+
+
+def test_checkpoint_of_the_older_schedules_is_refused_in_one_line(tmp_path: Path) -> None:
+    """A fit checkpoint whose scheduler state is an older bam-zoo's SequentialLR chain cannot resume; the error says
+    so (not torch's KeyError on lr_lambdas), and the same checkpoint still tests."""
+    import pytest
+
+    from bam_zoo.errors import TrainingError
+
+    data = write_fashion_mnist(tmp_path / "data", n_train=64, n_test=16)
+    run = tmp_path / "run"
+    short = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"]
+    cli_main([*common(data, run), *short])
+    saved = checkpoint(run / "checkpoints" / "last.ckpt")
+    assert "lr_lambdas" in saved["lr_schedulers"][0]  # what this version writes
+    saved["lr_schedulers"] = [{"_schedulers": [{"last_epoch": 2}], "_milestones": [8], "last_epoch": 2,
+                               "_last_lr": [0.1]}]
+    old = tmp_path / "old.ckpt"
+    torch.save(saved, old)
+    with pytest.raises(TrainingError, match="older bam-zoo .* cannot resume"):
+        cli_main([*common(data, tmp_path / "again"), *short, "--trainer.max_epochs", "2", "--ckpt_path", str(old)])
+    cli_main(["test", "--config", CONFIG, "--data.root", str(data), "--data.val_size", "32", "--data.batch_size", "16",
+              "--trainer.default_root_dir", str(tmp_path / "tested"), "--trainer.enable_progress_bar", "false",
+              "--ckpt_path", str(old)])  # testing restores no schedule: the old checkpoint still serves

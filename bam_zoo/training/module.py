@@ -27,7 +27,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from bam_zoo import create_model  # the one registry every network comes from; bam_zoo never imports training
-from bam_zoo.errors import NonFiniteLossError
+from bam_zoo.errors import NonFiniteLossError, TrainingError
 from bam_zoo.model_args import check_input_channels
 from bam_zoo.training.optim import SchedulerName, create_lr_scheduler, param_groups
 
@@ -267,6 +267,18 @@ class ImageClassifier(pl.LightningModule):
         """Class probabilities of a batch (``(x, y)`` or bare ``x``)."""
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self.forward(x, self.eval_model).softmax(dim=-1)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse, in one line, to resume a checkpoint whose LR schedule state this version cannot restore: those of
+        bam-zoo before the ``LambdaLR`` schedules (``SequentialLR`` chains) would fail deep in torch with a KeyError."""
+        trainer = self._trainer
+        if self.hparams.scheduler == "onecycle" or trainer is None or trainer.state.fn != "fit":
+            return  # validate/test/predict restore no schedule
+        if any("lr_lambdas" not in state for state in checkpoint.get("lr_schedulers", [])):
+            raise TrainingError(
+                "this checkpoint's LR schedule was saved by an older bam-zoo (a SequentialLR chain), which this "
+                "version cannot resume; resume it with the bam-zoo version that wrote it, or start a new run from its "
+                "weights (--model.pretrained_file with the run's export folder)")
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
