@@ -97,44 +97,42 @@ def _shipped_cases(quick: bool = False) -> List[Case]:
                  fuse=False) for plain, bam in pairs for n in (500, 32)]
 
 
-CASES: Dict[str, Case] = {c.name: c for c in [
-    Case("infer-resnet50", "resnet50", "bam_resnet50", "infer", (8, 3, 224, 224)),
-    Case("train-resnet50", "resnet50", "bam_resnet50", "train", (16, 3, 112, 112)),
-    Case("infer-resnet18", "resnet18", "bam_resnet18", "infer", (8, 3, 224, 224)),
-    Case("train-resnet18", "resnet18", "bam_resnet18", "train", (16, 3, 224, 224)),
-    Case("infer-resnet20", "resnet20", "bam_resnet20", "infer", (256, 1, 28, 28), _FMNIST),
-    Case("train-resnet20", "resnet20", "bam_resnet20", "train", (128, 1, 28, 28), _FMNIST),  # the zoo recipe's batch
+def _inserted_cases(quick: bool = False) -> List[Case]:
+    """timm networks with BAM inserted by ``add_bam`` (identity start: the gamma-scaled gate) against the same
+    networks: ImageNet-size inference (224 px, batch 8) and training (112 px, batch 16)."""
+    infer, train = ((1, 3, 64, 64), (2, 3, 64, 64)) if quick else ((8, 3, 224, 224), (16, 3, 112, 112))
+    return [Case(f"{mode}-{name}+bam", name, f"{name}+bam", mode, shape)
+            for name in ("convnext_atto", "regnetx_002") for mode, shape in (("infer", infer), ("train", train))]
+
+
+
+# (name, plain, BAM, mode, full-size input, tiny input for ``--quick``, create_model arguments)
+_MODEL_CASES = [
+    ("infer-resnet50", "resnet50", "bam_resnet50", "infer", (8, 3, 224, 224), (1, 3, 64, 64), {}),
+    ("train-resnet50", "resnet50", "bam_resnet50", "train", (16, 3, 112, 112), (2, 3, 64, 64), {}),
+    ("infer-resnet18", "resnet18", "bam_resnet18", "infer", (8, 3, 224, 224), (1, 3, 64, 64), {}),
+    ("train-resnet18", "resnet18", "bam_resnet18", "train", (16, 3, 224, 224), (2, 3, 64, 64), {}),
+    ("infer-resnet20", "resnet20", "bam_resnet20", "infer", (256, 1, 28, 28), (8, 1, 28, 28), _FMNIST),
+    ("train-resnet20", "resnet20", "bam_resnet20", "train", (128, 1, 28, 28), (8, 1, 28, 28), _FMNIST),  # the recipe's
     # The block alone, at ResNet-50's first BAM (stage 1 output at 224 px, batch 8).
-    Case("block-infer", "block", "block", "infer", (8, 256, 56, 56)),
-    Case("block-train", "block", "block", "train", (8, 256, 56, 56)),
-    *_shipped_cases(),
-    # BAM inserted into timm networks (add_bam: identity start, the gamma-scaled gate), at ImageNet sizes
-    Case("infer-convnext_atto+bam", "convnext_atto", "convnext_atto+bam", "infer", (8, 3, 224, 224)),
-    Case("train-convnext_atto+bam", "convnext_atto", "convnext_atto+bam", "train", (16, 3, 112, 112)),
-    Case("infer-regnetx_002+bam", "regnetx_002", "regnetx_002+bam", "infer", (8, 3, 224, 224)),
-    Case("train-regnetx_002+bam", "regnetx_002", "regnetx_002+bam", "train", (16, 3, 112, 112)),
-]}
+    ("block-infer", "block", "block", "infer", (8, 256, 56, 56), (2, 32, 16, 16), {}),
+    ("block-train", "block", "block", "train", (8, 256, 56, 56), (2, 32, 16, 16), {}),
+]
+
+
+def _cases(quick: bool) -> Dict[str, Case]:
+    model_cases = [Case(name, plain, bam, mode, tiny if quick else full, kwargs)
+                   for name, plain, bam, mode, full, tiny, kwargs in _MODEL_CASES]
+    return {c.name: c for c in model_cases + _shipped_cases(quick) + _inserted_cases(quick)}
+
+
+CASES: Dict[str, Case] = _cases(quick=False)
+# Tiny sizes for the smoke test (``--quick``): the same code paths in a few seconds.
+QUICK_CASES: Dict[str, Case] = _cases(quick=True)
 
 # The cases the issue's targets name: the ablation's default.
 ABLATION_CASES = ("train-resnet20", "infer-resnet50", "train-resnet50", "ship-resnet20-b500", "ship-resnet20-b32",
                   "ship-resnet56-b500", "ship-resnet56-b32")
-
-# Tiny sizes for the smoke test (``--quick``): the same code paths in a few seconds.
-QUICK_CASES: Dict[str, Case] = {c.name: c for c in [
-    Case("infer-resnet50", "resnet50", "bam_resnet50", "infer", (1, 3, 64, 64)),
-    Case("train-resnet50", "resnet50", "bam_resnet50", "train", (2, 3, 64, 64)),
-    Case("infer-resnet18", "resnet18", "bam_resnet18", "infer", (1, 3, 64, 64)),
-    Case("train-resnet18", "resnet18", "bam_resnet18", "train", (2, 3, 64, 64)),
-    Case("infer-resnet20", "resnet20", "bam_resnet20", "infer", (8, 1, 28, 28), _FMNIST),
-    Case("train-resnet20", "resnet20", "bam_resnet20", "train", (8, 1, 28, 28), _FMNIST),
-    Case("block-infer", "block", "block", "infer", (2, 32, 16, 16)),
-    Case("block-train", "block", "block", "train", (2, 32, 16, 16)),
-    *_shipped_cases(quick=True),
-    Case("infer-convnext_atto+bam", "convnext_atto", "convnext_atto+bam", "infer", (1, 3, 64, 64)),
-    Case("train-convnext_atto+bam", "convnext_atto", "convnext_atto+bam", "train", (2, 3, 64, 64)),
-    Case("infer-regnetx_002+bam", "regnetx_002", "regnetx_002+bam", "infer", (1, 3, 64, 64)),
-    Case("train-regnetx_002+bam", "regnetx_002", "regnetx_002+bam", "train", (2, 3, 64, 64)),
-]}
 
 
 def reference_bam(bam: BAM) -> BAM:
