@@ -23,5 +23,5 @@ def test_ci_command_runs_the_slow_tests() -> None:
                            "tests/test_benchmark.py", "tests/test_configs.py"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "test_pipeline_case_runs_as_module" in proc.stdout
+    assert "test_pipeline_case_runs_as_script" in proc.stdout
     assert "test_config_trains_two_steps[imagenet/bam_resnet152.yaml]" in proc.stdout
