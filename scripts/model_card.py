@@ -182,7 +182,8 @@ def render_model_card(root: Path) -> str:
     body += _ATTENTION
     studies = Path(root) / "results" / "seed_study"  # reports written by scripts/seed_study.py report
     for report, title in (("report.md", "Does BAM help from scratch? Seeds and the fusion ablation"),
-                          ("insertion.md", "Does BAM help once added to a trained network? The insertion study")):
+                          ("insertion.md", "Does BAM help once added to a trained network? The insertion study"),
+                          ("insertion56.md", "The insertion study on resnet56.fmnist_long")):
         if (studies / report).is_file():
             body += f"\n## {title}\n\n" + (studies / report).read_text()
     converted = [_converted(n, m) for n, m in WEIGHT_METADATA.items() if "source" in m]

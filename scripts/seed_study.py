@@ -2,6 +2,8 @@
 
     python scripts/seed_study.py run --study bam_vs_plain --seeds 1 2 3 4 5
     python scripts/seed_study.py run --study fusion --seeds 1 2 3
+    python scripts/seed_study.py run --study insertion --seeds 1 2 3 4 5     # add_bam onto resnet20.fmnist
+    python scripts/seed_study.py run --study insertion56 --seeds 1 2 3       # ... onto resnet56.fmnist_long
 
 Each run is ``python cli.py fit --config configs/fashion_mnist/<arch>.yaml --seed_everything S`` with
 :class:`~bam_zoo.training.callbacks.EpochTestAccuracy` added, so test top-1 is recorded after every epoch
@@ -47,13 +49,18 @@ VARIANTS = {
     # the insertion study: the shipped plain weights fine-tuned with BAM added (identity start) and without
     "resnet20.fmnist+bam": ("resnet20", [*FINETUNE, "--model.model_name", "resnet20.fmnist", "--model.add_bam", "true"]),
     "resnet20.fmnist": ("resnet20", [*FINETUNE, "--model.model_name", "resnet20.fmnist"]),
+    # the same on the flagship's plain twin (same fine-tune recipe, the 15-epoch config's augmentation)
+    "resnet56.fmnist_long+bam": ("resnet56", [*FINETUNE, "--model.model_name", "resnet56.fmnist_long",
+                                              "--model.add_bam", "true"]),
+    "resnet56.fmnist_long": ("resnet56", [*FINETUNE, "--model.model_name", "resnet56.fmnist_long"]),
 }
 # README.md's copy of the report sits between these markers
 def readme_block(marker: str) -> re.Pattern:
     return re.compile(rf"(<!-- {marker}:start -->\n).*?(<!-- {marker}:end -->)", re.S)
 
 STUDIES = {"bam_vs_plain": ["bam_resnet20", "resnet20"], "fusion": ["bam_resnet20_product"],
-           "insertion": ["resnet20.fmnist+bam", "resnet20.fmnist"]}
+           "insertion": ["resnet20.fmnist+bam", "resnet20.fmnist"],
+           "insertion56": ["resnet56.fmnist_long+bam", "resnet56.fmnist_long"]}
 
 
 def command(variant: str, seed: int) -> list[str]:
@@ -101,15 +108,19 @@ def gamma_stats(weights: Path) -> dict[str, dict[str, float]]:
     return out
 
 
-def measure_insertion_start() -> dict[str, float]:
-    """Test top-1 of the shipped resnet20.fmnist, and of the same weights with BAM inserted before any training."""
+def measure_insertion_start(tag: str) -> dict[str, float]:
+    """Test top-1 of a shipped plain weight, and of the same weights with BAM inserted before any training; added to
+    ``insertion_start.json`` (one file for every insertion study)."""
     sys.path.insert(0, str(ROOT))
     import bam_zoo
     from bam_zoo.evaluate import measure
 
-    start = {name: measure(bam_zoo.create_model("resnet20.fmnist", pretrained=True, add_bam=add))["top1"]
-             for name, add in (("resnet20.fmnist", False), ("resnet20.fmnist+bam", True))}
-    (RESULTS / "insertion_start.json").write_text(json.dumps(start, indent=2) + "\n")
+    path = RESULTS / "insertion_start.json"
+    start = json.loads(path.read_text()) if path.is_file() else {}
+    for name, add in ((tag, False), (f"{tag}+bam", True)):
+        start[name] = measure(bam_zoo.create_model(tag, pretrained=True, add_bam=add))["top1"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(start, indent=2) + "\n")
     return start
 
 
@@ -119,8 +130,10 @@ def run_study(variants: list[str], seeds: list[int], parallel: int) -> None:
     running: list[tuple[str, int, list[str], subprocess.Popen, float]] = []
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     failed = []
-    if "resnet20.fmnist+bam" in variants and not (RESULTS / "insertion_start.json").is_file():
-        print(f"accuracy at insertion: {measure_insertion_start()}", flush=True)
+    start_file = RESULTS / "insertion_start.json"
+    for tag in (v[: -len("+bam")] for v in variants if v.endswith("+bam")):
+        if tag not in (json.loads(start_file.read_text()) if start_file.is_file() else {}):
+            print(f"accuracy at insertion: {measure_insertion_start(tag)}", flush=True)
     while queue or running:
         while queue and len(running) < parallel:
             variant, seed = queue.pop(0)
@@ -199,6 +212,15 @@ REPORTS = {
         how="`python scripts/seed_study.py run --study insertion --seeds 1 2 3 4 5`; both arms of a seed see the "
             "same data order and augmentation", marker="insertion-study", plot="insertion_study.png",
         out="insertion.md"),
+    "insertion56": dict(
+        variants=["resnet56.fmnist_long+bam", "resnet56.fmnist_long"],
+        comparisons=[("resnet56.fmnist_long+bam", "resnet56.fmnist_long")],
+        intro="Fashion-MNIST: the shipped `resnet56.fmnist_long` fine-tuned for 5 epochs (cosine from lr 0.01, no "
+              "warm-up, the 15-epoch config's augmentation), with BAM inserted by `--model.add_bam true` (identity "
+              "start) and without; each seed is one run of (two runs at a time, one thread each):",
+        how="`python scripts/seed_study.py run --study insertion56 --seeds 1 2 3`; both arms of a seed see the same "
+            "data order and augmentation", marker="insertion56-study", plot="insertion56_study.png",
+        out="insertion56.md"),
 }
 
 
@@ -232,15 +254,17 @@ def report(plot: Path, which: str = "from_scratch") -> str:
             lines.append(f"| `{a}` − `{b}` | {diff:+.2f} points | [{low:+.2f}, {high:+.2f}] |")
             verdicts.append(_verdict(a, b, diff, low, high))
     lines += [""] + verdicts
-    start_file = RESULTS / "insertion_start.json"
-    start = json.loads(start_file.read_text()) if which == "insertion" and start_file.is_file() else None
-    if start:
+    start_file, tag = RESULTS / "insertion_start.json", spec["variants"][-1]
+    start = json.loads(start_file.read_text()) if which.startswith("insertion") and start_file.is_file() else {}
+    if tag in start:
         lines += ["", f"Test top-1 at insertion, before any training (`bam_zoo.evaluate.measure` of "
-                  f"`create_model('resnet20.fmnist', pretrained=True, add_bam=...)`): {start['resnet20.fmnist']:.2f} "
-                  f"without BAM, {start['resnet20.fmnist+bam']:.2f} with it."]
+                  f"`create_model('{tag}', pretrained=True, add_bam=...)`): {start[tag]:.2f} "
+                  f"without BAM, {start[tag + '+bam']:.2f} with it."]
         for variant in data:
             for runs in data[variant].values():
                 runs["curve"] = [start[variant], *runs["curve"]] if runs["curve"] else []
+    else:
+        start = {}
     lines += _gamma_table(data)
     if data:
         _plot(data, plot, first_epoch=0 if start else 1)
@@ -330,7 +354,8 @@ def main() -> None:
     run.add_argument("--parallel", type=int, default=2, help="runs at once (each gets OMP_NUM_THREADS=1)")
     show = sub.add_parser("report", help="print the tables and write the plot")
     show.add_argument("--study", choices=sorted(REPORTS), default="from_scratch",
-                      help="from_scratch: bam_vs_plain and fusion; insertion: add_bam onto resnet20.fmnist")
+                      help="from_scratch: bam_vs_plain and fusion; insertion / insertion56: add_bam onto "
+                           "resnet20.fmnist / resnet56.fmnist_long")
     args = parser.parse_args()
     if args.action == "run":
         run_study(STUDIES[args.study], args.seeds, args.parallel)

@@ -97,3 +97,18 @@ def test_insertion_report_start_gamma_and_verdict(seed_study, tmp_path):
     assert "93.08 without BAM, 93.08 with it" in text
     assert "| `layer1` | 0.020 (0.010 to 0.030) | 0.040 (0.020 to 0.060) | 0.100 (0.100 to 0.100) |" in text
     assert "--study insertion" in text and (tmp_path / "docs" / "insertion.png").stat().st_size > 10_000
+
+
+def test_insertion56_report_reads_its_own_start(seed_study, tmp_path):
+    """The resnet56 insertion study shares insertion_start.json with resnet20's and reports its own tag's start."""
+    results = tmp_path / "results"
+    for seed, (bam, plain) in enumerate([(94.9, 94.8), (94.7, 94.9)], start=1):
+        write_run(results, "resnet56.fmnist_long+bam", seed, bam, [94.5, bam])
+        write_run(results, "resnet56.fmnist_long", seed, plain, [94.6, plain])
+    (results / "insertion_start.json").write_text(json.dumps(
+        {"resnet20.fmnist": 93.08, "resnet20.fmnist+bam": 93.08, "resnet56.fmnist_long": 94.82,
+         "resnet56.fmnist_long+bam": 94.82}))
+    text = seed_study.report(tmp_path / "docs" / "insertion56.png", "insertion56")
+    assert "`create_model('resnet56.fmnist_long', pretrained=True, add_bam=...)`): 94.82 without BAM, 94.82" in text
+    assert "| `resnet56.fmnist_long+bam` | 2 (1, 2) | 94.80 ± 0.14 |" in text
+    assert "--study insertion56" in text and "resnet20" not in text
