@@ -46,21 +46,22 @@ VARIANTS = {
     "bam_resnet20": ("bam_resnet20", []),
     "resnet20": ("resnet20", []),
     "bam_resnet20_product": ("bam_resnet20", ["--model.model_kwargs", '{"bam_args": {"fusion": "product"}}']),
-    # the insertion study: the shipped plain weights fine-tuned with BAM added (identity start) and without
-    "resnet20.fmnist+bam": ("resnet20", [*FINETUNE, "--model.model_name", "resnet20.fmnist", "--model.add_bam", "true"]),
-    "resnet20.fmnist": ("resnet20", [*FINETUNE, "--model.model_name", "resnet20.fmnist"]),
-    # the same on the flagship's plain twin (same fine-tune recipe, the 15-epoch config's augmentation)
-    "resnet56.fmnist_long+bam": ("resnet56", [*FINETUNE, "--model.model_name", "resnet56.fmnist_long",
-                                              "--model.add_bam", "true"]),
-    "resnet56.fmnist_long": ("resnet56", [*FINETUNE, "--model.model_name", "resnet56.fmnist_long"]),
 }
+# the insertion studies: a shipped plain weight fine-tuned with BAM added (identity start, variant "<tag>+bam") and
+# without (variant "<tag>"), on its architecture's 15-epoch config; study -> (config, tag, seeds, note on the recipe)
+INSERTION_STUDIES = {
+    "insertion": ("resnet20", "resnet20.fmnist", "1 2 3 4 5", ""),
+    "insertion56": ("resnet56", "resnet56.fmnist_long", "1 2 3", ", the 15-epoch config's augmentation"),
+}
+for _arch, _tag, _, _ in INSERTION_STUDIES.values():
+    VARIANTS[f"{_tag}+bam"] = (_arch, [*FINETUNE, "--model.model_name", _tag, "--model.add_bam", "true"])
+    VARIANTS[_tag] = (_arch, [*FINETUNE, "--model.model_name", _tag])
 # README.md's copy of the report sits between these markers
 def readme_block(marker: str) -> re.Pattern:
     return re.compile(rf"(<!-- {marker}:start -->\n).*?(<!-- {marker}:end -->)", re.S)
 
 STUDIES = {"bam_vs_plain": ["bam_resnet20", "resnet20"], "fusion": ["bam_resnet20_product"],
-           "insertion": ["resnet20.fmnist+bam", "resnet20.fmnist"],
-           "insertion56": ["resnet56.fmnist_long+bam", "resnet56.fmnist_long"]}
+           **{study: [f"{tag}+bam", tag] for study, (_, tag, _, _) in INSERTION_STUDIES.items()}}
 
 
 def command(variant: str, seed: int) -> list[str]:
@@ -204,23 +205,14 @@ REPORTS = {
         intro="Fashion-MNIST, the 15-epoch recipe; each seed is one run of (two runs at a time, one thread each):",
         how="`python scripts/seed_study.py run --study bam_vs_plain --seeds 1 2 3 4 5`; `--study fusion` for the "
             "product fusion", marker="seed-study", plot="seed_study.png", out="report.md"),
-    "insertion": dict(
-        variants=["resnet20.fmnist+bam", "resnet20.fmnist"], comparisons=[("resnet20.fmnist+bam", "resnet20.fmnist")],
-        intro="Fashion-MNIST: the shipped `resnet20.fmnist` fine-tuned for 5 epochs (cosine from lr 0.01, no "
-              "warm-up), with BAM inserted by `--model.add_bam true` (identity start) and without; each seed is one "
-              "run of (two runs at a time, one thread each):",
-        how="`python scripts/seed_study.py run --study insertion --seeds 1 2 3 4 5`; both arms of a seed see the "
-            "same data order and augmentation", marker="insertion-study", plot="insertion_study.png",
-        out="insertion.md"),
-    "insertion56": dict(
-        variants=["resnet56.fmnist_long+bam", "resnet56.fmnist_long"],
-        comparisons=[("resnet56.fmnist_long+bam", "resnet56.fmnist_long")],
-        intro="Fashion-MNIST: the shipped `resnet56.fmnist_long` fine-tuned for 5 epochs (cosine from lr 0.01, no "
-              "warm-up, the 15-epoch config's augmentation), with BAM inserted by `--model.add_bam true` (identity "
-              "start) and without; each seed is one run of (two runs at a time, one thread each):",
-        how="`python scripts/seed_study.py run --study insertion56 --seeds 1 2 3`; both arms of a seed see the same "
-            "data order and augmentation", marker="insertion56-study", plot="insertion56_study.png",
-        out="insertion56.md"),
+    **{study: dict(
+        variants=[f"{tag}+bam", tag], comparisons=[(f"{tag}+bam", tag)],
+        intro=f"Fashion-MNIST: the shipped `{tag}` fine-tuned for 5 epochs (cosine from lr 0.01, no warm-up{note}), "
+              "with BAM inserted by `--model.add_bam true` (identity start) and without; each seed is one run of (two "
+              "runs at a time, one thread each):",
+        how=f"`python scripts/seed_study.py run --study {study} --seeds {seeds}`; both arms of a seed see the same "
+            "data order and augmentation", marker=f"{study}-study", plot=f"{study}_study.png", out=f"{study}.md")
+       for study, (_, tag, seeds, note) in INSERTION_STUDIES.items()},
 }
 
 
@@ -255,16 +247,15 @@ def report(plot: Path, which: str = "from_scratch") -> str:
             verdicts.append(_verdict(a, b, diff, low, high))
     lines += [""] + verdicts
     start_file, tag = RESULTS / "insertion_start.json", spec["variants"][-1]
-    start = json.loads(start_file.read_text()) if which.startswith("insertion") and start_file.is_file() else {}
-    if tag in start:
+    measured = json.loads(start_file.read_text()) if which in INSERTION_STUDIES and start_file.is_file() else {}
+    start = measured if tag in measured else {}
+    if start:
         lines += ["", f"Test top-1 at insertion, before any training (`bam_zoo.evaluate.measure` of "
                   f"`create_model('{tag}', pretrained=True, add_bam=...)`): {start[tag]:.2f} "
                   f"without BAM, {start[tag + '+bam']:.2f} with it."]
         for variant in data:
             for runs in data[variant].values():
                 runs["curve"] = [start[variant], *runs["curve"]] if runs["curve"] else []
-    else:
-        start = {}
     lines += _gamma_table(data)
     if data:
         _plot(data, plot, first_epoch=0 if start else 1)
