@@ -1,6 +1,21 @@
 """Helpers shared by several test files (pytest puts this folder on sys.path)."""
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
 import torch
 import torch.nn as nn
+
+
+def load_script(path: Path, name: str) -> ModuleType:
+    """Import a maintainer script that lives outside the package (scripts/, configs/generate.py) as module ``name``,
+    registered in ``sys.modules`` (dataclasses look their module up there)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def randomise_bn(module: nn.Module) -> None:

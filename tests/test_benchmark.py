@@ -1,5 +1,4 @@
 """Smoke test of ``python scripts/benchmark.py``: it runs at tiny sizes and prints ratios (no timing asserted)."""
-import importlib.util
 import os
 import re
 import subprocess
@@ -9,13 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from _helpers import load_script
 from bam_zoo.layers import bam_cpu
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
-_spec = importlib.util.spec_from_file_location("benchmark", SCRIPT)
-benchmark = importlib.util.module_from_spec(_spec)
-sys.modules["benchmark"] = benchmark  # its dataclasses look their module up there
-_spec.loader.exec_module(benchmark)
+benchmark = load_script(SCRIPT, "benchmark")
 
 
 def test_quick_run_prints_ratios(capsys):

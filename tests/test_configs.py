@@ -6,7 +6,6 @@ the recipe (model, optimizer, schedule, loss, augmentation) is the config's own.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import yaml
 
 import bam_zoo
 from bam_zoo.hub import save_pretrained
+from _helpers import load_script
 from bam_zoo.training.cli import cli_main
 from test_training_utils import one_torch_thread  # noqa: F401  (autouse)
 from test_training_utils import REPO, write_cifar, write_fashion_mnist, write_imagefolder
@@ -30,11 +30,7 @@ HEAVY = {"imagenet/bam_resnet101.yaml", "imagenet/bam_resnet152.yaml", "imagenet
 
 
 def load_generator():
-    spec = importlib.util.spec_from_file_location("configs_generate", CONFIGS / "generate.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(CONFIGS / "generate.py", "configs_generate")
 
 
 def test_configs_are_generated_and_up_to_date(capsys: pytest.CaptureFixture) -> None:

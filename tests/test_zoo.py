@@ -1,5 +1,4 @@
 """The shipped zoo: every weight loads by name from the offline mirror and measures what its card says."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -7,6 +6,7 @@ import pytest
 import torch
 
 import bam_zoo
+from _helpers import load_script
 from bam_zoo.evaluate import evaluate
 from bam_zoo.models.pretrained import FASHION_MNIST_TAGS, WEIGHT_METADATA, sha256sum, weight_facts
 
@@ -14,9 +14,7 @@ FMNIST = "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"
 REPO = Path(__file__).resolve().parents[1]
 MODEL_CARD = REPO / "MODEL_CARD.md"
 README = REPO / "README.md"
-_spec = importlib.util.spec_from_file_location("model_card", REPO / "scripts" / "model_card.py")
-model_card = importlib.util.module_from_spec(_spec)  # a maintainer script, outside the package
-_spec.loader.exec_module(model_card)
+model_card = load_script(REPO / "scripts" / "model_card.py", "model_card")  # a maintainer script, outside the package
 
 
 def test_model_card_is_rendered_from_the_weights_configs(tmp_path, monkeypatch):
