@@ -1,13 +1,4 @@
-"""Callbacks: export of the tested weights into a Hub-layout folder, the ``last.ckpt`` writer, predictions.
-
-``LastCheckpoint`` writes ``last.ckpt`` after every epoch and, when the process gets SIGTERM (a
-preempted or cancelled cluster job), at the current step, so ``--ckpt_path last`` loses nothing.
-
-``HubExport`` times training and, when a test run ends (the CLI tests the best checkpoint right after
-``fit``), writes ``config.json`` + ``model.safetensors`` + ``README.md`` through
-:func:`bam_zoo.hub.save_pretrained` and a ``metrics.json`` with test top-1/top-5, per-class accuracy,
-the confusion matrix and the training wall time. Only global rank zero writes.
-"""
+"""Callbacks: the Hub-layout export of the tested weights, the ``last.ckpt`` writer, predictions, test curves."""
 
 from __future__ import annotations
 
@@ -34,11 +25,7 @@ __all__ = ["EpochTestAccuracy", "HubExport", "LastCheckpoint", "PredictionWriter
 
 class EpochTestAccuracy(pl.Callback):
     """Log test top-1 (``test_curve/acc1``) after every validation, for learning curves over seeds.
-
-    Add it with ``--trainer.callbacks+=bam_zoo.training.callbacks.EpochTestAccuracy``. The number is only
-    recorded: checkpoints, the LR schedule and stopping never read it, so the test set stays held out.
-    Every rank evaluates the whole test set (it is small), and rank zero logs it.
-    """
+    Only recorded, nothing selects on it, so the test set stays held out; every rank evaluates all of it."""
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -56,12 +43,10 @@ class EpochTestAccuracy(pl.Callback):
 
 
 class PredictionWriter(BasePredictionWriter):
-    """Write ``predict``'s results, one row per image in the data's order: its path, the top-k labels and their
-    probabilities. Under DDP each rank predicts its share, and rank zero gathers and writes all of them.
+    """Write ``predict``'s top-k labels and probabilities per image, in the data's order; rank zero gathers them.
 
-    CSV (``path, label_1, prob_1, ..., label_k, prob_k``) or, for a ``.json`` file, a list of
-    ``{"path", "labels", "probs"}``, as timm's ``inference.py`` writes them. Images from a DataModule
-    without file names (the in-memory data sets) are named by their position, ``#0``, ``#1`` ...
+    CSV (``path, label_1, prob_1, ...``) or, for ``.json``, a list of ``{"path", "labels", "probs"}`` (timm's
+    ``inference.py`` formats). Images without file names (in-memory data) are named ``#0``, ``#1`` ...
 
     Args:
         file: output file (``.csv`` or ``.json``); ``None`` writes ``<trainer.default_root_dir>/predictions.csv``.
@@ -104,17 +89,13 @@ class PredictionWriter(BasePredictionWriter):
             with open(out, "w", newline="") as f:
                 writer = csv.writer(f)
                 writer.writerow(["path"] + [c for n in range(1, k + 1) for c in (f"label_{n}", f"prob_{n}")])
-                for r in rows:
-                    writer.writerow([r["path"]] + [v for pair in zip(r["labels"], r["probs"]) for v in pair])
+                writer.writerows([r["path"]] + [v for pair in zip(r["labels"], r["probs"]) for v in pair] for r in rows)
         rank_zero_info(f"Wrote {len(rows)} predictions to {out}")
 
 
 class LastCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` for ``last.ckpt`` that also saves the current step when the run gets SIGTERM.
-
-    Lightning stops the loops with ``SIGTERMException`` at the next step boundary; this saves there.
-    Other exceptions save nothing: after a NaN loss, ``last.ckpt`` must stay the last good state.
-    """
+    Other exceptions save nothing: after a NaN loss, ``last.ckpt`` must stay the last good state."""
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException) or trainer.sanity_checking or trainer.state.fn != "fit":
@@ -126,12 +107,11 @@ class LastCheckpoint(ModelCheckpoint):
 
 
 class HubExport(Timer):
-    """Export the evaluated weights and their test results after ``trainer.test``; a ``Timer`` for the training
-    time, which checkpoints carry, so a resumed run adds the earlier runs' time.
+    """After ``trainer.test``, export the evaluated weights, model card and ``metrics.json`` (rank zero only).
+    A ``Timer`` of the training time, which checkpoints carry, so a resumed run adds the earlier runs' time.
 
     Args:
-        dirpath: output folder; ``None`` lets the CLI put it in ``<trainer.default_root_dir>/export``
-            (plain Python use falls back to ``<trainer.default_root_dir>/export`` too).
+        dirpath: output folder; ``None``: ``<trainer.default_root_dir>/export``.
         weights_name: name of the weights on the model card, e.g. ``bam_resnet20.fmnist``;
             ``None`` uses ``<model_name>.<dataset>``.
         enabled: set to false to skip the export (metrics are still logged).
@@ -148,9 +128,6 @@ class HubExport(Timer):
         if self.start_time() is None:  # testing "best" right after fit keeps this run's total
             super().load_state_dict({"time_elapsed": {"train": float(state_dict.get("fit_seconds", 0.0))}})
 
-    def export_dir(self, trainer: pl.Trainer) -> Path:
-        return Path(self.dirpath) if self.dirpath else Path(trainer.default_root_dir) / "export"
-
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.enabled or not trainer.is_global_zero or trainer.sanity_checking:
             return
@@ -159,24 +136,18 @@ class HubExport(Timer):
         hp = pl_module.hparams
         record = self.record(trainer, pl_module)
         model = pl_module.eval_model
-        # inference settings travel with the weights: this data set's normalisation and input size
-        cfg = dict(model.pretrained_cfg)
-        for key in ("mean", "std", "input_size"):
-            if hasattr(datamodule, key):
-                cfg[key] = tuple(getattr(datamodule, key))
-        cfg["num_classes"] = hp.num_classes
-        model.pretrained_cfg = model.default_cfg = cfg
-        out = self.export_dir(trainer)
-        # Own name: a fine-tune of a shipped tag is not that tag (bam_resnet20.fmnist -> bam_resnet20.fmnist_ft_cifar10).
+        # this data set's normalisation and input size travel with the weights
+        data_cfg = {k: tuple(getattr(datamodule, k)) for k in ("mean", "std", "input_size") if hasattr(datamodule, k)}
+        model.pretrained_cfg = model.default_cfg = {**model.pretrained_cfg, **data_cfg, "num_classes": hp.num_classes}
+        out = Path(self.dirpath) if self.dirpath else Path(trainer.default_root_dir) / "export"
+        # a fine-tune of a shipped tag gets a name of its own (bam_resnet20.fmnist -> bam_resnet20.fmnist_ft_cifar10)
         weights_name = self.weights_name or (
             f"{hp.model_name}_ft_{dataset}" if "." in hp.model_name and dataset else
             f"{hp.model_name}.{dataset}" if dataset else hp.model_name)
         card_metrics = {k: 100.0 * record["test"][f"acc{k[-1]}"] for k in ("top1", "top5")
                         if math.isfinite(record["test"].get(f"acc{k[-1]}", math.nan))}
-        save_pretrained(
-            model, out, model_name=weights_name, label_names=hp.label_names, metrics=card_metrics,
-            dataset=dataset, recipe=record["recipe"], model_args=dict(hp.model_kwargs or {}) or None,
-        )
+        save_pretrained(model, out, model_name=weights_name, label_names=hp.label_names, metrics=card_metrics,
+                        dataset=dataset, recipe=record["recipe"], model_args=dict(hp.model_kwargs or {}) or None)
         (out / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
 
     def record(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:

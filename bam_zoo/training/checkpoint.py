@@ -1,10 +1,5 @@
-"""The checkpoint format of ``cli.py fit``, read back without Lightning: the network and what describes it.
-
-A ``.ckpt`` is Lightning's dict: :class:`~bam_zoo.training.ImageClassifier`'s ``hyper_parameters`` rebuild the
-network, its ``state_dict`` holds the weights under ``model.`` (and the EMA copy under ``model_ema.module.``),
-and each ``ModelCheckpoint`` callback's state holds its best monitored score. This module is the one place
-that knows it; ``bam_zoo.hub.push`` and the scripts read checkpoints through it.
-"""
+"""The one place that knows the ``cli.py fit`` checkpoint format: reads the network and its facts without Lightning.
+``hyper_parameters`` rebuild the network, ``state_dict`` holds it under ``model.`` (EMA: ``model_ema.module.``)."""
 
 from __future__ import annotations
 
@@ -22,7 +17,6 @@ from bam_zoo.models.convert import check_keys, read_checkpoint
 __all__ = ["FitCheckpoint", "decode_fit_checkpoint", "read_fit_checkpoint"]
 
 MODEL_PREFIX, EMA_PREFIX = "model.", "model_ema.module."
-#: ModelCheckpoint monitors whose best score is a card metric, and its key there
 MONITORED = {"val/acc1": "val_top1", "val/acc5": "val_top5"}
 
 
@@ -42,10 +36,8 @@ class FitCheckpoint:
 def read_fit_checkpoint(path: str | Path, trust_checkpoint_code: bool = False) -> FitCheckpoint:
     """Read a ``.ckpt`` of ``cli.py fit`` with torch's ``weights_only`` loader (unless trusted) and decode it.
 
-    Raises:
-        CorruptCheckpointError: The file is not a Lightning checkpoint of bam-zoo.
-        UnsafeCheckpointError: The pickle needs more than ``weights_only`` allows, and it is not trusted.
-        CheckpointKeysError: The weights do not fit the network its hyperparameters describe.
+    Raises CorruptCheckpointError (not a bam-zoo Lightning checkpoint), UnsafeCheckpointError (an untrusted pickle
+    that needs more than ``weights_only``) or CheckpointKeysError (the weights do not fit their hyperparameters).
     """
     try:
         ckpt = read_checkpoint(path, trust_checkpoint_code=trust_checkpoint_code)
@@ -61,12 +53,8 @@ def read_fit_checkpoint(path: str | Path, trust_checkpoint_code: bool = False) -
 def decode_fit_checkpoint(ckpt: Mapping[str, Any], source: str, ema: bool | None = None) -> FitCheckpoint:
     """The network and facts of a loaded ``cli.py fit`` checkpoint; ``source`` names its file in errors.
 
-    ``ema=False`` loads the weights SGD reached; otherwise the EMA weights where the run kept them, as the run
-    validated, tested and exported them.
-
-    Raises:
-        CorruptCheckpointError: It has no ``state_dict`` or no ``hyper_parameters.model_name``.
-        CheckpointKeysError: The weights do not fit the network its hyperparameters describe.
+    ``ema=False`` loads the weights SGD reached, else the EMA weights where the run kept them (as it tested them).
+    Raises CorruptCheckpointError (no ``state_dict`` or ``hyper_parameters.model_name``) or CheckpointKeysError.
     """
     hp, state = dict(ckpt.get("hyper_parameters") or {}), ckpt.get("state_dict")
     if not isinstance(state, Mapping) or not isinstance(hp.get("model_name"), str):
@@ -81,7 +69,7 @@ def decode_fit_checkpoint(ckpt: Mapping[str, Any], source: str, ema: bool | None
                f"{hp['model_name']}, num_classes, in_chans, model_kwargs) describe another network: pass a checkpoint "
                "`cli.py fit` wrote, unchanged, or the export folder of its run.")
     model.load_state_dict(weights, strict=True)
-    metrics = {}  # the best checkpoint's monitored accuracy, as a percentage like every other card metric
+    metrics = {}  # ModelCheckpoint's best monitored accuracy, in percent like every card metric
     for key, cb in (ckpt.get("callbacks") or {}).items():
         monitor, score = (cb.get("monitor"), cb.get("best_model_score")) if isinstance(cb, Mapping) else (None, None)
         if str(key).startswith("ModelCheckpoint") and monitor in MONITORED and score is not None:

@@ -1,18 +1,11 @@
-"""``BamZooCLI``: LightningCLI with bam-zoo's defaults (fit / validate / test / predict).
-
-It links the data's ``num_classes``, ``in_chans`` and ``classes`` into the model; always adds the best and
-``last.ckpt`` checkpoints (under ``<trainer.default_root_dir>/checkpoints``, so ``--ckpt_path last`` finds
-them), the LR monitor, the export and the prediction writer; tests the best checkpoint after ``fit``; and
-refuses, in one line and before anything runs, what would fail deep inside a run: a missing ``--ckpt_path``,
-a pickle torch's ``weights_only`` loader refuses, ``sync_batchnorm`` without GPUs, an unknown option,
-LightningCLI's ``--optimizer``. docs/training.md describes the options.
-"""
+"""``BamZooCLI``: LightningCLI with bam-zoo's defaults (fit / validate / test / predict); docs/training.md.
+It refuses in one line, before anything runs, what would fail deep inside a run."""
 
 from __future__ import annotations
 
 import difflib
-import importlib
 import inspect
+import pkgutil
 import re
 import sys
 from pathlib import Path
@@ -46,28 +39,20 @@ _ONE_OPTIMIZER = (
 )
 
 
-def _options(parser: ArgumentParser) -> list[str]:
-    return [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
-
-
 def explain_parse_error(message: str, parser: ArgumentParser) -> str:
     """One line for a command-line or config error: the unknown key and the closest valid one, if any.
-
-    jsonargparse reports an unknown key in three shapes (a flag, a config key, a DataModule argument);
-    a user needs the key and its likely spelling, not the usage of all ~130 options.
-    """
+    jsonargparse reports an unknown key in three shapes: a flag, a config key, a DataModule argument."""
     prog = parser.prog.replace(" [options]", "")
     more = f" (`{prog} --help` lists every option)"
-    key, candidates = None, _options(parser)
+    key, candidates = None, [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
     for pattern in _UNKNOWN_OPTION:
         if match := pattern.search(message):
             key = match.group(1) if match.group(1).startswith("--") else f"--{match.group(1)}"
             break
     if match := _UNKNOWN_INIT_ARG.search(message):
         group, class_path, name = match.groups()
-        module, _, class_name = class_path.rpartition(".")
-        init = getattr(importlib.import_module(module), class_name).__init__
         key = f"--{group}.{name}"
+        init = pkgutil.resolve_name(class_path).__init__
         candidates = [f"--{group}.{p}" for p in inspect.signature(init).parameters if p != "self"]
     if key is None:
         return " ".join(line.strip() for line in message.strip().splitlines()) + more
@@ -89,15 +74,9 @@ class BamZooArgumentParser(LightningArgumentParser):
 
 
 def sync_batchnorm_problem(sync_batchnorm: bool, accelerator: Any) -> str | None:
-    """Why ``sync_batchnorm`` cannot work with this accelerator, or ``None`` when it can.
-
-    PyTorch's SyncBatchNorm only runs on GPU modules; on CPU it fails mid-training with
-    "SyncBatchNorm expected input tensor to be on GPU".
-    """
-    if not sync_batchnorm:
-        return None
+    """Why ``sync_batchnorm`` cannot work with this accelerator (on CPU it fails mid-training), or ``None``."""
     name = str(getattr(accelerator, "value", accelerator) or "auto").lower()
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+    if sync_batchnorm and (name == "cpu" or (name == "auto" and not torch.cuda.is_available())):
         return (
             "--trainer.sync_batchnorm true needs GPUs: PyTorch's SyncBatchNorm only works on GPU modules "
             "(BAM's BatchNorm1d included). On CPU leave it off (each process keeps its own BatchNorm "
@@ -110,13 +89,8 @@ BatchCount = Union[int, float, None]  # int first: spelled flat, so typing's cac
 
 
 class BatchCountTrainer(pl.Trainer):
-    """Lightning's Trainer whose ``limit_*_batches`` and ``overfit_batches`` read ``1`` as one batch.
-
-    Lightning means ``1`` as one batch and ``1.0`` as all of them, but its annotation reaches jsonargparse as
-    ``Union[float, int, None]`` (typing caches equal unions), which parses ``--trainer.limit_train_batches 1``
-    and YAML ``1`` as ``1.0``: a smoke run silently trained whole epochs. The int-first annotation keeps
-    ``1`` an int; ``1.0`` and ``0.25`` stay fractions.
-    """
+    """Lightning's Trainer whose ``limit_*_batches`` and ``overfit_batches`` read ``1`` as one batch, not all.
+    Lightning's annotation reaches jsonargparse as ``Union[float, int, None]``, which parses ``1`` as ``1.0``."""
 
     def __init__(self, *, limit_train_batches: BatchCount = None, limit_val_batches: BatchCount = None,
                  limit_test_batches: BatchCount = None, limit_predict_batches: BatchCount = None,
@@ -130,32 +104,21 @@ class BamZooCLI(LightningCLI):
     """LightningCLI for ``ImageClassifier`` with any bam-zoo DataModule (``--data.class_path``)."""
 
     def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any) -> None:
-        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        kwargs.setdefault("subclass_mode_data", True)
-        kwargs.setdefault("auto_configure_optimizers", False)  # model.optimizer / model.scheduler choose them
-        kwargs.setdefault("parser_class", BamZooArgumentParser)
-        kwargs.setdefault("trainer_class", BatchCountTrainer)
-        kwargs.setdefault("parser_kwargs", {"description": (
-            "Train and evaluate bam-zoo models (fit / validate / test / predict). "
-            "The other subcommands are tools (push: weights to the Hugging Face Hub); `bam-zoo TOOL --help`."
-        )})
-        super().__init__(ImageClassifier, pl.LightningDataModule, args=args, run=run, **kwargs)
+        defaults = dict(parser_class=BamZooArgumentParser, trainer_class=BatchCountTrainer, subclass_mode_data=True,
+                        save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,  # --model.optimizer's
+                        parser_kwargs={"description": "Train and evaluate bam-zoo models (fit / validate / test / "
+                                       "predict). The other subcommands are tools (push: weights to the Hugging Face "
+                                       "Hub); `bam-zoo TOOL --help`."})
+        super().__init__(ImageClassifier, pl.LightningDataModule, args=args, run=run, **{**defaults, **kwargs})
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({
-            "checkpoint.monitor": "val/acc1", "checkpoint.mode": "max", "checkpoint.save_last": False,
-            "checkpoint.filename": "best-{epoch:03d}", "checkpoint.auto_insert_metric_name": False,
-        })
-        # A separate, unmonitored callback writes last.ckpt every epoch: Lightning 2.6's save_last only
-        # saves when the monitored checkpoint was saved too, which would leave last.ckpt stale after
-        # epochs that did not improve val/acc1, and --ckpt_path last would redo them. It also saves the
-        # current step on SIGTERM.
+        parser.set_defaults({"checkpoint.monitor": "val/acc1", "checkpoint.mode": "max", "checkpoint.save_last": False,
+                             "checkpoint.filename": "best-{epoch:03d}", "checkpoint.auto_insert_metric_name": False})
+        # last.ckpt every epoch (and on SIGTERM): save_last only saves with the monitored checkpoint
         parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
-        parser.set_defaults({
-            "last_checkpoint.filename": "last", "last_checkpoint.monitor": None, "last_checkpoint.save_top_k": 1,
-            "last_checkpoint.enable_version_counter": False,
-        })
+        parser.set_defaults({"last_checkpoint.filename": "last", "last_checkpoint.monitor": None,
+                             "last_checkpoint.save_top_k": 1, "last_checkpoint.enable_version_counter": False})
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.add_lightning_class_args(HubExport, "export")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
@@ -180,15 +143,15 @@ class BamZooCLI(LightningCLI):
         if problem:
             parser.error(problem)
         root = Path(trainer.get("default_root_dir") or ".")
-        for key in ("checkpoint", "last_checkpoint"):
+        for key, folder in (("checkpoint", "checkpoints"), ("last_checkpoint", "checkpoints"), ("export", "export")):
             if config.get(key) is not None and config[key].get("dirpath") is None:
-                config[key].dirpath = str(root / "checkpoints")
+                config[key].dirpath = str(root / folder)
         if ckpt_path == "last" and config.get("last_checkpoint") is not None:
             folder = Path(config.last_checkpoint.dirpath)
             if not (folder.is_dir() and any(folder.glob("last*.ckpt"))):
                 if subcommand != "fit":
-                    raise CheckpointNotFoundError(f"--ckpt_path last: {folder} holds no last.ckpt. Pass the "
-                                                  "--trainer.default_root_dir of the run that wrote it, or a .ckpt path.")
+                    raise CheckpointNotFoundError(f"--ckpt_path last: {folder} holds no last.ckpt. Pass the --trainer."
+                                                  "default_root_dir of the run that wrote it, or a .ckpt path.")
                 print(f"bam-zoo: --ckpt_path last: no last.ckpt in {folder} yet, so training starts from scratch",
                       file=sys.stderr)
                 config.ckpt_path = None
@@ -199,23 +162,16 @@ class BamZooCLI(LightningCLI):
         argv = sys.argv[1:] if args is None else args
         self._refuse_untrusted_pickles(config, not isinstance(argv, (list, tuple)) or any(
             str(a).split("=")[0] == f"--{TRUST_OPTION}" for a in argv))
-        if config.get("export") is not None and config.export.get("dirpath") is None:
-            config.export.dirpath = str(root / "export")
 
     @staticmethod
     def _refuse_untrusted_pickles(config: Any, on_command_line: bool) -> None:
-        """Refuse, before anything runs, the checkpoints torch's restricted loader would refuse: one line naming
-        what the pickle needs, instead of Lightning's or timm's traceback from deep inside the run.
-
-        Lightning (``--ckpt_path``) and timm (``--model.pretrained_file``) read these files themselves, with
-        ``weights_only=True``; ``--trust_checkpoint_code true`` lets the globals such a file names through the
-        restricted loader, and Lightning's restore of a ``--ckpt_path`` unpickle fully. It is taken from the
-        command line only: a config file (a run's ``recipe.yaml`` on the Hub, say) may come from anyone.
-        """
+        """Refuse up front, in one line, the checkpoints torch's ``weights_only`` loader would refuse mid-run.
+        ``--trust_checkpoint_code true`` lets their globals through; command line only, as config files get shared."""
         trusted = bool(config.get(TRUST_OPTION))
         if trusted and not on_command_line:
             raise TrainingError(f"A config file sets {TRUST_OPTION}: true, which is taken from the command line only "
-                                f"(configs get shared): pass --{TRUST_OPTION} true yourself, for checkpoints you trust.")
+                                f"(configs get shared): pass --{TRUST_OPTION} true yourself, for checkpoints you "
+                                "trust.")
         if "weights_only" in config:
             if config.weights_only is False and not trusted:
                 raise TrainingError(f"--weights_only false unpickles checkpoints fully, which runs any code they hold: "
@@ -231,15 +187,11 @@ class BamZooCLI(LightningCLI):
         weights = Path(pretrained_file).expanduser() if pretrained_file else None
         if weights is not None and weights.is_file() and weights.suffix != ".safetensors":
             files.append(weights)
-        for path in files:
-            refusal = unpickle_refusal(path)
-            if refusal is None:
-                continue
+        for refusal in filter(None, map(unpickle_refusal, files)):
             if not trusted:
                 raise refusal
-            # Lightning reads --ckpt_path's hyperparameters, and timm a pretrained file, with weights_only=True
-            # whatever the config says: let exactly the globals this trusted file names through
-            torch.serialization.add_safe_globals([_named_global(name) for name in refusal.refused])
+            # Lightning and timm load with weights_only=True whatever the config says: allow this file's globals
+            torch.serialization.add_safe_globals([pkgutil.resolve_name(name) for name in refusal.refused])
 
     def after_instantiate_classes(self) -> None:
         """Predict with the checkpoint's own network when the data names no classes (``ImageFilesDataModule``)."""
@@ -263,15 +215,8 @@ class BamZooCLI(LightningCLI):
         """Test the best checkpoint (or the final weights when none was saved); this writes the export."""
         if not self._get(self.config, "test_after_fit", True) or self.trainer.interrupted:
             return
-        checkpoint = self.trainer.checkpoint_callback
-        best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
+        best = getattr(self.trainer.checkpoint_callback, "best_model_path", None) or None
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best)
-
-
-def _named_global(name: str) -> Any:
-    """The object a pickle's ``GLOBAL module.name`` refers to (importing ``module``: for trusted files only)."""
-    module, _, attr = name.rpartition(".")
-    return getattr(importlib.import_module(module), attr)
 
 
 def cli_main(args: list[str] | None = None) -> BamZooCLI:

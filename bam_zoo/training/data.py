@@ -1,13 +1,8 @@
-"""DataModules: Fashion-MNIST (the default), MNIST, CIFAR-10/100 held in memory, and ImageFolder.
+"""DataModules: Fashion-MNIST (the default), MNIST, digits, CIFAR-10/100 in memory; ImageFolder; image files.
 
-The small data sets live as ``uint8`` tensors in memory and are augmented a whole batch at a time on
-the training device (:class:`BatchAugment` in ``on_after_batch_transfer``): per-image PIL transforms
-in worker processes would be the bottleneck on a 2-core machine, and ``uint8`` batches cost a quarter
-of the host-to-device bandwidth of ``float32`` ones. ImageFolder (ImageNet layout) uses timm's
-``create_transform`` in worker processes, as images have to be decoded anyway.
-
-Every DataModule exposes ``num_classes``, ``in_chans``, ``classes`` (label names), ``mean``, ``std``
-and ``input_size`` before ``setup``, so the CLI can link them into the model and the export.
+The small sets stay ``uint8`` in memory and are augmented a batch at a time on the device (:class:`BatchAugment`),
+as per-image PIL transforms in workers would be the bottleneck on few cores. The CLI links ``num_classes``,
+``in_chans`` and ``classes`` of every DataModule into the model before ``setup``.
 """
 
 from __future__ import annotations
@@ -28,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, default_convert, random_split
 from torchvision import datasets
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import find_classes, is_image_file
+from torchvision.datasets.folder import is_image_file
 
 from bam_zoo.errors import DatasetDownloadError, DatasetNotFoundError, NoImagesError, TrainingError
 from bam_zoo.models.pretrained import FASHION_MNIST_LABELS, FASHION_MNIST_MEAN, FASHION_MNIST_STD
@@ -42,18 +37,14 @@ FASHION_MNIST_DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 
 
 class BatchAugment(nn.Module):
-    """Random crop with zero padding, horizontal flip and normalisation of a whole ``uint8`` batch.
-
-    Equivalent to torchvision's ``RandomCrop(size, padding)`` + ``RandomHorizontalFlip`` +
-    ``ToTensor`` + ``Normalize`` per image, but done with a handful of tensor ops on the device.
+    """torchvision's ``RandomCrop(size, padding)`` + ``RandomHorizontalFlip`` + ``Normalize``, on a whole batch.
 
     Args:
         mean: per-channel mean of the data in [0, 1].
         std: per-channel standard deviation of the data in [0, 1].
         padding: zero padding on each side before the random crop; 0 disables cropping.
         hflip: probability of flipping an image horizontally.
-        erasing: probability of timm's random erasing per image (a random rectangle of normal noise, after
-            normalisation; Zhong et al. 2020); 0 disables it.
+        erasing: probability of timm's random erasing (noise rectangle) per image; 0 disables it.
     """
 
     def __init__(self, mean: Sequence[float], std: Sequence[float], padding: int = 0, hflip: float = 0.0,
@@ -65,11 +56,7 @@ class BatchAugment(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Augment and normalise ``x`` (N, C, H, W), ``uint8`` in [0, 255] or float in [0, 1].
-
-        Crop and flip are one gather on the (still ``uint8``) batch: the flip is folded into the gather's
-        column indices, and normalisation runs in place on the one float copy, so the whole pipeline makes
-        three passes over the batch (measured by ``python scripts/benchmark.py --case pipeline``).
-        """
+        Crop and flip are one gather on the ``uint8`` batch; normalisation runs in place on its one float copy."""
         n, c, h, w = x.shape
         if self.padding > 0 or self.hflip > 0:
             p = self.padding
@@ -85,12 +72,9 @@ class BatchAugment(nn.Module):
             batch = torch.arange(n, device=x.device).view(n, 1, 1)
             # advanced indices around a slice put the indexed dims first: (N, H, W, C)
             x = x[batch, :, rows, cols + dx].permute(0, 3, 1, 2)
-        if x.dtype == torch.uint8:  # (x / 255 - mean) / std, folded into one subtract and one divide
-            x = x.float().sub_(self.mean * 255.0).div_(self.std * 255.0)
-        else:
-            x = x.float().sub(self.mean).div_(self.std)
-        x = x.contiguous()
-        if self.erasing > 0:  # in place, image by image (a few microseconds each)
+        scale = 255.0 if x.dtype == torch.uint8 else 1.0  # (x / 255 - mean) / std: one subtract, one divide
+        x = x.to(torch.float32, copy=True).sub_(self.mean * scale).div_(self.std * scale).contiguous()
+        if self.erasing > 0:
             RandomErasing(self.erasing, mode="pixel", device=x.device)(x)
         return x
 
@@ -104,20 +88,13 @@ class _TensorBatches(TensorDataset):
 
 def _materialise(split: Subset, limit: int | None) -> _TensorBatches:
     """One split as tensors of its own: its first ``limit`` images (a random sample), else all in file order.
-
-    File order, not the split's random order: the shipped weights were trained in it, and a seeded run's
-    batches depend on it.
-    """
+    File order, not the split's random order: the shipped weights were trained in it."""
     indices = torch.as_tensor(split.indices[:limit] if limit else sorted(split.indices), dtype=torch.long)
     return _TensorBatches(*(tensor[indices] for tensor in split.dataset.tensors))
 
 
 def read_idx(path: str | os.PathLike) -> torch.Tensor:
-    """Read an IDX file (the MNIST format), plain or gzip-compressed, as a ``uint8`` tensor.
-
-    torchvision only reads the uncompressed files in its own folder layout; Debian ships them
-    gzipped in a flat folder, so bam-zoo reads both.
-    """
+    """Read an IDX file (the MNIST format), plain or gzip-compressed (as Debian ships them), as a ``uint8`` tensor."""
     path = Path(path)
     with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
         data = f.read()
@@ -140,9 +117,6 @@ class _SplitDataModule(pl.LightningDataModule):
     def input_size(self) -> tuple[int, int, int]:
         return (self.in_chans, self.image_size, self.image_size)
 
-    def _loader(self, split: str) -> DataLoader:
-        raise NotImplementedError
-
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")
 
@@ -152,22 +126,19 @@ class _SplitDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")
 
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test")
+    predict_dataloader = test_dataloader
 
 
 class InMemoryDataModule(_SplitDataModule):
     """Base of the DataModules whose whole data set fits in memory as ``uint8`` tensors.
 
-    Subclasses set the class attributes and implement ``_load(train)`` and ``_missing()``.
-    The validation split is carved from the official training set by ``random_split`` with a fixed seed,
-    so BAM models and their baselines are always compared on the same images; the official test set is
-    the test set.
+    Subclasses set the class attributes and implement ``_load(train)`` (``uint8`` images (N, C, H, W), labels) and
+    ``_missing()`` (files not under ``root``). A seeded ``random_split`` of the training set holds out validation.
 
     Args:
-        root: folder with the data set files. ``None`` uses the class default (``default_root``).
+        root: folder with the data set files; ``None``: the class default (``default_root``).
         download: download the data set with torchvision when it is not found under ``root``.
-        batch_size: training batch size per process (DDP multiplies it by the number of processes).
+        batch_size: training batch size per process.
         eval_batch_size: batch size for validation and test; ``None`` uses ``2 * batch_size``.
         val_size: number of training images held out for validation (0 disables validation).
         split_seed: seed of the ``random_split`` that chooses the validation images.
@@ -175,7 +146,7 @@ class InMemoryDataModule(_SplitDataModule):
         hflip: probability of a horizontal flip.
         erasing: probability of random erasing per training image (:class:`BatchAugment`); 0 disables it.
         class_subset: keep only these class indices (relabelled 0..k-1 in the given order).
-        limit_train: keep only this many training images (after the split); for quick runs and tests.
+        limit_train: keep only this many training images (after the split).
         limit_val: keep only this many validation images.
         limit_test: keep only this many test images (a fixed random subset).
     """
@@ -211,24 +182,14 @@ class InMemoryDataModule(_SplitDataModule):
     @property
     def classes(self) -> list[str]:
         """Label names, in label order."""
-        if self.class_subset is None:
-            return list(self.class_names)
-        return [self.class_names[i] for i in self.class_subset]
-
-    def _load(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(images uint8 (N, C, H, W), labels int64 (N,))``; raise DatasetNotFoundError if absent."""
-        raise NotImplementedError
-
-    def _missing(self) -> list[str]:
-        """The data set's files that are not under ``root`` (yet)."""
-        raise NotImplementedError
+        return list(self.class_names) if self.class_subset is None else [self.class_names[i] for i in self.class_subset]
 
     def prepare_data(self) -> None:
         """Download on one process per node; nothing to do when the files are there."""
         if self.download and self._missing():
             try:
                 self.torchvision_class(str(self.root), train=True, download=True)  # fetches both splits
-            except (OSError, RuntimeError) as error:  # urllib's URLError is an OSError; torchvision's mirrors raise RuntimeError
+            except (OSError, RuntimeError) as error:  # URLError is an OSError; torchvision's mirrors raise RuntimeError
                 fetch = (f"python -c \"import torchvision; torchvision.datasets.{self.torchvision_class.__name__}"
                          f"('{self.root}', download=True)\"")
                 raise DatasetDownloadError(self.human_name, self.root, getattr(error, "reason", error), fetch) from None
@@ -260,8 +221,7 @@ class InMemoryDataModule(_SplitDataModule):
         if dataset is None:
             raise RuntimeError("call setup() before asking for a dataloader")
         batch_size = self.batch_size if train else self.eval_batch_size
-        # drop_last keeps every training batch even-sized and full, as timm's Mixup requires;
-        # __getitems__ returns whole batches, which default_convert passes through as they are
+        # drop_last: timm's Mixup needs full, even-sized batches; default_convert passes __getitems__'s batches on
         return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train and len(dataset) >= batch_size,
                           collate_fn=default_convert, num_workers=0)
 
@@ -273,9 +233,16 @@ class InMemoryDataModule(_SplitDataModule):
         return augment.to(x.device)(x), y
 
 
-class _IDXDataModule(InMemoryDataModule):
-    """MNIST-format data sets: four IDX files, plain or ``.gz``, flat or in torchvision's layout."""
+class MNISTDataModule(InMemoryDataModule):
+    """MNIST digits: four IDX files, plain or ``.gz``, in a flat folder or torchvision's ``root/MNIST/raw``."""
 
+    name = "mnist"
+    human_name = "MNIST"
+    torchvision_class = datasets.MNIST
+    class_names = tuple(str(i) for i in range(10))
+    mean = (0.1307,)
+    std = (0.3081,)
+    default_hflip = 0.0  # digits are not flipped
     files = {
         True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
         False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -302,12 +269,9 @@ class _IDXDataModule(InMemoryDataModule):
         return images.unsqueeze(1), labels.long()
 
 
-class FashionMNISTDataModule(_IDXDataModule):
+class FashionMNISTDataModule(MNISTDataModule):
     """Fashion-MNIST: 28x28 grey images of 10 clothing classes; 60k train (55k + 5k val), 10k test.
-
-    Reads Debian's ``dataset-fashion-mnist`` files by default. Normalisation uses the training set's
-    mean 0.2860 and std 0.3530.
-    """
+    Reads Debian's ``dataset-fashion-mnist`` files by default."""
 
     name = "fashion_mnist"
     human_name = "Fashion-MNIST"
@@ -317,28 +281,12 @@ class FashionMNISTDataModule(_IDXDataModule):
     class_names = FASHION_MNIST_LABELS
     mean = FASHION_MNIST_MEAN
     std = FASHION_MNIST_STD
-
-
-class MNISTDataModule(_IDXDataModule):
-    """MNIST digits (torchvision layout ``root/MNIST/raw`` or a flat folder); no flips by default."""
-
-    name = "mnist"
-    human_name = "MNIST"
-    torchvision_class = datasets.MNIST
-    class_names = tuple(str(i) for i in range(10))
-    mean = (0.1307,)
-    std = (0.3081,)
-    default_hflip = 0.0
+    default_hflip = 0.5
 
 
 class DigitsDataModule(InMemoryDataModule):
-    """scikit-learn's bundled handwritten digits (UCI; 1,797 8x8 grey images of 0-9), as 28x28 images.
-
-    It installs with scikit-learn and needs no download, so a fine-tuning demo runs on any machine. Each
-    digit is scaled to 24x24 in a 28x28 frame (MNIST's layout). There is no official split: a fixed random
-    497 images are the test set and the other 1,300 the training set (``val_size`` of them held out).
-    Mean and std are those of the 1,300 training images.
-    """
+    """scikit-learn's bundled digits (1,797 8x8 images of 0-9; no download), scaled to 24x24 in a 28x28 frame.
+    A fixed random 497 images are the test set and the other 1,300 the training set (``val_size`` held out)."""
 
     name = "digits"
     human_name = "scikit-learn digits"
@@ -365,16 +313,17 @@ class DigitsDataModule(InMemoryDataModule):
         return x[keep].mul(255).round().to(torch.uint8), torch.as_tensor(digits.target)[keep]
 
 
-class _CIFARDataModule(InMemoryDataModule):
-    """CIFAR as torchvision reads it (``root/cifar-10-batches-py``, ``root/cifar-100-python``), md5-checked.
+class CIFAR10DataModule(InMemoryDataModule):
+    """CIFAR-10: 32x32 colour images of 10 classes, as torchvision reads them (``root/cifar-10-batches-py``).
+    Label names come from the files' meta file: with ``download`` the files are fetched when first asked for."""
 
-    The label names are torchvision's (``classes``, from the files' own meta file), so they are known only
-    once the files are there: with ``download`` the files are fetched when the names are first asked for,
-    which the CLI does before it builds the model.
-    """
-
+    name = "cifar10"
+    human_name = "CIFAR-10"
+    torchvision_class = datasets.CIFAR10
     in_chans = 3
     image_size = 32
+    mean = (0.4914, 0.4822, 0.4465)
+    std = (0.2470, 0.2435, 0.2616)
 
     @functools.cached_property
     def class_names(self) -> tuple[str, ...]:  # type: ignore[override]
@@ -402,17 +351,7 @@ class _CIFARDataModule(InMemoryDataModule):
         return torch.from_numpy(split.data).permute(0, 3, 1, 2).contiguous(), torch.as_tensor(split.targets)
 
 
-class CIFAR10DataModule(_CIFARDataModule):
-    """CIFAR-10: 32x32 colour images of 10 classes (``root/cifar-10-batches-py``)."""
-
-    name = "cifar10"
-    human_name = "CIFAR-10"
-    torchvision_class = datasets.CIFAR10
-    mean = (0.4914, 0.4822, 0.4465)
-    std = (0.2470, 0.2435, 0.2616)
-
-
-class CIFAR100DataModule(_CIFARDataModule):
+class CIFAR100DataModule(CIFAR10DataModule):
     """CIFAR-100: 32x32 colour images of 100 fine classes (``root/cifar-100-python``), the BAM paper's set."""
 
     name = "cifar100"
@@ -457,24 +396,21 @@ def image_loader(in_chans: int) -> Callable[[str], Image.Image]:
 class ImageFolderDataModule(_SplitDataModule):
     """Images in class folders (ImageNet layout: ``root/train/<class>/*.JPEG``, ``root/val/<class>/*``).
 
-    Transforms come from timm's ``create_transform``: RandomResizedCrop + flip for training (the
-    BAM paper's ImageNet recipe at ``img_size=224``), resize + centre crop for evaluation. ImageNet has
-    no labelled test split, so ``test_split`` defaults to the validation folder. Grey images train a
-    1-channel model: ``in_chans`` is read from the first training image unless given, and every image is
-    converted to it, so a folder mixing modes still gives tensors of one shape.
+    timm's ``create_transform`` (RandomResizedCrop + flip for training, resize + centre crop for evaluation).
+    Every image is converted to ``in_chans``, so a folder mixing modes gives tensors of one shape.
 
     Args:
         root: folder holding the split folders.
         train_split: training folder name under ``root``.
         val_split: validation folder name under ``root``.
-        test_split: test folder name under ``root``.
+        test_split: test folder name under ``root`` (ImageNet has no labelled test split: the validation one).
         img_size: training crop and evaluation size.
         crop_pct: evaluation centre-crop ratio (0.875 = resize to 256, crop 224).
         batch_size: training batch size per process.
         eval_batch_size: validation/test batch size; ``None`` uses ``batch_size``.
         num_workers: decoding worker processes per training process.
         scale: RandomResizedCrop area range.
-        color_jitter: colour jitter strength (0 disables it; the paper used none).
+        color_jitter: colour jitter strength (0 disables it).
         auto_augment: timm auto-augment policy such as ``rand-m9-mstd0.5`` (``None`` disables it).
         interpolation: resize interpolation.
         in_chans: 1 (grey) or 3 (RGB); ``None`` reads it from the first training image (``L``/``I``/``1``: 1).
@@ -499,20 +435,17 @@ class ImageFolderDataModule(_SplitDataModule):
         self.transform_args = dict(scale=tuple(scale), color_jitter=color_jitter, auto_augment=auto_augment,
                                    interpolation=interpolation, crop_pct=crop_pct)  # timm's create_transform's
         self._in_chans, self._mean_arg, self._std_arg = in_chans, mean, std
-        self._classes: list[str] | None = None
-        self._first_image: dict[Path, Path] = {}  # checked split folder -> its first image, for in_chans
+        self._checked: dict[Path, tuple[list[str], Path]] = {}  # split folder -> (its classes, its first image)
         self.datasets: dict[str, Dataset] = {}
 
     def _split_dir(self, split: str) -> Path:
         """The split's folder, checked once: it exists, holds class folders, and each of them holds images."""
         path = self.root / self.splits[split]
-        if path in self._first_image:
+        if path in self._checked:
             return path
         if not path.is_dir():
-            raise DatasetNotFoundError(
-                "ImageFolder data", [self.root], f"the folder '{self.splits[split]}/<class>/<images>'",
-                can_download=False,
-            )
+            raise DatasetNotFoundError("ImageFolder data", [self.root],
+                                       f"the folder '{self.splits[split]}/<class>/<images>'", can_download=False)
         images = {d.name: image_files_under(d) for d in sorted(path.iterdir()) if d.is_dir()}
         if not images:
             raise NoImagesError(f"ImageFolder data: {path} holds no class folders; put each class's images in "
@@ -521,26 +454,20 @@ class ImageFolderDataModule(_SplitDataModule):
         if empty:
             raise NoImagesError(f"ImageFolder data: class folder(s) {', '.join(empty)} in {path} hold no images; "
                                 "add images to them or remove them")
-        self._first_image[path] = next(iter(images.values()))[0]
+        self._checked[path] = (list(images), next(iter(images.values()))[0])
         return path
 
     @property
     def classes(self) -> list[str]:
-        """Class folder names of the training split, sorted (torchvision's label order).
-
-        Every split is checked here, when the CLI links the class count into the model, so a bad folder
-        stops the run before anything is written.
-        """
-        if self._classes is None:
-            for split in dict.fromkeys(self.splits):
-                self._split_dir(split)
-            self._classes = find_classes(str(self._split_dir("train")))[0]
-        return self._classes
+        """Class folder names of the training split, sorted; every split is checked here, before anything runs."""
+        for split in self.splits:
+            self._split_dir(split)
+        return self._checked[self._split_dir("train")][0]
 
     @property
     def in_chans(self) -> int:
         if self._in_chans is None:
-            with Image.open(self._first_image[self._split_dir("train")]) as image:
+            with Image.open(self._checked[self._split_dir("train")][1]) as image:
                 self._in_chans = 1 if image.mode in ("L", "I", "I;16", "F", "1", "LA") else 3
         return self._in_chans
 
@@ -552,24 +479,19 @@ class ImageFolderDataModule(_SplitDataModule):
     def std(self) -> tuple[float, ...]:
         return tuple(self._std_arg or ((0.226,) if self.in_chans == 1 else IMAGENET_DEFAULT_STD))
 
-    def _transform(self, training: bool) -> Any:
-        return create_transform(self.input_size, is_training=training, mean=self.mean, std=self.std,
-                                **self.transform_args)
-
     def setup(self, stage: str | None = None) -> None:
         for split in ("train", "val", "test"):
             if split not in self.datasets:
-                transform = self._transform(training=split == "train")
+                transform = create_transform(self.input_size, is_training=split == "train", mean=self.mean,
+                                             std=self.std, **self.transform_args)
                 self.datasets[split] = ImageFolder(str(self._split_dir(split)), transform=transform,
                                                    loader=image_loader(self.in_chans))
 
     def _loader(self, split: str) -> DataLoader:
         train = split == "train"
-        return DataLoader(
-            self.datasets[split], batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train,
-            drop_last=train, num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-        )
+        return DataLoader(self.datasets[split], batch_size=self.batch_size if train else self.eval_batch_size,
+                          shuffle=train, drop_last=train, num_workers=self.num_workers,
+                          pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0)
 
 
 class _ImageFiles(Dataset):
@@ -587,12 +509,7 @@ class _ImageFiles(Dataset):
 
 class ImageFilesDataModule(pl.LightningDataModule):
     """Image files to ``predict`` on: any mix of files and folders (searched recursively), no labels needed.
-
-    The images are transformed as the model expects, the way timm's ``inference.py`` does: its
-    ``pretrained_cfg`` (input size, crop, interpolation, mean/std; an export's own data set
-    normalisation) through ``resolve_data_config`` and ``create_transform``, each image converted to
-    the model's channel count. The number of classes and the label names come from the model (the
-    pretrained weights or the checkpoint), so nothing about the data needs to be configured.
+    Transformed and labelled as the model's ``pretrained_cfg`` says (timm's ``inference.py`` way).
 
     Args:
         paths: an image file or folder, or a list of them (`--data.paths "[a.png, more/]"`).

@@ -1,14 +1,5 @@
-"""``ImageClassifier``: the one LightningModule that trains every bam-zoo (and timm) model.
-
-BAM models and their baselines go through exactly the same module, so a comparison differs only in
-``model_name``. The module stays thin: the network comes from ``create_model``, the optimizer from
-timm's ``create_optimizer_v2``, mixup/cutmix from timm's ``Mixup``, EMA from timm's ``ModelEmaV3``,
-metrics from torchmetrics; precision, gradient clipping, devices and sync-BN belong to the Trainer.
-
-Checkpoint hyperparameters (``self.hparams``) needed to rebuild the network without this module:
-``model_name``, ``num_classes``, ``in_chans``, ``model_kwargs`` and ``label_names``; see
-:attr:`ImageClassifier.model_args`.
-"""
+"""``ImageClassifier``: the one LightningModule for every bam-zoo (and timm) model.
+BAM and baseline runs differ only in ``model_name``; its hyperparameters rebuild the network (``model_args``)."""
 
 from __future__ import annotations
 
@@ -36,10 +27,7 @@ __all__ = ["ImageClassifier", "create_model"]
 
 def _pretrained_overlay(pretrained_file: str) -> dict[str, Any]:
     """timm ``pretrained_cfg_overlay`` that loads weights from a local file or an export folder.
-
-    An export folder's ``config.json`` says what the weights were trained on (input channels, number
-    of classes), which timm needs to adapt the stem and drop a head of another size.
-    """
+    An export's ``config.json`` gives the weights' input size and classes, for timm to adapt the stem and head."""
     path = Path(pretrained_file).expanduser()
     overlay: dict[str, Any] = {}
     if path.is_dir():
@@ -50,16 +38,14 @@ def _pretrained_overlay(pretrained_file: str) -> dict[str, Any]:
                        if k in ("input_size", "num_classes", "mean", "std")}
         path = path / "model.safetensors"
     if not path.is_file():
-        raise FileNotFoundError(
-            f"--model.pretrained_file {pretrained_file!r}: no such file; pass a model.safetensors file or the "
-            "folder an export wrote (config.json + model.safetensors)"
-        )
+        raise FileNotFoundError(f"--model.pretrained_file {pretrained_file!r}: no such file; pass a model.safetensors "
+                                "file or the folder an export wrote (config.json + model.safetensors)")
     return {**overlay, "file": str(path)}
 
 
 def _input_channels(model: nn.Module) -> int:
     """Input channels of a timm network: those of its ``first_conv`` (else of its first convolution)."""
-    first = model.pretrained_cfg.get("first_conv") if hasattr(model, "pretrained_cfg") else None
+    first = getattr(model, "pretrained_cfg", {}).get("first_conv")
     first = first[0] if isinstance(first, (list, tuple)) else first
     try:
         return int(model.get_submodule(first).in_channels)
@@ -71,19 +57,15 @@ class ImageClassifier(pl.LightningModule):
     """Image classification with any bam-zoo or timm network.
 
     Args:
-        model_name: architecture name for ``create_model`` (``bam_resnet20``, ``resnet20``, ``bam_resnet50`` ...).
-            A ``name.tag`` picks pretrained weights when ``pretrained`` is true.
-        num_classes: classifier outputs; linked from the DataModule by the CLI. ``None``: the network's own
-            (its pretrained weights' head, or the architecture's default), e.g. to predict with a published tag.
-        in_chans: input channels; linked from the DataModule by the CLI. ``None``: the network's own.
-        pretrained: load the registry's pretrained weights (fine-tuning). The classifier is re-initialised
-            when ``num_classes`` differs and the stem is adapted when ``in_chans`` differs (timm).
+        model_name: architecture for ``create_model`` (``bam_resnet20``, ``resnet20`` ...); ``name.tag`` picks weights.
+        num_classes: classifier outputs, linked from the DataModule; ``None``: the network's own (a tag's head).
+        in_chans: input channels, linked from the DataModule; ``None``: the network's own.
+        pretrained: load the registry's weights; timm re-initialises a head and adapts a stem of another size.
         pretrained_file: load pretrained weights from a local ``model.safetensors`` or export folder instead.
-        add_bam: insert BAM into the network after its weights are loaded, starting as the identity
-            (:func:`bam_zoo.add_bam`): fine-tunes a trained plain network with BAM.
+        add_bam: insert BAM, starting as the identity, after the weights are loaded (:func:`bam_zoo.add_bam`).
         model_kwargs: extra ``create_model`` arguments (``drop_rate``, ``drop_path_rate`` ...).
-        label_names: class names stored with the weights; linked from the DataModule by the CLI. ``None`` with
-            ``num_classes=None`` takes the pretrained weights' names.
+        label_names: class names stored with the weights, linked from the DataModule; ``None`` with
+            ``num_classes=None``: the pretrained weights' names.
         label_smoothing: label smoothing of the cross-entropy (also applied to mixed targets).
         mixup_alpha: timm Mixup alpha; 0 disables mixup.
         cutmix_alpha: timm CutMix alpha; 0 disables cutmix.
@@ -103,10 +85,8 @@ class ImageClassifier(pl.LightningModule):
         decay_milestones: epochs at which ``multistep`` decays the LR.
         freeze_backbone: train only the classifier; the frozen part's norms keep their statistics.
         backbone_lr_scale: learning-rate multiplier of everything but the classifier (fine-tuning).
-        ema_decay: keep an exponential moving average of the weights with this decay (timm ModelEmaV3)
-            and use it for validation, test and export; ``None`` disables it.
-        channels_last: use the channels-last memory format: faster for these networks on the CPU (1.13-1.31x for
-            the plain twins, docs/performance.md) and on recent GPUs.
+        ema_decay: decay of a weights EMA (timm ModelEmaV3) that validation, test and export use; ``None``: none.
+        channels_last: use the channels-last memory format (faster on CPUs and recent GPUs).
         check_finite: stop with :class:`NonFiniteLossError` when the loss becomes NaN or infinite.
     """
 
@@ -115,12 +95,10 @@ class ImageClassifier(pl.LightningModule):
         pretrained: bool = False, pretrained_file: str | None = None, add_bam: bool = False,
         model_kwargs: dict[str, Any] | None = None, label_names: list[str] | None = None,
         label_smoothing: float = 0.0, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, mixup_prob: float = 1.0,
-        mixup_switch_prob: float = 0.5,
-        optimizer: str = "sgd", lr: float = 0.1, weight_decay: float = 5e-4, momentum: float = 0.9,
-        opt_kwargs: dict[str, Any] | None = None,
-        scheduler: SchedulerName = "cosine", warmup_epochs: float = 0.0, warmup_start_factor: float = 0.01,
-        min_lr_ratio: float = 0.0, decay_epochs: float = 30.0, decay_rate: float = 0.1,
-        decay_milestones: list[float] | None = None,
+        mixup_switch_prob: float = 0.5, optimizer: str = "sgd", lr: float = 0.1, weight_decay: float = 5e-4,
+        momentum: float = 0.9, opt_kwargs: dict[str, Any] | None = None, scheduler: SchedulerName = "cosine",
+        warmup_epochs: float = 0.0, warmup_start_factor: float = 0.01, min_lr_ratio: float = 0.0,
+        decay_epochs: float = 30.0, decay_rate: float = 0.1, decay_milestones: list[float] | None = None,
         freeze_backbone: bool = False, backbone_lr_scale: float = 1.0, ema_decay: float | None = None,
         channels_last: bool = True, check_finite: bool = True,
     ) -> None:
@@ -155,13 +133,10 @@ class ImageClassifier(pl.LightningModule):
                                 else nn.CrossEntropyLoss(label_smoothing=label_smoothing))
         self.eval_criterion = nn.CrossEntropyLoss()
 
-        def accuracy(prefix: str) -> MetricCollection:
-            return MetricCollection({
-                "acc1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
-                "acc5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro"),
-            }, prefix=f"{prefix}/")
-
-        self.train_metrics, self.val_metrics, self.test_metrics = accuracy("train"), accuracy("val"), accuracy("test")
+        accuracy = MetricCollection({f"acc{k}": MulticlassAccuracy(num_classes, top_k=min(k, num_classes),
+                                                                   average="micro") for k in (1, 5)})
+        self.train_metrics, self.val_metrics, self.test_metrics = (accuracy.clone(prefix=f"{stage}/")
+                                                                   for stage in ("train", "val", "test"))
         self.test_per_class = MulticlassAccuracy(num_classes, average=None)
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
         self.test_report: dict[str, Any] = {}
@@ -200,8 +175,7 @@ class ImageClassifier(pl.LightningModule):
             self._freeze_norm_statistics()
         return self
 
-    def on_train_epoch_start(self) -> None:
-        # Lightning restores each module's own mode around validation instead of calling train()
+    def on_train_epoch_start(self) -> None:  # after validation Lightning restores modes without calling train()
         self._freeze_norm_statistics()
 
     def _freeze_norm_statistics(self) -> None:
@@ -214,9 +188,7 @@ class ImageClassifier(pl.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
-        target = y
-        if self.mixup is not None:
-            x, target = self.mixup(x, y)
+        x, target = self.mixup(x, y) if self.mixup is not None else (x, y)
         logits = self(x)
         loss = self.train_criterion(logits, target)
         if self.hparams.check_finite and not torch.isfinite(loss):
@@ -269,8 +241,7 @@ class ImageClassifier(pl.LightningModule):
         return self.forward(x, self.eval_model).softmax(dim=-1)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse, in one line, to resume a checkpoint whose LR schedule state this version cannot restore: those of
-        bam-zoo before the ``LambdaLR`` schedules (``SequentialLR`` chains) would fail deep in torch with a KeyError."""
+        """Refuse to resume an older bam-zoo's ``SequentialLR`` schedule state, which fails deep in torch otherwise."""
         trainer = self._trainer
         if self.hparams.scheduler == "onecycle" or trainer is None or trainer.state.fn != "fit":
             return  # validate/test/predict restore no schedule
@@ -283,11 +254,8 @@ class ImageClassifier(pl.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         scaled = hp.backbone_lr_scale != 1.0 and not hp.freeze_backbone
-        if scaled:
-            groups = param_groups(self.model, hp.weight_decay, head=self.model.get_classifier(), head_lr=hp.lr,
-                                  backbone_lr=hp.lr * hp.backbone_lr_scale)
-        else:
-            groups = param_groups(self.model, hp.weight_decay)
+        groups = param_groups(self.model, hp.weight_decay, head=self.model.get_classifier() if scaled else None,
+                              head_lr=hp.lr, backbone_lr=hp.lr * hp.backbone_lr_scale)
         optimizer = create_optimizer_v2(groups, opt=hp.optimizer, lr=hp.lr, weight_decay=hp.weight_decay,
                                         momentum=hp.momentum, **(hp.opt_kwargs or {}))
         total_steps = self.trainer.estimated_stepping_batches

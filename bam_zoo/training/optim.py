@@ -1,10 +1,5 @@
-"""Parameter groups and learning-rate schedules, as plain functions the LightningModule calls.
-
-Optimizers come from timm's ``create_optimizer_v2`` (``sgd`` is Nesterov SGD, ``momentum`` plain
-momentum SGD, ``adamw`` ...). Schedules are one ``LambdaLR`` factor per step (``OneCycleLR`` for
-``onecycle``, which also cycles momentum): every param group follows it from its own peak LR, and
-PyTorch saves its step in Lightning checkpoints for resuming.
-"""
+"""Parameter groups and per-step learning-rate schedules (``LambdaLR`` or ``OneCycleLR``) for the LightningModule.
+One factor for every param group, each from its own peak LR; PyTorch saves the step in checkpoints for resuming."""
 
 from __future__ import annotations
 
@@ -23,28 +18,13 @@ __all__ = ["SchedulerName", "param_groups", "create_lr_scheduler"]
 SchedulerName = Literal["cosine", "step", "multistep", "onecycle", "constant"]
 
 
-def param_groups(
-    model: nn.Module, weight_decay: float, head: nn.Module | None = None, head_lr: float | None = None,
-    backbone_lr: float | None = None,
-) -> list[dict]:
-    """Split trainable parameters into groups: no weight decay on norms and biases, optional per-part LR.
-
-    Decaying the scale and shift of normalisation layers (and biases) only fights the optimiser, so,
-    as in timm, every 1-d parameter is left out of weight decay (timm's ``param_groups_weight_decay``).
-
-    Args:
-        model: the network.
-        weight_decay: decay of the remaining (>= 2-d) weights.
-        head: the classifier module; needed only for a separate head/backbone LR.
-        head_lr: learning rate of the classifier parameters (``None``: optimiser default).
-        backbone_lr: learning rate of everything else (``None``: optimiser default).
-
-    Returns:
-        Parameter groups for ``torch.optim`` / timm's ``create_optimizer_v2``.
-    """
+def param_groups(model: nn.Module, weight_decay: float, head: nn.Module | None = None, head_lr: float | None = None,
+                 backbone_lr: float | None = None) -> list[dict]:
+    """Parameter groups without weight decay on 1-d parameters (norms, biases), as timm's.
+    With ``head``, its parameters get ``head_lr`` and the others ``backbone_lr`` (``None``: the optimizer's)."""
     no_decay = set(getattr(model, "no_weight_decay", lambda: set())())
     groups = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=no_decay)
-    if head is None or (head_lr is None and backbone_lr is None):
+    if head is None:
         return [g for g in groups if g["params"]]
     head_ids = {id(p) for p in head.parameters()}
     split = []
@@ -61,14 +41,9 @@ def create_lr_scheduler(
     warmup_epochs: float = 0.0, warmup_start_factor: float = 0.01, min_lr_ratio: float = 0.0,
     decay_epochs: float = 30.0, decay_rate: float = 0.1, decay_milestones: Sequence[float] = (),
 ) -> LRScheduler:
-    """A per-step LR schedule with an optional linear warm-up, as :class:`~bam_zoo.training.ImageClassifier`'s
-    arguments of the same names describe it; ``total_steps`` and ``steps_per_epoch`` count optimizer steps.
-
-    ``cosine`` decays to ``min_lr_ratio * lr``; ``step`` multiplies by ``decay_rate`` every ``decay_epochs``,
-    counted from the end of the warm-up (the paper's ImageNet recipe); ``multistep`` at each of
-    ``decay_milestones``, epochs of the whole run; ``onecycle`` is PyTorch's OneCycleLR, whose first
-    ``warmup_epochs`` rise from ``lr / 25``; ``constant`` stays at ``lr``.
-    """
+    """A per-step LR schedule with an optional linear warm-up, as ``ImageClassifier``'s same-named arguments say.
+    ``step`` counts from the end of the warm-up, ``multistep`` from the start, ``onecycle`` rises from ``lr / 25``;
+    ``total_steps`` and ``steps_per_epoch`` count optimizer steps."""
     total_steps = max(int(total_steps), 1)
     warmup = min(int(round(warmup_epochs * steps_per_epoch)), total_steps - 1)
     if name == "onecycle":
