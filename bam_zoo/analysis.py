@@ -24,27 +24,20 @@ def capture_attention(model: nn.Module) -> Iterator[Dict[str, torch.Tensor]]:
         maps["layer1.bam"].shape  # (N, 16, 28, 28)
 
     Outside the ``with`` block BAM keeps nothing, so inference pays nothing for this feature.
-
-    Args:
-        model: Any model containing :class:`~bam_zoo.layers.BAM` modules.
-
-    Yields:
-        A dict from module name to its latest attention map, filled as the model runs.
     """
     bams = bam_modules(model)
     if not bams:
         raise ValueError(f"{type(model).__name__} contains no BAM module: there is no attention map to capture.")
     maps: Dict[str, torch.Tensor] = {}
+    names = {bam: name for name, bam in bams}
 
-    def _keeper(name: str):
-        def hook(module: nn.Module, _inputs, _output) -> None:
-            maps[name] = module.attention_map
-        return hook
+    def keep(module: nn.Module, _inputs, _output) -> None:
+        maps[names[module]] = module.attention_map
 
     handles = []
-    for name, bam in bams:
+    for _, bam in bams:
         bam.store_attention = True
-        handles.append(bam.register_forward_hook(_keeper(name)))
+        handles.append(bam.register_forward_hook(keep))
     try:
         yield maps
     finally:
@@ -62,12 +55,10 @@ def count_params(model: nn.Module) -> int:
 
 @torch.no_grad()
 def count_macs(model: nn.Module, input_size: Sequence[int]) -> int:
-    """Multiply-accumulates of one forward pass on a single image of ``input_size`` (C, H, W).
+    """Multiply-accumulates of one forward pass in eval mode on a single image of ``input_size`` (C, H, W).
 
-    Counted by PyTorch's own ``FlopCounterMode`` (convolutions and matrix products; element-wise ops are
-    not counted, as in the papers' numbers), in eval mode, then divided by two (1 MAC = 2 FLOPs). Under the
-    counter BAM runs its plain definition (its CPU speed layer steps aside for any dispatch mode), so the fast
-    paths, which trade convolutions for element-wise work, do not hide MACs.
+    Counted by PyTorch's ``FlopCounterMode`` (convolutions and matrix products, as in the papers' numbers),
+    under which BAM runs its plain definition, so its fast paths do not hide MACs.
     """
     was_training = model.training
     model.eval()

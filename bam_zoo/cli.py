@@ -1,10 +1,7 @@
 """The ``bam-zoo`` console script (and ``python cli.py``): fit / validate / test / predict, and the tools.
 
-The training subcommands are :class:`~bam_zoo.training.cli.BamZooCLI` (LightningCLI). Each tool in
-:data:`TOOLS` (``push``, ``convert``) is one library function; its jsonargparse parser is built from the function's
-signature and docstring, and it is listed beside the training subcommands in ``--help``. Errors that say
-how to fix themselves (bam-zoo's, huggingface_hub's, a bad file) are printed as their message instead of a
-traceback.
+Each tool in :data:`TOOLS` is one library function, its parser built from the function's signature and
+docstring. Errors that say how to fix themselves are printed as their message instead of a traceback.
 """
 
 from __future__ import annotations
@@ -60,7 +57,8 @@ def tool_parser(name: str) -> ArgumentParser:
 class ZooCLI(BamZooCLI):
     """:class:`BamZooCLI` whose usage line and ``--help`` list the :data:`TOOLS` too (:func:`main` runs them)."""
 
-    def setup_parser(self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]) -> None:
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]
+                     ) -> None:
         super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
         if add_subcommands:  # jsonargparse keeps the subcommands action LightningCLI created on the parser
             for name, tool in TOOLS.items():
@@ -69,7 +67,7 @@ class ZooCLI(BamZooCLI):
 
 def _run_tool(name: str, argv: list[str]) -> None:
     tool = TOOLS[name]
-    argv = [tool.aliases.get(a.split("=")[0], a.split("=")[0]) + a[len(a.split("=")[0]):] for a in argv]
+    argv = [tool.aliases.get(option, option) + sep + value for option, sep, value in (a.partition("=") for a in argv)]
     try:
         print(tool.show(tool.function(**tool_parser(name).parse_args(argv).as_dict())))
     except Exception as error:

@@ -57,34 +57,22 @@ class InvalidModelArgumentError(BamZooError, ValueError):
     Message::
 
         num_classes must be a whole number >= 0 (0: no classifier, features only), got '5' (str); pass num_classes=5.
-
-    Attributes:
-        name: the argument.
-        value: what was passed.
     """
 
     def __init__(self, name: str, value: Any, minimum: int, meaning: str) -> None:
         self.name, self.value = name, value
-        fix = ""
         try:
-            if isinstance(value, bool):
-                raise TypeError
-            number = float(value)
-            if number.is_integer() and number >= minimum:
-                fix = f"; pass {name}={int(number)}"
+            number = None if isinstance(value, bool) else float(value)
         except (TypeError, ValueError):
-            pass
+            number = None
+        fixable = number is not None and number.is_integer() and number >= minimum
+        fix = f"; pass {name}={int(number)}" if fixable else ""
         super().__init__(f"{name} must be a whole number >= {minimum} ({meaning}), got {value!r} "
                          f"({type(value).__name__}){fix}.")
 
 
 class InputChannelsError(BamZooError, ValueError):
-    """An image batch whose channel count differs from the model's ``in_chans``; the message says how to convert.
-
-    Attributes:
-        expected: the model's input channels.
-        shape: the shape of the batch that was passed.
-    """
+    """An image batch whose channel count differs from the model's ``in_chans``; the message says how to convert."""
 
     def __init__(self, model_name: str, expected: int, shape: tuple[int, ...]) -> None:
         self.expected, self.shape = expected, tuple(shape)
@@ -104,11 +92,6 @@ class ChecksumMismatchError(BamZooError, ValueError):
 
         checkpoints/bam_resnet20.fmnist/model.safetensors has sha256 1a2b..., but bam_resnet20.fmnist records
         3c4d...: the file was changed or is incomplete. Restore it with `git checkout -- checkpoints/...`.
-
-    Attributes:
-        path: The file.
-        expected: The recorded hash.
-        actual: The file's hash.
     """
 
     def __init__(self, path: str, name: str, expected: str, actual: str, fix: str, algorithm: str = "sha256") -> None:
@@ -118,12 +101,7 @@ class ChecksumMismatchError(BamZooError, ValueError):
 
 class WeightsNotFoundError(BamZooError, FileNotFoundError):
     """A tag whose weights are neither on the Hub (nor in its cache) nor in a mirror folder: one line, not
-    huggingface_hub's traceback, saying why the Hub was not used and where the mirror was looked for.
-
-    Attributes:
-        name: The tag (``arch.tag``).
-        mirror: The mirror folder looked in, or None where none is set.
-    """
+    huggingface_hub's traceback, saying why the Hub was not used and where the mirror was looked for."""
 
     def __init__(self, name: str, why_not_hub: str, mirror: object = None) -> None:
         self.name, self.mirror = name, mirror
@@ -137,19 +115,13 @@ class WeightsNotFoundError(BamZooError, FileNotFoundError):
 class CheckpointKeysError(BamZooError, ValueError, RuntimeError):
     """Weights whose keys or shapes do not fit the model: another architecture, or another layout.
 
-    Also a ``RuntimeError``, which torch's strict ``load_state_dict`` raises for the same problem. Each kind is
-    counted, with its first few keys: a checkpoint of another depth misses hundreds.
+    Also a ``RuntimeError``, which torch's strict ``load_state_dict`` raises for the same problem.
 
     Message::
 
         This pytorchcv checkpoint does not fit bam_resnet18: 312 missing (layer1.0.conv1.weight, layer1.0.bn1.weight,
         layer1.0.bn1.bias, ... 309 more); 2 unexpected (features.stage4.unit3..., ...). Pass the architecture it
         was trained as (--model) and its layout (--source pytorchcv or official).
-
-    Attributes:
-        unexpected: Checkpoint keys the model has no place for (the checkpoint's own names).
-        missing: Model keys the checkpoint does not fill.
-        misshaped: Keys whose shapes differ, each with both shapes.
     """
 
     def __init__(self, what: str, arch: str, unexpected: Sequence[str], missing: Sequence[str],
@@ -187,12 +159,7 @@ class TrainingError(BamZooError):
 
 
 class DatasetNotFoundError(TrainingError, FileNotFoundError):
-    """A DataModule found none of the files it needs; the message lists where it looked and how to get them.
-
-    Attributes:
-        dataset: human name of the data set.
-        searched: folders that were searched.
-    """
+    """A DataModule found none of the files it needs; the message lists where it looked and how to get them."""
 
     def __init__(self, dataset: str, searched: Sequence[str], missing: str, *, apt_package: str | None = None,
                  apt_dir: str | None = None, can_download: bool = True) -> None:
@@ -236,13 +203,7 @@ class NoImagesError(TrainingError, ValueError):
 
 
 class NonFiniteLossError(TrainingError, FloatingPointError):
-    """The training loss became NaN or infinite, so continuing would only waste compute.
-
-    Attributes:
-        loss: the offending loss value.
-        epoch: epoch at which it happened.
-        step: global step at which it happened.
-    """
+    """The training loss became NaN or infinite, so continuing would only waste compute."""
 
     def __init__(self, loss: float, epoch: int, step: int, lr: float) -> None:
         self.loss, self.epoch, self.step = loss, epoch, step
@@ -266,18 +227,13 @@ class UnsafeCheckpointError(BamZooError, ValueError):
         Refused to unpickle evil.ckpt: it names posix.system, beyond torch's weights_only allowlist, so unpickling
         it can run any code. If you trust this file and whoever made it, pass --trust_checkpoint_code true
         (trust_checkpoint_code=True in Python).
-
-    Attributes:
-        path: The refused file or location.
-        refused: The globals the pickle names beyond the allowlist (empty where only ``reason`` is known).
-        reason: The restricted loader's own words, where it refused without naming a global.
     """
 
     def __init__(self, path: str, refused: Sequence[str] = (), reason: str | None = None) -> None:
         self.path, self.refused, self.reason = str(path), list(refused), reason
         if self.refused or reason:
-            why = (f"it names {_first(self.refused, 5)}, beyond torch's weights_only allowlist, so unpickling it can run any code"
-                   if self.refused else
+            why = (f"it names {_first(self.refused, 5)}, beyond torch's weights_only allowlist, so unpickling it can "
+                   "run any code" if self.refused else
                    f"torch's weights_only loader refused it ({reason}), and a full unpickle can run any code")
             message = (f"Refused to unpickle {path}: {why}. If you trust this file and whoever made it, pass "
                        f"--{TRUST_OPTION} true ({TRUST_OPTION}=True in Python).")

@@ -3,12 +3,8 @@
     python -m bam_zoo.evaluate                     # every shipped Fashion-MNIST weight
     python -m bam_zoo.evaluate bam_resnet20.fmnist # one of them
 
-Weights come through the same path users take (``bam_zoo.create_model(name, pretrained=True)``: the Hub,
-else the repository's offline mirror). For each weight it prints parameters, MACs, top-1/top-5, top-1 with
-test-time flip (softmax averaged over the image and its mirror image) and the top-1 recorded in the weight's
-metadata, and exits non-zero when a measurement (top-1, flip top-1, or a class's top-1) disagrees with the record.
-It runs channels_last, the faster memory format for these networks on the CPU, and reports images/s in it.
-Tags of other data sets (the converted ImageNet weights) are named as not measured: there is no such data here.
+Weights come through the path users take (``bam_zoo.create_model(name, pretrained=True)``). It exits non-zero
+when a measurement (top-1, top-1 with test-time flip, or a class's top-1) disagrees with the weight's record.
 """
 from __future__ import annotations
 
@@ -44,17 +40,8 @@ def measure(model: torch.nn.Module, root: Optional[str] = None, batch_size: int 
             memory_format: torch.memory_format = torch.channels_last) -> Dict[str, float]:
     """:func:`evaluate` for a built Fashion-MNIST model (its ``pretrained_cfg`` gives mean, std and label names).
 
-    The model runs in ``memory_format`` and is handed back contiguous, as models are built.
+    The model runs in ``memory_format`` (channels_last is the faster on the CPU) and is handed back contiguous.
     """
-    model.eval().to(memory_format=memory_format)
-    try:
-        return _measure(model, root, batch_size, memory_format)
-    finally:
-        model.to(memory_format=torch.contiguous_format)
-
-
-def _measure(model: torch.nn.Module, root: Optional[str], batch_size: int, memory_format: torch.memory_format
-             ) -> Dict[str, float]:
     cfg = model.pretrained_cfg
     data = FashionMNISTDataModule(root=root, val_size=0)
     data.setup("test")
@@ -62,13 +49,17 @@ def _measure(model: torch.nn.Module, root: Optional[str], batch_size: int, memor
     mean, std = (torch.tensor(cfg[key]).view(1, -1, 1, 1) for key in ("mean", "std"))
     accuracy = functools.partial(MulticlassAccuracy, len(cfg["label_names"]), average="micro")
     top1, top5, flip, per_class = accuracy(), accuracy(top_k=5), accuracy(), accuracy(average=None)
+    model.eval().to(memory_format=memory_format)
     start = time.perf_counter()
-    for x, y in zip(((images.float() / 255 - mean) / std).split(batch_size), labels.split(batch_size)):
-        x = x.contiguous(memory_format=memory_format)
-        logits = model(x)
-        for metric in (top1, top5, per_class):
-            metric.update(logits, y)
-        flip.update(logits.softmax(1) + model(x.flip(3)).softmax(1), y)  # the crop-and-flip recipes train on mirrors
+    try:
+        for x, y in zip(((images.float() / 255 - mean) / std).split(batch_size), labels.split(batch_size)):
+            x = x.contiguous(memory_format=memory_format)
+            logits = model(x)
+            for metric in (top1, top5, per_class):
+                metric.update(logits, y)
+            flip.update(logits.softmax(1) + model(x.flip(3)).softmax(1), y)  # crop-and-flip recipes train on mirrors
+    finally:
+        model.to(memory_format=torch.contiguous_format)
     seconds = time.perf_counter() - start
     n = len(labels)
     return {

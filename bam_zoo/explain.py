@@ -1,9 +1,7 @@
 """``cli.py explain``: pictures of what each BAM does to an image, from the attention it really applies.
 
-Each BAM multiplies its features by ``1 + A`` with ``A = sigmoid(Mc + Ms)`` (N x C x H x W). The pictures
-show ``A`` two ways: averaged over channels (where the stage looks, upsampled over the input) and averaged
-over positions (which channels it boosts, one bar per channel). Both come from
-:func:`bam_zoo.capture_attention`, so they are the map the forward used, not a branch in isolation.
+Each BAM multiplies its features by ``1 + A``, ``A = sigmoid(Mc + Ms)``, shown averaged over channels (where the
+stage looks) and over positions (which channels it boosts): the map the forward used, not a branch in isolation.
 """
 from __future__ import annotations
 

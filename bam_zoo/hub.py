@@ -1,15 +1,9 @@
 """The Hub boundary: write an export in timm's layout with a card that describes exactly its weights; push it.
 
-Reading needs no code here: ``timm.create_model("hf-hub:ORG/NAME[@REV]", pretrained=True)`` (or
-``bam_zoo.create_model``) builds the model from ``config.json``, and bam-zoo's builders fetch only
-``model.safetensors`` (:mod:`bam_zoo.models.pretrained`). Failures reach users as huggingface_hub's, timm's
-and torch's own errors; bam-zoo adds a note only where the fix is bam-zoo's. Tokens are left to
-huggingface_hub (``HF_TOKEN`` or ``hf auth login``) and never printed.
-
-Why not ``timm.models.push_to_hf_hub``: it keeps a README already in the repo (the card would describe the
-previous weights), commits without ``parent_commit`` and writes a pickle beside the safetensors by default.
-The layout is its layout, written by its ``save_for_hf``. :func:`convert` writes one from a pytorchcv or
-official-code BAM checkpoint.
+Reading needs no code here: ``timm.create_model("hf-hub:ORG/NAME[@REV]", pretrained=True)`` builds the model
+and bam-zoo's builders fetch only ``model.safetensors``. Why not ``timm.models.push_to_hf_hub``: it keeps a
+README already in the repo (the card would describe the previous weights), commits without ``parent_commit``
+and writes a pickle beside the safetensors by default. The layout is its own, written by ``save_for_hf``.
 """
 
 from __future__ import annotations
@@ -31,6 +25,7 @@ from huggingface_hub import CommitInfo, EvalResult, HfApi, ModelCard, ModelCardD
 from timm.models import save_for_hf
 
 from . import __version__
+from .analysis import count_params
 from .errors import MetricConflictError
 from .models.convert import from_official, from_pytorchcv, read_checkpoint
 from .models.pretrained import WEIGHTS_NAME
@@ -69,25 +64,17 @@ def save_pretrained(model: nn.Module, save_directory: str | Path, *, model_name:
                     details: Mapping[str, Any] | None = None) -> Path:
     """Write ``model`` in timm's Hub layout, with a card and config that describe these weights only.
 
-    Files: ``config.json`` (timm's ``save_for_hf``, plus a ``bam_zoo`` entry with ``model_name``, ``dataset``,
-    ``metrics``), ``model.safetensors``, ``README.md`` (:func:`write_card`) and, given a ``recipe``,
-    ``recipe.yaml``. The source weights' ``tag`` and label names are not carried over: a fine-tune is not
-    the weights it started from.
+    Files: ``config.json`` (timm's, plus a ``bam_zoo`` entry with ``model_name``, ``dataset``, ``metrics``),
+    ``model.safetensors``, ``README.md`` (:func:`write_card`) and, given a ``recipe``, ``recipe.yaml``. The
+    source weights' ``tag`` and label names are not carried over: a fine-tune is not the weights it started from.
 
     Args:
-        model: A model built through timm's ``build_model_with_cfg`` (it has ``pretrained_cfg``).
-        save_directory: Folder to write (created; files overwritten).
         model_name: Name of these weights, e.g. ``"bam_resnet20.fmnist"``; the card's title.
         label_names: Class names in classifier order; default: the cfg's, if they fit ``num_classes``.
         metrics: Measured accuracies in percent, keyed ``top1``, ``top5``, ``val_top1``, ``val_top5``.
-        dataset: What the weights were trained and measured on, e.g. ``"fashion_mnist"``.
-        recipe: The training configuration, written to ``recipe.yaml``.
         model_args: JSON-serializable ``create_model`` arguments beyond those timm recorded.
         repo_id: The Hub repo the folder is for, if known; the card's usage example names it.
-        details: Facts about these weights for the card's "Details" section (:func:`render_details`).
-
-    Raises:
-        ValueError: A metric is not a percentage of a known key, or ``label_names`` does not fit the head.
+        details: Facts for the card's "Details" section (:func:`render_details`).
     """
     metrics = _checked_metrics(metrics)
     source_cfg = dict(model.pretrained_cfg)
@@ -99,9 +86,10 @@ def save_pretrained(model: nn.Module, save_directory: str | Path, *, model_name:
     insertion = getattr(model, "bam_insertion", {})  # add_bam's record: which plain weights BAM went into
     inserted_into = insertion.get("base_weights") or insertion.get("base_model")
     meta = {k: v for k, v in {"model_name": model_name, "dataset": dataset, "metrics": metrics,
-                              "inserted_into": inserted_into, "details": dict(details) if details else None}.items() if v}
+                              "inserted_into": inserted_into, "details": details and dict(details)}.items() if v}
     folder = Path(save_directory)
-    model.pretrained_cfg = {k: v for k, v in source_cfg.items() if k not in ("tag", "label_names", "label_descriptions")}
+    model.pretrained_cfg = {k: v for k, v in source_cfg.items()
+                            if k not in ("tag", "label_names", "label_descriptions")}
     # safetensors stores contiguous tensors only: a model trained channels_last exports the same weights, NCHW
     contiguous = model.register_state_dict_post_hook(_contiguous_state)
     try:
@@ -113,7 +101,7 @@ def save_pretrained(model: nn.Module, save_directory: str | Path, *, model_name:
     (folder / RECIPE_NAME).unlink(missing_ok=True)
     if recipe:
         (folder / RECIPE_NAME).write_text(yaml.safe_dump(_plain(recipe), sort_keys=False))
-    write_card(folder, num_params=sum(p.numel() for p in model.parameters()), repo_id=repo_id)
+    write_card(folder, num_params=count_params(model), repo_id=repo_id)
     return folder
 
 
@@ -121,9 +109,7 @@ def convert(source: Literal["pytorchcv", "official"], checkpoint: str | Path, ou
             model: str = "bam_resnet50", trust_checkpoint_code: bool = False) -> Path:
     """Write a pytorchcv or official-code BAM checkpoint as an export folder (Hub layout), ready for ``push``.
 
-    The biases of the spatial branch fold into its BatchNorms and the model multiplies the branches
-    (``bam_args`` recorded in ``config.json``), so the export computes what the source model computed.
-    Nothing is measured: the card records no accuracy.
+    The export computes what the source model computed (:mod:`bam_zoo.models.convert`); nothing is measured.
 
     Args:
         source: ``pytorchcv`` (osmr/imgclsmob's ``.pth``, or its ``.pth.zip``) or ``official``
@@ -133,10 +119,6 @@ def convert(source: Literal["pytorchcv", "official"], checkpoint: str | Path, ou
         model: The bam-zoo architecture the checkpoint was trained as, e.g. ``bam_resnet50``.
         trust_checkpoint_code: Unpickle ``checkpoint`` fully, which runs any code its pickle holds. Only for a
             file you trust that torch's ``weights_only`` loader refuses.
-
-    Raises:
-        CheckpointKeysError: Unexpected, missing or misshaped keys (counted): another architecture or layout.
-        UnsafeCheckpointError: The pickle needs more than ``weights_only`` allows, and it is not trusted.
     """
     state = read_checkpoint(checkpoint, trust_checkpoint_code=trust_checkpoint_code)
     net = (from_pytorchcv if source == "pytorchcv" else from_official)(state, model)
@@ -164,7 +146,7 @@ def write_card(folder: Path, *, num_params: int, repo_id: str | None = None) -> 
                        metric_value=v) for k, v in metrics.items()] or None)
     load = f"hf-hub:{repo_id}" if repo_id else f"local-dir:{folder.resolve()}"
     rows = "".join(f"| {dataset or '-'} | {METRIC_NAMES[k]} | {v:.2f} |\n" for k, v in metrics.items())
-    results = ("| Dataset | Metric | Value |\n|---|---|---|\n" + rows) if rows else "No measured results were recorded.\n"
+    results = "| Dataset | Metric | Value |\n|---|---|---|\n" + rows if rows else "No measured results were recorded.\n"
     recipe = (f"`{RECIPE_NAME}` (in this repository) holds the configuration these weights were trained with"
               + (": `python cli.py fit --config recipe.yaml` reruns it.\n" if _runnable(folder) else ".\n")
               if (folder / RECIPE_NAME).is_file() else "No training configuration was recorded.\n")
@@ -210,12 +192,9 @@ def _describe(arch: str, inserted_into: str | None) -> str:
 
 
 def render_details(details: Mapping[str, Any]) -> str:
-    """Markdown of one checkpoint's facts; MODEL_CARD.md and the checkpoint's Hub README both use it.
-
-    Keys (each optional): ``architecture``, ``num_params``, ``macs`` (per image at ``input_size``), ``data``,
-    ``recipe``, ``command``, ``epochs``, ``train_time_s``, ``train_setting``, ``seed``, ``top1``, ``top5``,
-    ``top1_flip``, ``per_class``.
-    """
+    """Markdown of one checkpoint's facts, for MODEL_CARD.md and its Hub README. Keys (each optional):
+    ``architecture``, ``num_params``, ``macs`` (per image at ``input_size``), ``data``, ``recipe``, ``command``,
+    ``epochs``, ``train_time_s``, ``train_setting``, ``seed``, ``top1``, ``top5``, ``top1_flip``, ``per_class``."""
     d = details
     lines = [f"- Architecture: {d['architecture']}" if "architecture" in d else ""]
     if "num_params" in d:
@@ -266,15 +245,8 @@ class Export:
 def load_export(path: str | Path, trust_checkpoint_code: bool = False) -> Export:
     """Read an export folder or a Lightning ``.ckpt`` of ``cli.py fit`` into a strictly loaded model.
 
-    Why strictly and before any upload: a push is public, and what goes up must load with ``hf-hub:``.
-    A ``.ckpt`` is a pickle: it is read only from the user's own disk, with torch's ``weights_only`` loader
-    unless ``trust_checkpoint_code`` (``cli.py fit`` writes checkpoints that load that way).
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist, or a folder lacks ``config.json`` / ``model.safetensors``.
-        CorruptCheckpointError: The file is not a Lightning checkpoint of bam-zoo.
-        UnsafeCheckpointError: The pickle needs more than ``weights_only`` allows, and it is not trusted.
-        CheckpointKeysError: The weights do not fit the architecture (a ``RuntimeError`` too, like torch's).
+    Why strictly and before any upload: a push is public, and what goes up must load with ``hf-hub:``. A
+    ``.ckpt`` is read with torch's ``weights_only`` loader unless ``trust_checkpoint_code``.
     """
     path = Path(path).expanduser()
     if path.is_dir():
@@ -301,9 +273,8 @@ def push(checkpoint: str | Path, repo_id: str, *, private: bool = False, revisio
          token: str | None = None, trust_checkpoint_code: bool = False) -> CommitInfo:
     """Push a Lightning ``.ckpt`` or an export folder to a Hub repo as one commit that names its parent.
 
-    Why ``parent_commit``: a concurrent push to the same branch makes this one fail (HTTP 412) instead of
-    interleaving. If the commit fails, a repo or branch this push created is deleted again, so the remote is
-    as it was. An export's weights go up byte for byte; its card is rewritten to name ``repo_id``.
+    Why ``parent_commit``: a concurrent push to the same branch fails (HTTP 412) instead of interleaving. If the
+    commit fails, a repo or branch this push created is deleted again. An export's weights go up byte for byte.
 
     Args:
         checkpoint: A ``.ckpt`` written by ``cli.py fit``, or an export folder (``save_pretrained``).
@@ -320,9 +291,7 @@ def push(checkpoint: str | Path, repo_id: str, *, private: bool = False, revisio
 
     Raises:
         MetricConflictError: ``metrics`` would replace a measured value.
-        UnsafeCheckpointError: The ``.ckpt`` needs more than ``weights_only`` allows, and it is not trusted.
-        huggingface_hub.errors.HfHubHTTPError: The Hub refused the push (401/403/404/412/5xx); a note says
-            the remote is unchanged.
+        huggingface_hub.errors.HfHubHTTPError: The Hub refused the push; a note says the remote is unchanged.
     """
     export = load_export(checkpoint, trust_checkpoint_code)
     for key, value in _checked_metrics(metrics).items():
@@ -331,21 +300,21 @@ def push(checkpoint: str | Path, repo_id: str, *, private: bool = False, revisio
         export.metrics[key] = value
     export.dataset = export.dataset or dataset
     branch = revision or "main"
+    name = export.name or repo_id.split("/")[-1]
     api = HfApi(token=token, library_name="bam-zoo", library_version=__version__)
     with tempfile.TemporaryDirectory(prefix="bam-zoo-push-") as tmp:
         staging = Path(tmp)
         if export.folder is not None:
-            for name in (CONFIG_NAME, WEIGHTS_NAME, RECIPE_NAME):
-                if (export.folder / name).is_file():
-                    shutil.copy2(export.folder / name, staging / name)
+            for file in (CONFIG_NAME, WEIGHTS_NAME, RECIPE_NAME):
+                if (export.folder / file).is_file():
+                    shutil.copy2(export.folder / file, staging / file)
             config = json.loads((staging / CONFIG_NAME).read_text())
             config["bam_zoo"] = {**config.get("bam_zoo", {}), "metrics": export.metrics, "dataset": export.dataset}
             (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2))
-            write_card(staging, num_params=sum(p.numel() for p in export.model.parameters()), repo_id=repo_id)
+            write_card(staging, num_params=count_params(export.model), repo_id=repo_id)
         else:
-            save_pretrained(export.model, staging, model_name=export.name or repo_id.split("/")[-1],
-                            label_names=export.label_names, metrics=export.metrics, dataset=export.dataset,
-                            recipe=export.recipe, repo_id=repo_id)
+            save_pretrained(export.model, staging, model_name=name, label_names=export.label_names,
+                            metrics=export.metrics, dataset=export.dataset, recipe=export.recipe, repo_id=repo_id)
         created_repo = created_branch = False
         try:
             if not api.repo_exists(repo_id):
@@ -356,7 +325,7 @@ def push(checkpoint: str | Path, repo_id: str, *, private: bool = False, revisio
             parent = api.repo_info(repo_id, revision=branch).sha
             return api.upload_folder(
                 repo_id=repo_id, folder_path=staging, revision=branch, parent_commit=parent,
-                commit_message=commit_message or f"Upload {export.name or repo_id.split('/')[-1]} with bam-zoo",
+                commit_message=commit_message or f"Upload {name} with bam-zoo",
                 commit_description=f"Pushed by bam-zoo {__version__} from {Path(checkpoint).name}.")
         except Exception as e:
             undone = _undo(api, repo_id, branch, created_repo, created_branch)

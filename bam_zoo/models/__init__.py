@@ -6,6 +6,6 @@ from .placement import BAM_PLACEMENT, BamPlacement, add_bam, bam_modules, bottle
 from .pretrained import FASHION_MNIST_TAGS, WEIGHT_METADATA, PretrainedInfo, list_pretrained, mirror_root
 
 __all__ = [
-    "BAM_ARCHS", "BAM_PLACEMENT", "BamPlacement", "CifarResNet", "FASHION_MNIST_TAGS", "PretrainedInfo", "WEIGHT_METADATA",
-    "add_bam", "bam_modules", "bottleneck_stages", "insert_bam", "list_pretrained", "mirror_root",
+    "BAM_ARCHS", "BAM_PLACEMENT", "BamPlacement", "CifarResNet", "FASHION_MNIST_TAGS", "PretrainedInfo",
+    "WEIGHT_METADATA", "add_bam", "bam_modules", "bottleneck_stages", "insert_bam", "list_pretrained", "mirror_root",
 ]

@@ -1,8 +1,7 @@
 """BAM networks registered in timm: each is its plain timm twin with BAM at every bottleneck.
 
-``bam_<arch>`` builds the registered model ``<arch>`` (timm's, or bam_zoo's CIFAR-style ResNets) and
-appends BAM to the stages named in :data:`bam_zoo.models.placement.BAM_PLACEMENT` for its family. timm's
-``build_model_with_cfg`` then handles pretrained weights and ``features_only`` as for any timm model.
+``bam_<arch>`` builds the registered model ``<arch>`` and appends BAM to the stages :data:`BAM_PLACEMENT` names
+for its family; timm's ``build_model_with_cfg`` handles pretrained weights and ``features_only`` as for any model.
 """
 from __future__ import annotations
 
@@ -21,50 +20,30 @@ __all__ = ["BAM_ARCHS", "FEATURE_ARGS", "feature_net"]
 
 # bam arch -> placement family (its plain twin is the name without "bam_").
 BAM_ARCHS: Dict[str, str] = {
-    "bam_resnet18": "resnet",
-    "bam_resnet34": "resnet",
-    "bam_resnet50": "resnet",
-    "bam_resnet101": "resnet",
-    "bam_resnet152": "resnet",
-    "bam_wide_resnet50_2": "resnet",
-    "bam_wide_resnet101_2": "resnet",
-    "bam_resnext50_32x4d": "resnet",
-    "bam_resnext101_32x8d": "resnet",
+    **{f"bam_{arch}": "resnet" for arch in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+                                            "wide_resnet50_2", "wide_resnet101_2", "resnext50_32x4d",
+                                            "resnext101_32x8d")},
     "bam_mobilenetv2_100": "efficientnet",
     "bam_efficientnet_b0": "efficientnet",
-    "bam_resnet20": "cifar_resnet",
-    "bam_resnet32": "cifar_resnet",
-    "bam_resnet44": "cifar_resnet",
-    "bam_resnet56": "cifar_resnet",
-    "bam_resnet110": "cifar_resnet",
+    **{f"bam_resnet{depth}": "cifar_resnet" for depth in (20, 32, 44, 56, 110)},
 }
-
-
-def _build_with_bam(base_arch: str, family: str, bam_args: Optional[Dict[str, Any]] = None, **kwargs) -> nn.Module:
-    """Model constructor handed to ``build_model_with_cfg``: the plain twin, then the paper's BAM inserted."""
-    model = timm.create_model(base_arch, pretrained=False, **kwargs)
-    return insert_bam(model, BAM_PLACEMENT[family].stages, bam_args=bam_args)
 
 
 def _create_bam_model(variant: str, pretrained: bool = False, **kwargs) -> nn.Module:
     """Build ``variant`` (``bam_<twin>``) through timm's builder so cfgs, weights and features all work.
 
-    ``bam_args`` (a dict of :class:`~bam_zoo.layers.BAM` arguments, e.g. ``dict(fusion="product")``) is
-    passed through to every BAM; a tag whose weights need one (``imgclsmob_in1k``) sets it.
+    ``bam_args`` (e.g. ``dict(fusion="product")``) goes to every BAM; a tag whose weights need it sets it.
     """
     tag_args = tag_model_args(variant, kwargs)
-    family = BAM_ARCHS[variant]
-    placement = BAM_PLACEMENT[family]
-    feature_cfg = dict(placement.feature_cfg)
+    placement = BAM_PLACEMENT[BAM_ARCHS[variant]]
     if pretrained:
         prepare_pretrained(variant, kwargs)
-    model = build_model_with_cfg(
-        lambda **kw: _build_with_bam(variant[len("bam_"):], family, **kw),
-        variant,
-        pretrained,
-        feature_cfg=feature_cfg,
-        **kwargs,
-    )
+
+    def build(bam_args: Optional[Dict[str, Any]] = None, **kw) -> nn.Module:  # the plain twin, then BAM inserted
+        return insert_bam(timm.create_model(variant[len("bam_"):], pretrained=False, **kw), placement.stages,
+                          bam_args=bam_args)
+
+    model = build_model_with_cfg(build, variant, pretrained, feature_cfg=dict(placement.feature_cfg), **kwargs)
     model._model_args = tag_args  # timm's create_model adds the caller's arguments; exports record both
     return model
 
@@ -82,8 +61,7 @@ def feature_net(model: nn.Module, out_indices: Optional[Sequence[int]] = None, *
     modules = [f["module"] for f in model.feature_info]
     if out_indices is None:
         out_indices = tuple(i for i, m in enumerate(modules) if m)  # '' (the whole model) is no stage
-    feature_cfg.pop("features_only", None)
-    feature_cfg.pop("feature_cls", None)
+    feature_cfg = {k: v for k, v in feature_cfg.items() if k not in ("features_only", "feature_cls")}
     net = FeatureListNet(model, out_indices=tuple(out_indices), flatten_sequential=any("." in m for m in modules),
                          **feature_cfg)
     net.pretrained_cfg = net.default_cfg = model.pretrained_cfg
@@ -101,32 +79,18 @@ def _imagenet_cfg(**kwargs) -> Dict[str, Any]:
     }
 
 
-_effnet = dict(first_conv="conv_stem", classifier="classifier")
+_FAMILY_CFGS = {"resnet": _imagenet_cfg(), "cifar_resnet": cifar_cfg(paper_ids="arXiv:1807.06514"),
+                "efficientnet": _imagenet_cfg(first_conv="conv_stem", classifier="classifier")}
 
 default_cfgs = generate_default_cfgs({
-    "bam_resnet18": _imagenet_cfg(),
-    "bam_resnet34": _imagenet_cfg(),
-    # pytorchcv's ImageNet weights, converted on load (bam_zoo/models/convert.py); sha1 and source in
-    # WEIGHT_METADATA. The untagged cfg after it (marked '*') stays the default: plain bam_resnet50 sums.
+    # Shipped Fashion-MNIST weights come first: the default tag of an arch is its best weights (timm rule).
+    **{name: cfg for name, cfg in FASHION_MNIST_TAGS.items() if name.startswith("bam_")},
+    # pytorchcv's ImageNet weights, converted on load (convert.py; sha1 and source in WEIGHT_METADATA). The
+    # untagged bam_resnet50 (marked '*') stays the default: plain bam_resnet50 sums.
     "bam_resnet50.imgclsmob_in1k": _imagenet_cfg(
         url="https://github.com/osmr/imgclsmob/releases/download/v0.0.499/bam_resnet50-0547-a04adf3c.pth.zip",
         origin_url="https://github.com/osmr/imgclsmob"),
-    "bam_resnet50.*": _imagenet_cfg(),
-    "bam_resnet101": _imagenet_cfg(),
-    "bam_resnet152": _imagenet_cfg(),
-    "bam_wide_resnet50_2": _imagenet_cfg(),
-    "bam_wide_resnet101_2": _imagenet_cfg(),
-    "bam_resnext50_32x4d": _imagenet_cfg(),
-    "bam_resnext101_32x8d": _imagenet_cfg(),
-    "bam_mobilenetv2_100": _imagenet_cfg(**_effnet),
-    "bam_efficientnet_b0": _imagenet_cfg(**_effnet),
-    # Shipped Fashion-MNIST weights come first: the default tag of an arch is its best weights (timm rule).
-    **{name: cfg for name, cfg in FASHION_MNIST_TAGS.items() if name.startswith("bam_")},
-    "bam_resnet20": cifar_cfg(paper_ids="arXiv:1807.06514"),
-    "bam_resnet32": cifar_cfg(paper_ids="arXiv:1807.06514"),
-    "bam_resnet44": cifar_cfg(paper_ids="arXiv:1807.06514"),
-    "bam_resnet56": cifar_cfg(paper_ids="arXiv:1807.06514"),
-    "bam_resnet110": cifar_cfg(paper_ids="arXiv:1807.06514"),
+    **{name + (".*" if name == "bam_resnet50" else ""): _FAMILY_CFGS[family] for name, family in BAM_ARCHS.items()},
     # add_bam's models: the base network's own cfg travels in each export's config.json; this is resnet50's
     INSERTED_ARCH: _imagenet_cfg(),
 })
@@ -135,11 +99,8 @@ default_cfgs = generate_default_cfgs({
 @register_model
 def bam_inserted(pretrained: bool = False, base_model: str = "resnet50", bam_stages: Union[str, Sequence[str]] = "auto",
                  identity_init: bool = True, bam_args: Optional[Dict[str, Any]] = None, **kwargs) -> nn.Module:
-    """Any timm CNN with BAM added by :func:`~bam_zoo.add_bam`: exports of such models rebuild through this name.
-
-    ``config.json`` of an export records the arguments; ``timm.create_model("local-dir:..." or "hf-hub:...",
-    pretrained=True)`` then builds ``base_model``, inserts BAM at ``bam_stages`` and loads the whole state dict.
-    """
+    """Any timm CNN with BAM added by :func:`~bam_zoo.add_bam`: exports of such models rebuild through this name,
+    from the arguments their ``config.json`` records, and then load the whole state dict."""
     features = {k: kwargs.pop(k) for k in FEATURE_ARGS if k in kwargs}
     if pretrained:
         prepare_pretrained(INSERTED_ARCH, kwargs)

@@ -36,20 +36,10 @@ class ZeroPadShortcut(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    """ResNet for small images, with timm's model interface.
+    """ResNet for small images, with timm's model interface and arguments.
 
-    Args:
-        layers: Number of BasicBlocks per stage (n, n, n for depth 6n + 2).
-        channels: Width of each stage.
-        num_classes: Classifier outputs (0 for no classifier).
-        in_chans: Input image channels.
-        global_pool: timm global pool type.
-        drop_rate: Dropout before the classifier.
-        drop_path_rate: Stochastic depth, linearly increasing over blocks.
-        act_layer: Activation.
-        block_args: Extra arguments for every BasicBlock (e.g. ``attn_layer``).
-        device: Device of the parameters.
-        dtype: Dtype of the parameters.
+    ``layers`` counts the BasicBlocks per stage (n, n, n for depth 6n + 2); ``block_args`` goes to every block
+    (e.g. ``attn_layer``); ``drop_path_rate`` increases linearly over the blocks.
     """
 
     def __init__(
@@ -68,9 +58,8 @@ class CifarResNet(nn.Module):
     ) -> None:
         super().__init__()
         if len(layers) != 3 or len(channels) != 3:
-            raise ValueError(
-                f"A CIFAR-style ResNet has three stages: got layers={layers}, channels={channels}; "
-                f"pass three values for each.")
+            raise ValueError(f"A CIFAR-style ResNet has three stages: got layers={layers}, channels={channels}; "
+                             f"pass three values for each.")
         dd = dict(device=device, dtype=dtype)
         act_layer = get_act_layer(act_layer)
         self.num_classes = num_classes
@@ -93,9 +82,8 @@ class CifarResNet(nn.Module):
             blocks = []
             for i in range(depth):
                 block_stride = stride if i == 0 else 1
-                downsample = None
-                if block_stride != 1 or in_chs != out_chs:
-                    downsample = ZeroPadShortcut(in_chs, out_chs, block_stride)
+                downsample = (ZeroPadShortcut(in_chs, out_chs, block_stride)
+                              if block_stride != 1 or in_chs != out_chs else None)
                 dpr = drop_path_rate * block_idx / max(total_blocks - 1, 1)
                 blocks.append(BasicBlock(
                     in_chs, out_chs, stride=block_stride, downsample=downsample, act_layer=act_layer,
@@ -179,11 +167,7 @@ def cifar_cfg(**kwargs) -> Dict[str, Any]:
 
 default_cfgs = generate_default_cfgs({
     **{name: cfg for name, cfg in FASHION_MNIST_TAGS.items() if not name.startswith("bam_")},
-    "resnet20": cifar_cfg(),
-    "resnet32": cifar_cfg(),
-    "resnet44": cifar_cfg(),
-    "resnet56": cifar_cfg(),
-    "resnet110": cifar_cfg(),
+    **{f"resnet{depth}": cifar_cfg() for depth in (20, 32, 44, 56, 110)},
 })
 
 

@@ -1,16 +1,10 @@
 """BAM checkpoints of other code bases, converted exactly: pytorchcv's (osmr/imgclsmob) and the official code's.
 
-Both multiply the branches (``fusion="product"``) and give the spatial branch's convolutions a bias followed
-by BatchNorm. bam-zoo's convolutions there have none: ``BN(conv(x) + b)`` with running mean ``m`` is
-``BN(conv(x))`` with running mean ``m - b``, so each bias folds into its BatchNorm. pytorchcv runs BAM at the
-head of each stride-2 unit, bam-zoo at the end of the stage before: the same tensor, so only names change.
-
-``from_pytorchcv`` / ``from_official`` build a bam-zoo model from a state dict; :func:`convert_state_dict` is
-the conversion alone, which the pretrained loader applies to any file in either layout (timm's
-``pretrained_filter_fn``), so ``pretrained_cfg_overlay=dict(file=PATH)`` converts on load.
-
-Two helpers serve every checkpoint bam-zoo reads: :func:`read_checkpoint`, the one reader of pickles (torch's
-``weights_only`` loader unless the user trusts the file), and :func:`check_keys`, the one strict key check.
+Both multiply the branches (``fusion="product"``) and give the spatial branch's convolutions a bias before
+BatchNorm: ``BN(conv(x) + b)`` with running mean ``m`` is ``BN(conv(x))`` with running mean ``m - b``, so each
+bias folds into its BatchNorm. pytorchcv runs BAM at the head of each stride-2 unit, bam-zoo at the end of the
+stage before: the same tensor, so only names change. Also the one reader of pickles (:func:`read_checkpoint`)
+and the one strict key check (:func:`check_keys`) of every checkpoint bam-zoo reads.
 """
 from __future__ import annotations
 
@@ -85,11 +79,8 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module,
                        check_shapes: bool = True) -> Mapping[str, torch.Tensor]:
     """``state_dict`` in ``model``'s names, biases folded; returned as is when it is in no foreign layout.
 
-    Args:
-        state_dict: Weights in pytorchcv's or the official code's layout.
-        model: The bam-zoo model to load them into; its BAMs must multiply the branches.
-        source: ``"pytorchcv"`` or ``"official"``; detected from the keys if ``None``.
-        check_shapes: Compare shapes too (off for timm's loader, which adapts head and stem afterwards).
+    ``source`` (``"pytorchcv"`` or ``"official"``) is detected from the keys if ``None``; ``check_shapes`` is off
+    for timm's loader, which adapts head and stem afterwards.
 
     Raises:
         CheckpointKeysError: Unknown, missing or misshaped keys (listed): another architecture or layout.
@@ -126,20 +117,13 @@ def check_keys(state_dict: Mapping[str, Any], model: nn.Module, what: str, fix: 
     """Raise :class:`CheckpointKeysError` (counts and a few keys of each kind) where ``state_dict`` does not fit.
 
     Why not torch's strict error: it lists every key, hundreds for a checkpoint of another depth, on one line.
-
-    Args:
-        state_dict: The weights, in the model's names.
-        model: The model they are for (its ``state_dict`` is ``expected`` by default; its name goes in the message).
-        what: What the weights are, for the message: ``"This pytorchcv checkpoint"``.
-        fix: The sentence that says how to fix it.
-        expected: The keys to compare against: a state dict (shapes are compared too) or a set of keys only.
-        origin: The checkpoint's own name of each key, to report unexpected and misshaped keys as the user knows them.
+    ``expected`` is a state dict (shapes compared too) or keys only; ``origin`` maps keys to the checkpoint's names.
     """
     expected = model.state_dict() if expected is None else expected
-    name = (lambda k: origin.get(k, k)) if origin else (lambda k: k)
-    unexpected = [name(k) for k in state_dict if k not in expected]
+    origin = origin or {}
+    unexpected = [origin.get(k, k) for k in state_dict if k not in expected]
     missing = [k for k in expected if k not in state_dict]
-    misshaped = ([f"{name(k)} {_shape(v)} (bam-zoo {k} {_shape(expected[k])})" for k, v in state_dict.items()
+    misshaped = ([f"{origin.get(k, k)} {_shape(v)} (bam-zoo {k} {_shape(expected[k])})" for k, v in state_dict.items()
                   if k in expected and _shape(v) != _shape(expected[k])] if isinstance(expected, Mapping) else [])
     if unexpected or missing or misshaped:
         arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
@@ -174,12 +158,8 @@ def from_official(checkpoint: Mapping[str, Any], arch: str = "bam_resnet50") -> 
 def read_checkpoint(path: Union[str, Path], trust_checkpoint_code: bool = False) -> Any:
     """``torch.load`` of a file, or of the one file inside a ``.zip`` (pytorchcv's ``.pth.zip``), on the CPU.
 
-    Why: a checkpoint is a pickle, and a pickle can run any code when it is read. Only torch's ``weights_only``
-    loader reads it, which builds tensors and plain containers and nothing else, unless the user trusts the file.
-
-    Raises:
-        UnsafeCheckpointError: The pickle needs more than the ``weights_only`` allowlist, and
-            ``trust_checkpoint_code`` is false; it says which globals and how to allow them.
+    Why: a pickle can run any code when it is read, so only torch's ``weights_only`` loader reads it, unless the
+    user trusts the file; else :class:`UnsafeCheckpointError` says which globals it needs and how to allow them.
     """
     path = Path(path).expanduser()
     if path.suffix != ".zip":
@@ -209,21 +189,15 @@ def _restricted_load(source: Union[Path, io.BytesIO]) -> Any:
 
 def unpickle_refusal(path: Union[str, Path]) -> Optional[UnsafeCheckpointError]:
     """Why torch's ``weights_only`` loader refuses the checkpoint at ``path``, found without running it; ``None``
-    when it would load (or when it is not a checkpoint at all, which its reader reports).
-
-    For loaders bam-zoo does not call itself (Lightning's ``--ckpt_path``, timm's ``pretrained_file``): checked
-    before the run starts, so the refusal is one line and nothing is created first.
-    """
+    when it would load or is no checkpoint. For loaders bam-zoo does not call (``--ckpt_path``), before a run."""
     path = Path(path).expanduser()
     try:
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)  # reads the pickle, runs nothing
     except Exception:  # noqa: BLE001  not a zip checkpoint, or opcodes the scanner skips: ask the loader itself
         try:
             _restricted_load(path)
-        except pickle.UnpicklingError as e:
-            return _refusal(path, path, e)
-        except Exception:  # noqa: BLE001  not a checkpoint at all: its reader says so
-            return None
+        except Exception as e:  # noqa: BLE001  refused, or not a checkpoint at all (its reader says so)
+            return _refusal(path, path, e) if isinstance(e, pickle.UnpicklingError) else None
         return None
     return UnsafeCheckpointError(str(path), sorted(unsafe)) if unsafe else None
 
@@ -237,6 +211,6 @@ def _refusal(source: Union[Path, io.BytesIO], path: Path, error: Exception) -> U
     except Exception:  # noqa: BLE001  a legacy (non-zip) file, or opcodes the scanner does not know
         named = sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(error))))
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    reason = next((line for line in reversed(lines) if not line.startswith(("Check the documentation", "Weights only"))),
-                  "no reason given")
+    reason = next((line for line in reversed(lines)
+                   if not line.startswith(("Check the documentation", "Weights only"))), "no reason given")
     return UnsafeCheckpointError(str(path), named, reason)

@@ -1,22 +1,15 @@
 """Where BAM goes, and putting it there: one mechanism for the registered ``bam_*`` networks and any timm CNN.
 
-The paper puts one BAM at each *bottleneck* of a network: at the end of every stage whose output is
-downsampled next, and none after the last stage or on the stem. Read off a timm model's ``feature_info``,
-those are the stage ends at reductions final/8, final/4 and final/2 (4, 8 and 16 in an ImageNet network of
-stride 32; 1 and 2 in the CIFAR ResNets, whose last stage is at 4): :func:`bottleneck_stages`.
-
-:func:`insert_bam` gives each named stage a child ``bam`` whose output replaces the stage's, so
-``forward_features``, ``features_only`` maps and the state dict (``layer1.bam.*``) all carry it and every other
-key keeps its name. A stage that runs its children in order (``nn.Sequential``) runs the child last by itself;
-any other stage gets a subclass
-of its own class whose forward refines the original forward's output (:func:`_refined_class`), and a container
-that iterates over its own children (DenseNet's ``DenseBlock``, a ``ModuleDict``) no longer lists ``bam``.
-:func:`add_bam` is the public entry: it starts every BAM as the identity and records how the model was built,
-so an export rebuilds it through the registered name ``bam_inserted``.
+The paper puts one BAM at each *bottleneck*: the end of every stage whose output is downsampled next
+(:func:`bottleneck_stages`). :func:`insert_bam` gives each such stage a child ``bam`` that refines its output,
+so ``forward_features``, ``features_only`` maps and the state dict (``layer1.bam.*``) carry it and every other
+key keeps its name. :func:`add_bam`, the public entry, starts every BAM as the identity and records how the
+model was built, so an export rebuilds it through the registered name ``bam_inserted``.
 """
 from __future__ import annotations
 
 import inspect
+import itertools
 import types
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -26,8 +19,8 @@ import torch.nn as nn
 
 from ..layers import BAM
 
-__all__ = ["BamPlacement", "BAM_PLACEMENT", "INSERTED_ARCH", "TESTED_FAMILIES", "add_bam", "bam_modules", "bottleneck_stages",
-           "insert_bam"]
+__all__ = ["BamPlacement", "BAM_PLACEMENT", "INSERTED_ARCH", "TESTED_FAMILIES", "add_bam", "bam_modules",
+           "bottleneck_stages", "insert_bam"]
 
 #: The registered architecture an exported model with inserted BAM is rebuilt as (its ``config.json``).
 INSERTED_ARCH = "bam_inserted"
@@ -35,13 +28,8 @@ INSERTED_ARCH = "bam_inserted"
 
 @dataclass(frozen=True)
 class BamPlacement:
-    """Where BAM goes in one registered backbone family.
-
-    Attributes:
-        stages: Names of the stage modules (``feature_info[i]['module']``) followed by a BAM; they equal
-            :func:`bottleneck_stages` of the family (tests hold them to it).
-        feature_cfg: timm ``feature_cfg`` the family needs for ``features_only`` (e.g. flattening).
-    """
+    """Where BAM goes in one registered family: the stage modules followed by a BAM (they equal the family's
+    :func:`bottleneck_stages`), and the timm ``feature_cfg`` it needs for ``features_only``."""
     stages: Tuple[str, ...]
     feature_cfg: Dict[str, Any] = field(default_factory=dict)
 
@@ -90,7 +78,8 @@ def _feature_info(model: nn.Module) -> List[Dict[str, Any]]:
 
 
 def bottleneck_stages(model: nn.Module) -> List[str]:
-    """The paper's placement: the stage ends at reductions final/8, final/4 and final/2 of ``feature_info``."""
+    """The paper's placement: the stage ends at reductions final/8, final/4 and final/2 of ``feature_info``
+    (4, 8 and 16 in an ImageNet network of stride 32; 1 and 2 in the CIFAR ResNets)."""
     info = _feature_info(model)
     last_at = {f["reduction"]: f["module"] for f in info}  # the last entry at each reduction ends that stage
     final = info[-1]["reduction"]
@@ -166,10 +155,9 @@ def _refined_class(cls: type) -> type:
 
 def insert_bam(model: nn.Module, stages: Sequence[str], identity_init: bool = False,
                bam_args: Optional[Dict[str, Any]] = None) -> nn.Module:
-    """Give each stage in ``stages`` a ``bam`` child that refines its output, sized from ``feature_info``.
+    """Give each stage in ``stages`` a ``bam`` child that refines its output, sized from ``feature_info``; in place.
 
-    The mechanism behind :func:`add_bam` and the registered ``bam_*`` architectures (paper's block,
-    ``identity_init=False``). Returns the same model, modified in place.
+    A stage that runs its children in order runs ``bam`` last by itself; any other gets :func:`_refined_class`.
     """
     channels_of = {f["module"]: f["num_chs"] for f in _feature_info(model)}
     for name in stages:
@@ -179,8 +167,7 @@ def insert_bam(model: nn.Module, stages: Sequence[str], identity_init: bool = Fa
         stage = model.get_submodule(name)
         if hasattr(stage, "bam"):
             raise ValueError(f"add_bam: stage {name!r} already has a BAM (is the model a bam_* one already?).")
-        tensor = next(stage.parameters(), None)
-        tensor = tensor if tensor is not None else next(model.parameters())
+        tensor = next(itertools.chain(stage.parameters(), model.parameters()))
         stage.add_module("bam", BAM(channels_of[name], identity_init=identity_init, **(bam_args or {}),
                                     device=tensor.device, dtype=tensor.dtype))
         if not _chains_children(stage):

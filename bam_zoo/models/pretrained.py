@@ -1,10 +1,6 @@
-"""Shipped pretrained weights: one timm tag per weight.
-
-Each entry is a timm pretrained cfg (``arch.tag``) saying where the weights live: ``hf_hub_id`` on the Hub,
-or a mirror folder ``<arch>.<tag>/`` (the repository's ``checkpoints/``, or ``$BAM_ZOO_CHECKPOINTS``); or the
-``url`` of weights published elsewhere, converted on load. :data:`WEIGHT_METADATA` holds what identifies each
-file (its sha256). What a weight measured is written once, in its own ``config.json``, and
-``list_pretrained()``, MODEL_CARD.md and the README table are rendered from there (:func:`weight_facts`).
+"""Shipped pretrained weights: one timm tag (``arch.tag``) per weight, on the Hub or in a mirror folder
+(``checkpoints/`` or ``$BAM_ZOO_CHECKPOINTS``), or published elsewhere (``url``) and converted on load.
+What a weight measured is written once, in its own ``config.json`` (:func:`weight_facts`).
 """
 from __future__ import annotations
 
@@ -41,8 +37,7 @@ _logger = logging.getLogger(__name__)
 
 HF_HUB_ORG = "bam-zoo"
 WEIGHTS_NAME = "model.safetensors"
-# Fashion-MNIST: the one source of its label names and statistics (training-set mean / std), for the
-# shipped weights' cfgs and for FashionMNISTDataModule.
+# Fashion-MNIST's label names and training-set mean / std: one source for the cfgs and FashionMNISTDataModule
 FASHION_MNIST_LABELS = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 FASHION_MNIST_MEAN = (0.2860,)
@@ -60,22 +55,15 @@ def fashion_mnist_cfg(arch: str, tag: str) -> Dict[str, Any]:
     }
 
 
-# arch.tag -> timm cfg. Only weights that exist in checkpoints/ are listed. Each BAM weight ships with its
-# plain twin, trained with the identical recipe and seed.
+# arch.tag -> timm cfg, for the weights in checkpoints/: each BAM weight with its plain twin (same recipe and seed)
 FASHION_MNIST_TAGS: Dict[str, Dict[str, Any]] = {
-    "bam_resnet20.fmnist": fashion_mnist_cfg("bam_resnet20", "fmnist"),
-    "resnet20.fmnist": fashion_mnist_cfg("resnet20", "fmnist"),
-    "bam_resnet56.fmnist_long": fashion_mnist_cfg("bam_resnet56", "fmnist_long"),
-    "resnet56.fmnist_long": fashion_mnist_cfg("resnet56", "fmnist_long"),
+    f"{arch}.{tag}": fashion_mnist_cfg(arch, tag) for arch, tag in
+    (("bam_resnet20", "fmnist"), ("resnet20", "fmnist"), ("bam_resnet56", "fmnist_long"), ("resnet56", "fmnist_long"))
 }
 
-# arch.tag -> what identifies the weights: the sha256 of model.safetensors, checked on every load, and, once
-# pinned, the Hub revision (hf_hub_revision). What trained weights measured and how they were made lives in
-# their own config.json (see weight_facts). The hash stays here because the package is what vouches for a
-# file: a mirror folder, copied from anywhere, cannot vouch for itself.
-# Weights published elsewhere have no folder, so their entry holds their facts: source, license, what the
-# publisher lists (never measured here), the publisher's hash of the download, and the create_model arguments
-# the weights need (model_args).
+# arch.tag -> the sha256 of model.safetensors, checked on every load (a mirror folder cannot vouch for itself),
+# and once pinned the Hub revision (hf_hub_revision). Weights published elsewhere have no folder: their entry
+# holds their facts (source, license, what the publisher lists, its sha1) and the model_args they need.
 WEIGHT_METADATA: Dict[str, Dict[str, Any]] = {
     "bam_resnet20.fmnist": {"sha256": "a9ce83f8bc81dab25ac12f4d00e0cb1ca4547c749228dccf9ffd99069eb79011"},
     "resnet20.fmnist": {"sha256": "dbb47f773ca5b5c41e536c5914a2140dc07237e3c2dd681de40e53721f2cdc5c"},
@@ -94,8 +82,8 @@ WEIGHT_METADATA: Dict[str, Dict[str, Any]] = {
 
 
 def mirror_root() -> Optional[Path]:
-    """The offline mirror (one ``<arch>.<tag>/`` each): ``$BAM_ZOO_CHECKPOINTS``, else the ``checkpoints/`` of the
-    source checkout this package runs from; ``None`` for an installed package without the variable."""
+    """The offline mirror (one ``<arch>.<tag>/`` each): ``$BAM_ZOO_CHECKPOINTS``, else the source checkout's
+    ``checkpoints/``; ``None`` for an installed package without the variable."""
     env = os.environ.get("BAM_ZOO_CHECKPOINTS")
     if env:
         return Path(env).expanduser()
@@ -105,8 +93,7 @@ def mirror_root() -> Optional[Path]:
 
 def _mirrored(name: str) -> Optional[Path]:
     root = mirror_root()
-    path = root / name / WEIGHTS_NAME if root else None
-    return path if path is not None and path.is_file() else None
+    return root / name / WEIGHTS_NAME if root and (root / name / WEIGHTS_NAME).is_file() else None
 
 
 def sha256sum(path: str | Path, algorithm: str = "sha256") -> str:
@@ -119,17 +106,14 @@ def sha256sum(path: str | Path, algorithm: str = "sha256") -> str:
 
 
 def _verified(path: str | Path, name: str, expected: Optional[str], fix: str, algorithm: str = "sha256") -> str:
-    actual = sha256sum(path, algorithm) if expected else None
-    if expected and actual != expected:
+    if expected and (actual := sha256sum(path, algorithm)) != expected:
         raise ChecksumMismatchError(str(path), name, expected, actual, fix, algorithm)
     return str(path)
 
 
 def _download(url: str, name: str, sha1: str) -> str:
-    """A ``.zip`` weight in torch.hub's cache (as timm's), sha1-checked; returns its one file, extracted beside it.
-
-    Why not timm's own download: torch.hub checks a sha256 prefix in the file name; pytorchcv publishes sha1.
-    """
+    """A ``.zip`` weight in torch.hub's cache, sha1-checked (pytorchcv publishes sha1, torch.hub checks sha256);
+    returns its one file, extracted beside it."""
     folder = Path(torch.hub.get_dir()) / "checkpoints"
     path = folder / url.rsplit("/", 1)[-1]
     if not path.is_file():
@@ -150,18 +134,17 @@ _mirror_notice_given = False
 
 
 def _why_not_hub(error: Exception, repo_id: str) -> str:
-    return ("HF_HUB_OFFLINE is set" if constants.is_offline_mode() else
-            "it cannot be reached" if isinstance(error, LocalEntryNotFoundError) else f"{repo_id} does not hold them yet")
+    return ("HF_HUB_OFFLINE is set" if constants.is_offline_mode() else "it cannot be reached"
+            if isinstance(error, LocalEntryNotFoundError) else f"{repo_id} does not hold them yet")
 
 
 def _notice_mirror(error: Exception, repo_id: str) -> None:
     """Say once per process, in plain words, that weights come from the mirror and why."""
     global _mirror_notice_given
-    if _mirror_notice_given:
-        return
-    _mirror_notice_given = True
-    _logger.warning("bam-zoo loads pretrained weights from its offline copies in %s (sha256-checked): the "
-                    "Hugging Face Hub was not used because %s.", mirror_root(), _why_not_hub(error, repo_id))
+    if not _mirror_notice_given:
+        _mirror_notice_given = True
+        _logger.warning("bam-zoo loads pretrained weights from its offline copies in %s (sha256-checked): the "
+                        "Hugging Face Hub was not used because %s.", mirror_root(), _why_not_hub(error, repo_id))
 
 
 def _hub_unreachable(repo_id: str, revision: Optional[str]) -> bool:
@@ -178,11 +161,9 @@ def _hub_unreachable(repo_id: str, revision: Optional[str]) -> bool:
 def resolve_weights(cfg: Dict[str, Any], variant: str) -> Optional[str]:
     """A local, verified ``model.safetensors`` for a pretrained cfg: the Hub (and its cache), else the mirror.
 
-    Why not timm's own download: it falls back to a pickled ``pytorch_model.bin`` and knows no mirror.
-    A ``file`` in the cfg (``local-dir:``, ``pretrained_file``) is the user's choice and is returned as is.
-    A ``url`` (weights published elsewhere) is downloaded once and checked against the publisher's sha1.
-    Tags (``arch.tag``) use the revision and sha256 in :data:`WEIGHT_METADATA`; ``hf-hub:`` names use
-    their ``@revision``. Returns ``None`` when the cfg names no weights (timm then says so).
+    Why not timm's own download: it falls back to a pickled ``pytorch_model.bin`` and knows no mirror. A cfg's
+    ``file`` is returned as is; a ``url`` is downloaded once and sha1-checked. Returns ``None`` when the cfg
+    names no weights (timm then says so).
 
     Raises:
         ChecksumMismatchError: The file differs from the recorded sha256.
@@ -222,14 +203,11 @@ def resolve_weights(cfg: Dict[str, Any], variant: str) -> Optional[str]:
 
 
 def strict_keys(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, Any]:
-    """timm ``pretrained_filter_fn``: pytorchcv and official-code layouts are converted (:mod:`.convert`), then
-    weights whose keys differ from the model's fail with :class:`~bam_zoo.errors.CheckpointKeysError`.
+    """timm ``pretrained_filter_fn``: foreign layouts are converted (:mod:`.convert`), then keys must match.
 
     Why: timm loads with ``strict=False`` whenever it drops a classifier of another size, which would also let
-    missing or unexpected keys elsewhere pass. Shapes stay torch's to check (it raises on them either way) and
-    the stem is adapted by timm after this filter, so only the head and stem adaptation is allowed. A model
-    built for another ``num_classes`` (0: no head) does not take the weights' classifier: its keys are left out
-    on both sides and the new head keeps its initialisation, as timm does.
+    other missing or unexpected keys pass. For another ``num_classes`` the classifier keys are left out on both
+    sides; shapes stay torch's to check and the stem timm's to adapt.
     """
     state_dict = convert_state_dict(state_dict, model, check_shapes=False)
     expected = model.state_dict().keys()
@@ -248,7 +226,7 @@ def prepare_pretrained(variant: str, kwargs: Dict[str, Any]) -> None:
     """Builder hook for ``pretrained=True``: hand timm a verified local file, loaded with :func:`strict_keys`.
 
     Set here, not through ``create_model`` kwargs, which would end up in ``model._model_args`` and break
-    ``save_for_hf``. timm's ``load_pretrained`` still adapts the head (``num_classes``) and stem (``in_chans``).
+    ``save_for_hf``.
     """
     overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
     if overlay.get("state_dict") is None:
@@ -261,11 +239,8 @@ def prepare_pretrained(variant: str, kwargs: Dict[str, Any]) -> None:
 
 
 def tag_model_args(variant: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    """The ``create_model`` arguments the tag in ``kwargs`` needs (``model_args``), set where the caller gave none.
-
-    Why: a tag names weights, and weights trained with ``fusion="product"`` need a model that multiplies.
-    Returns them, for the builder to record in ``model._model_args`` (exports then rebuild the same model).
-    """
+    """Set the ``model_args`` the tag in ``kwargs`` needs (e.g. ``fusion="product"``) where the caller gave none;
+    returns them for the builder to record in ``model._model_args``, so exports rebuild the same model."""
     tag = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get("pretrained_cfg")).tag
     args = copy.deepcopy(WEIGHT_METADATA.get(f"{variant}.{tag}", {}).get("model_args", {}))
     for key, value in args.items():
@@ -292,13 +267,9 @@ class PretrainedInfo:
 
 
 def weight_facts(name: str, folder: Optional[Path] = None) -> Dict[str, Any]:
-    """What the weight ``name`` measured and how it was made, as one flat dict (``top1``, ``per_class``,
-    ``num_params``, ``command`` ...), merged with its :data:`WEIGHT_METADATA` entry.
-
-    Trained weights: the ``bam_zoo`` section of their ``config.json`` (``dataset``, ``metrics`` and the card's
-    ``details``), read from ``folder`` (default: the mirror's copy). Where no copy is at hand (a pip install
-    without ``BAM_ZOO_CHECKPOINTS``) only the entry's keys are known.
-    """
+    """What the weight ``name`` measured and how it was made, as one flat dict (``top1``, ``per_class`` ...): the
+    ``bam_zoo`` section of its ``config.json`` in ``folder`` (default: the mirror's), merged with its
+    :data:`WEIGHT_METADATA` entry (all that is known without a copy)."""
     root = mirror_root()
     folder = folder or (root / name if root else None)
     config = folder / "config.json" if folder else None
