@@ -170,6 +170,21 @@ def test_traced_block_runs_the_op_on_other_inputs_as_the_definition(train, ident
             _assert_equal(got[2][key], want[2][key], key)
 
 
+def test_traced_fused_block_backpropagates_as_eager():
+    """A fused BAM has no BatchNorm, so the op gets an empty list of floats: its backward must still match it."""
+    bam = bam_zoo.fuse_for_inference(_block(train=False))
+    traced = torch.fx.symbolic_trace(copy.deepcopy(bam))
+    assert _count(traced.graph, BAM_OP) == 1
+    x = torch.randn(2, 16, 8, 8)
+    got, want = _train_step(traced, x), _train_step(bam, x)
+    for a, b, name in zip(got[:2], want[:2], ("output", "input gradient")):
+        _assert_equal(a, b, name)
+    frozen = {n for n, p in bam.named_parameters() if not p.requires_grad}  # biases torch's folding added
+    assert frozen and all(got[2][n] is None for n in frozen)
+    for key in want[2].keys() - frozen:
+        _assert_equal(got[2][key], want[2][key], key)
+
+
 def test_graph_traced_after_disable_holds_the_definition():
     model = disable_cpu_fast_path(bam_zoo.create_model("bam_resnet20", in_chans=3).eval())
     traced = torch.fx.symbolic_trace(model)

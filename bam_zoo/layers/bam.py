@@ -1,13 +1,8 @@
 """BAM: Bottleneck Attention Module (Park, Woo, Lee, Kweon, BMVC 2018, arXiv:1807.06514).
 
-    F' = F + F * sigmoid(Mc(F) + Ms(F))
-
-``Mc`` (:class:`ChannelAttn`) pools the whole map and runs a C -> C/r -> C MLP; ``Ms`` (:class:`SpatialAttn`)
-reduces to C/r channels, runs dilated 3x3 convolutions and ends in one map. The paper sums the branches
-(``fusion="sum"``); the official code multiplies them (``fusion="product"``), offered for its weights.
-
-This file is the definition, in standard ops. On the CPU in eager mode :mod:`bam_zoo.layers.bam_cpu` computes
-the same function faster; every other setting (CUDA, compilers, exporters, tracers) runs the code below.
+``F' = F + F * sigmoid(Mc(F) + Ms(F))``; the paper sums the branches, the official code multiplies them
+(``fusion="product"``, offered for its weights). This file is the definition, in standard ops;
+:mod:`bam_zoo.layers.bam_cpu` computes the same function faster on the CPU.
 """
 from collections import OrderedDict
 from typing import Callable, Optional, Type, Union
@@ -75,10 +70,8 @@ class ChannelAttn(nn.Module):
 
 
 class SpatialAttn(nn.Module):
-    """``Ms``: 1x1 conv to C/r -> ``num_dilated_convs`` x dilated 3x3 -> 1x1 conv to 1, as N x 1 x H x W logits.
-
-    Each convolution but the last is followed by BatchNorm and the activation.
-    """
+    """``Ms``: 1x1 conv to C/r -> ``num_dilated_convs`` x dilated 3x3 -> 1x1 conv to 1, as N x 1 x H x W logits;
+    each convolution but the last is followed by BatchNorm and the activation."""
 
     def __init__(self, channels: int, rd_channels: int, dilation: int = 4, num_dilated_convs: int = 2,
                  act_layer: LayerType = nn.ReLU, device=None, dtype=None):
@@ -117,13 +110,9 @@ torch.fx.wrap("check_bam_input")  # plain torch.fx.symbolic_trace and torchvisio
 class BAM(nn.Module):
     """Bottleneck Attention Module: ``y = x * (1 + gate(Mc(x) + Ms(x)))``, the paper's block.
 
-    With ``identity_init=True`` the refinement gets a learned per-channel scale that starts at zero,
-    ``y = x + gamma * x * gate(Mc(x) + Ms(x))`` (as ReZero, LayerScale and zero-initialised non-local blocks):
-    the block starts as the identity, so it can be added to a trained network (:func:`bam_zoo.add_bam`) without
-    changing what the network computes, and ``gamma`` learns from the first step.
-
-    Same signature as timm's attention layers (``timm.layers.CbamModule``), so it goes wherever timm takes an
-    ``attn_layer``.
+    With ``identity_init=True`` a learned per-channel scale starting at zero makes the block start as the identity,
+    ``y = x + gamma * x * gate(Mc(x) + Ms(x))`` (as ReZero, LayerScale), so it can be added to a trained network
+    (:func:`bam_zoo.add_bam`). Same signature as timm's attention layers: it goes wherever timm takes an ``attn_layer``.
 
     Args:
         channels: Input (and output) channels C.

@@ -1,31 +1,10 @@
 """BAM's speed layer: the same function as :class:`bam_zoo.layers.BAM`'s definition, faster on the CPU.
 
-One implementation, reached two ways with the same numbers:
-
-* eager mode calls it directly (an ``autograd.Function`` whose backward reuses the branches' graphs);
-* FX, ``torch.jit.trace``, ``torch.compile`` and ``torch.export`` record one opaque custom op,
-  ``torch.ops.bam_zoo.bam_forward`` (backward: ``bam_zoo::bam_backward``, which recomputes the two small branches),
-  so a traced or compiled graph runs exactly what eager runs (timm's FX tests compare with ``torch.equal``).
-
-The op takes BAM's parameters and buffers as flat lists and its structure as integers (:class:`_Spec`), so a
-graph holding it needs nothing but ``bam_zoo``. Its kernels apply to float32 CPU maps, contiguous or channels_last;
-other inputs reaching the op (a traced graph run on CUDA or in float64) run the definition's ops inside it. In
-eager mode and under the compilers such inputs never reach it: CUDA, MPS, autocast, TorchScript, ONNX export and
-any active ``TorchDispatchMode`` (``FlopCounterMode`` in :func:`bam_zoo.count_macs`) run the definition itself.
-
-The parts, each of which :func:`components_off` (or ``BAM_ZOO_CPU_OFF``) switches off for the ablation in
-``docs/performance.md``:
-
-* ``gate``: the gate ``x * (1 + sigmoid(Mc + Ms))`` as one pass each way (compiled kernels, ``bam_zoo/csrc``);
-  without them ATen ops write into one buffer;
-* ``node``: a training step as this one node, which adds the pool's and the reduction's input gradients into the
-  gate's in place; off, training runs the definition's modules;
-* ``chain``: the spatial branch after its reduction as compiled kernels when it is one or two channels wide;
-* ``pool_reduce``: the pool and the reduction of a channels_last map with one or two reduced channels in one pass
-  each way (training);
-* ``conv``: few-channel convolutions as direct loops or matrix products (:func:`few_channel_conv`).
-
-The state dict is the definition's: the fast path reads the same parameters and buffers.
+Eager mode calls it directly (an ``autograd.Function`` whose backward reuses the branches' graphs); whatever records a
+graph (FX, ``jit.trace``, ``torch.compile``, ``torch.export``) records one custom op, ``bam_zoo::bam_forward``
+(backward ``bam_zoo::bam_backward``), so graphs run exactly what eager runs. The kernels take float32 CPU maps; other
+inputs reaching the op run the definition's ops inside it. Each of :data:`COMPONENTS` can be switched off for an
+ablation (:func:`components_off`, ``BAM_ZOO_CPU_OFF``); ``docs/performance.md`` describes them and the design.
 """
 import contextlib
 import os
@@ -41,26 +20,18 @@ from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 if TYPE_CHECKING:
     from .bam import BAM
 
-__all__ = [
-    "cpu_fast_path_applies", "bam_cpu_forward", "disable_cpu_fast_path", "native_kernels_available",
-    "few_channel_conv", "COMPONENTS", "components_off", "component_enabled",
-]
+__all__ = ["cpu_fast_path_applies", "bam_cpu_forward", "disable_cpu_fast_path", "native_kernels_available",
+           "few_channel_conv", "COMPONENTS", "components_off", "component_enabled"]
 
 
 # ---- The compiled kernels (bam_zoo._native) ------------------------------------------------------------------
 
-def _load_native() -> bool:
-    """Import the compiled kernels (registers ``torch.ops.bam_zoo.*``); False when absent or disabled."""
-    if os.environ.get("BAM_ZOO_NATIVE_GATE", "") == "0":
-        return False
+NATIVE = os.environ.get("BAM_ZOO_NATIVE_GATE", "") != "0"
+if NATIVE:
     try:
-        from .. import _native  # noqa: F401
+        from .. import _native  # noqa: F401  (registers torch.ops.bam_zoo.*)
     except ImportError:  # installed without a compiler, or built for another torch
-        return False
-    return True
-
-
-NATIVE = _load_native()
+        NATIVE = False
 
 
 def native_kernels_available() -> bool:
@@ -71,18 +42,10 @@ def native_kernels_available() -> bool:
 # ---- The components and their switches -------------------------------------------------------------------------
 
 COMPONENTS = ("gate", "node", "chain", "pool_reduce", "conv")
-
-
-def _components_off_from_env() -> frozenset:
-    """``BAM_ZOO_CPU_OFF``: a comma-separated list of components to switch off, validated."""
-    names = frozenset(n.strip() for n in os.environ.get("BAM_ZOO_CPU_OFF", "").split(",") if n.strip())
-    unknown = sorted(names - set(COMPONENTS))
-    if unknown:
-        raise ValueError(f"BAM_ZOO_CPU_OFF names unknown components {unknown}; choose from {list(COMPONENTS)}.")
-    return names
-
-
-_OFF = set(_components_off_from_env())
+_OFF = frozenset(n.strip() for n in os.environ.get("BAM_ZOO_CPU_OFF", "").split(",") if n.strip())
+if _OFF - set(COMPONENTS):
+    raise ValueError(f"BAM_ZOO_CPU_OFF names unknown components {sorted(_OFF - set(COMPONENTS))}; "
+                     f"choose from {list(COMPONENTS)}.")
 
 
 def component_enabled(name: str) -> bool:
@@ -92,21 +55,17 @@ def component_enabled(name: str) -> bool:
 
 @contextlib.contextmanager
 def components_off(*names: str) -> Iterator[None]:
-    """Switch components of the speed layer off inside the block (process-wide; for ablations and tests).
-
-    Eager calls read the switches on every call; a traced graph holds the op, which reads them when it runs,
-    except ``node``, which decides at tracing time whether the graph holds the op at all.
-    """
+    """Switch components off inside the block (process-wide). A traced graph's op reads the switches when it runs,
+    except ``node``, which decides at tracing time whether the graph holds the op at all."""
+    global _OFF
     unknown = sorted(set(names) - set(COMPONENTS))
     if unknown:
         raise ValueError(f"unknown components {unknown}; choose from {list(COMPONENTS)}")
-    before = set(_OFF)
-    _OFF.update(names)
+    before, _OFF = _OFF, _OFF | set(names)
     try:
         yield
     finally:
-        _OFF.clear()
-        _OFF.update(before)
+        _OFF = before
 
 
 # ---- BAM as flat op arguments ----------------------------------------------------------------------------------
@@ -118,8 +77,7 @@ def components_off(*names: str) -> Iterator[None]:
 #         [bn_j.w, bn_j.b]; conv_final.w, [conv_final.b]; [gamma].
 # buffers: running_mean, running_var, num_batches_tracked of every BatchNorm, channel branch first.
 # floats: (momentum, eps) of every BatchNorm, in the same order.
-# The version is part of every graph that holds the op, so compiled-graph caches and exported programs made by
-# another layout of these arguments (or other outputs) miss or fail loudly instead of misreading them.
+# Every graph holding the op holds the version, so caches and exports of another layout fail loudly.
 
 _OP_VERSION = 1
 
@@ -153,6 +111,10 @@ class _Net(NamedTuple):
     gamma: Optional[torch.Tensor]
     padding: Tuple[int, int]
     dilation: Tuple[int, int]
+    params: Sequence[torch.Tensor]  # the op's arguments it was read from
+    buffers: Sequence[torch.Tensor]
+    config: Sequence[int]
+    floats: Sequence[float]
 
     @property
     def rd(self) -> int:
@@ -167,21 +129,25 @@ def _bn_state(bn: nn.Module) -> Optional[int]:
     """0 for a folded BatchNorm, 1/2 for the definition's in eval/training mode, None for anything else."""
     if type(bn) is nn.Identity:
         return 0
-    if not getattr(bn, "_single_sample_safe", False) or not (bn.affine and bn.track_running_stats):
-        return None
-    if bn.running_mean is None or bn.num_batches_tracked is None:
+    if (not getattr(bn, "_single_sample_safe", False) or not (bn.affine and bn.track_running_stats)
+            or bn.running_mean is None or bn.num_batches_tracked is None):
         return None
     return 2 if bn.training else 1
 
 
-def _is_plain_conv(conv: nn.Module, kernel: Optional[Tuple[int, int]] = None) -> bool:
-    return (type(conv) is nn.Conv2d and conv.groups == 1 and conv.stride == (1, 1) and conv.padding_mode == "zeros"
-            and not isinstance(conv.padding, str) and (kernel is None or conv.kernel_size == kernel))
+def _is_plain_conv(conv: nn.Module, one_by_one: bool) -> bool:
+    """A stride-1 ungrouped zero-padded Conv2d: 1x1 unpadded, or else with odd kernels padded to keep the size."""
+    if not (type(conv) is nn.Conv2d and conv.groups == 1 and conv.stride == (1, 1) and conv.padding_mode == "zeros"
+            and not isinstance(conv.padding, str)):
+        return False
+    if one_by_one:
+        return conv.kernel_size == (1, 1) and conv.padding == (0, 0)
+    return conv.in_channels == conv.out_channels and all(
+        k % 2 == 1 and p == d * (k - 1) // 2 for k, p, d in zip(conv.kernel_size, conv.padding, conv.dilation))
 
 
 class _Layout(NamedTuple):
-    """Where a BAM's op arguments live: (module, name) of each parameter and buffer, the BatchNorms (for their
-    momentum and eps), and the structure (config). Read fresh on every call by :func:`_spec_of`."""
+    """(module, name) of each op parameter and buffer, the BatchNorms (momentum, eps: read per call), the config."""
     params: List[Tuple[nn.Module, str]]
     buffers: List[Tuple[nn.Module, str]]
     bns: List[nn.Module]
@@ -190,8 +156,8 @@ class _Layout(NamedTuple):
 
 def _layout_of(bam: "BAM") -> Optional[_Layout]:
     """BAM's layout, or None where its layers are not the definition's (then it runs as modules)."""
-    ca, body = bam.channel_attn, list(bam.spatial_attn.body)
-    if not _is_sigmoid(bam.gate) or len(body) % 3 != 1:
+    ca, body, gate = bam.channel_attn, list(bam.spatial_attn.body), bam.gate
+    if not (isinstance(gate, (nn.Sigmoid, TimmSigmoid)) or gate in (torch.sigmoid, F.sigmoid)) or len(body) % 3 != 1:
         return None
     fc1, fc2 = getattr(ca, "fc1", None), getattr(ca, "fc2", None)
     if type(fc1) is not nn.Linear or type(fc2) is not nn.Linear or fc1.bias is None or fc2.bias is None:
@@ -199,42 +165,24 @@ def _layout_of(bam: "BAM") -> Optional[_Layout]:
     if type(getattr(ca, "act", None)) is not nn.ReLU or any(type(a) is not nn.ReLU for a in body[2::3]):
         return None
     convs, bns, final = body[0:-1:3], body[1::3], body[-1]
-    k = len(convs) - 1
-    if not (_is_plain_conv(convs[0], (1, 1)) and convs[0].padding == (0, 0) and convs[0].dilation == (1, 1)):
-        return None
-    if not (_is_plain_conv(final, (1, 1)) and final.padding == (0, 0) and final.out_channels == 1):
+    if not (_is_plain_conv(convs[0], True) and convs[0].dilation == (1, 1) and _is_plain_conv(final, True)
+            and final.out_channels == 1):
         return None
     geometry = {(c.padding, c.dilation) for c in convs[1:]}
-    if len(geometry) > 1 or not all(_is_plain_conv(c) and _is_same_size(c) for c in convs[1:]):
+    if len(geometry) > 1 or not all(_is_plain_conv(c, False) for c in convs[1:]):
         return None
     padding, dilation = geometry.pop() if geometry else ((0, 0), (1, 1))
     states = [_bn_state(getattr(ca, "bn", None))] + [_bn_state(b) for b in bns]
     if any(s is None for s in states):
         return None
-    params = [(fc1, "weight"), (fc1, "bias")]
-    buffers: List[Tuple[nn.Module, str]] = []
-    norms: List[nn.Module] = []
-
-    def add_bn(bn: nn.Module) -> None:
-        if type(bn) is not nn.Identity:
-            params.extend(((bn, "weight"), (bn, "bias")))
-            buffers.extend(((bn, "running_mean"), (bn, "running_var"), (bn, "num_batches_tracked")))
-            norms.append(bn)
-
-    add_bn(ca.bn)
-    params.extend(((fc2, "weight"), (fc2, "bias")))
-    for conv, bn in zip(convs, bns):
-        params.append((conv, "weight"))
-        if conv.bias is not None:
-            params.append((conv, "bias"))
-        add_bn(bn)
-    params.append((final, "weight"))
-    if final.bias is not None:
-        params.append((final, "bias"))
+    layers = [fc1, ca.bn, fc2, *[m for pair in zip(convs, bns) for m in pair], final]
+    params = [(m, n) for m in layers for n in ("weight", "bias") if getattr(m, n, None) is not None]  # not Identity
     if bam.gamma is not None:
         params.append((bam, "gamma"))
-    config = [_OP_VERSION, int(bam.fusion == "product"), int(bam.gamma is not None), k, *padding, *dilation, *states]
-    config += [int(c.bias is not None) for c in (*convs, final)]
+    norms = [bn for bn in (ca.bn, *bns) if type(bn) is not nn.Identity]
+    buffers = [(bn, n) for bn in norms for n in ("running_mean", "running_var", "num_batches_tracked")]
+    config = [_OP_VERSION, int(bam.fusion == "product"), int(bam.gamma is not None), len(convs) - 1, *padding,
+              *dilation, *states, *[int(c.bias is not None) for c in (*convs, final)]]
     return _Layout(params, buffers, norms, config)
 
 
@@ -243,8 +191,8 @@ _LAYOUTS: "weakref.WeakKeyDictionary[nn.Module, Tuple[tuple, Optional[_Layout]]]
 
 
 def _layout_key(bam: "BAM") -> Tuple[tuple, bool]:
-    """What a cached layout depends on (which layer objects, their modes, the gate, the fusion, gamma), and whether
-    a branch layer has hooks. Plain dict reads: this runs on every eager call."""
+    """What a cached layout depends on (layer objects, modes, gate, fusion, gamma), and whether a branch layer has
+    hooks. Plain dict reads: this runs on every eager call."""
     modules = bam._modules
     channel, spatial = modules["channel_attn"], modules["spatial_attn"]
     body = spatial._modules["body"]
@@ -256,8 +204,8 @@ def _layout_key(bam: "BAM") -> Tuple[tuple, bool]:
 
 
 def _spec_of(bam: "BAM") -> Optional[_Spec]:
-    """BAM's flat op arguments, or None where its layers are not the definition's or a branch has hooks (then it
-    runs as modules: the op would not call them)."""
+    """BAM's flat op arguments, or None where its layers are not the definition's or a branch has hooks (which the
+    op would not call)."""
     if _recording():  # once per trace: the plain walk, which the compilers trace through
         layout = None if _has_hooks(bam.channel_attn) or _has_hooks(bam.spatial_attn) else _layout_of(bam)
         if layout is None:
@@ -279,26 +227,17 @@ def _spec_of(bam: "BAM") -> Optional[_Spec]:
     return _Spec(params, buffers, layout.config, floats)
 
 
-def _is_same_size(conv: nn.Conv2d) -> bool:
-    """A stride-1 convolution with odd kernels, padded so its output has its input's size (BAM's dilated ones)."""
-    return conv.in_channels == conv.out_channels and all(
-        k % 2 == 1 and p == d * (k - 1) // 2 for k, p, d in zip(conv.kernel_size, conv.padding, conv.dilation))
-
-
 def _unpack(params: Sequence[torch.Tensor], buffers: Sequence[torch.Tensor], config: Sequence[int],
             floats: Sequence[float]) -> _Net:
     if config[0] != _OP_VERSION:
         raise RuntimeError(f"This graph holds bam_zoo::bam_forward of argument version {config[0]}, but the installed "
                            f"bam_zoo implements version {_OP_VERSION}: trace, export or compile it again.")
     product, has_gamma, k, ph, pw, dh, dw = config[1:8]
-    states = config[8:8 + k + 2]
-    has_bias = config[8 + k + 2:]
+    states, has_bias = config[8:k + 10], config[k + 10:]
     p, b, f = iter(params), iter(buffers), iter(floats)
 
     def bn(state: int) -> Optional[_BN]:
-        if state == 0:
-            return None
-        return _BN(next(p), next(p), next(b), next(b), next(b), state == 2, next(f), next(f))
+        return None if state == 0 else _BN(next(p), next(p), next(b), next(b), next(b), state == 2, next(f), next(f))
 
     fc1 = (next(p), next(p))
     channel_bn = bn(states[0])
@@ -309,7 +248,8 @@ def _unpack(params: Sequence[torch.Tensor], buffers: Sequence[torch.Tensor], con
         bns.append(bn(states[1 + j]))
     final = (next(p), next(p) if has_bias[k + 1] else None)
     gamma = next(p) if has_gamma else None
-    return _Net(bool(product), fc1, channel_bn, fc2, convs, bns, final, gamma, (ph, pw), (dh, dw))
+    return _Net(bool(product), fc1, channel_bn, fc2, convs, bns, final, gamma, (ph, pw), (dh, dw), params, buffers,
+                config, floats)
 
 
 def _updates_statistics(config: Sequence[int]) -> bool:
@@ -317,13 +257,11 @@ def _updates_statistics(config: Sequence[int]) -> bool:
     return 2 in config[8:8 + config[3] + 2]
 
 
-def _with_buffer_copies(net: _Net) -> _Net:
-    """``net`` with copies of its BatchNorm buffers: a recomputation updates those, not the model's."""
-    def copy(bn: Optional[_BN]) -> Optional[_BN]:
-        return None if bn is None else bn._replace(running_mean=bn.running_mean.clone(),
-                                                   running_var=bn.running_var.clone(),
-                                                   num_batches_tracked=bn.num_batches_tracked.clone())
-    return net._replace(channel_bn=copy(net.channel_bn), bns=[copy(bn) for bn in net.bns])
+def _with_buffer_copies(net: _Net, params: Optional[Sequence[torch.Tensor]] = None) -> _Net:
+    """``net`` (on ``params`` in its parameters' places, if given) with copies of its BatchNorm buffers: a
+    recomputation updates those, not the model's."""
+    params = net.params if params is None else params
+    return _unpack(params, [b.clone() for b in net.buffers], net.config, net.floats)
 
 
 # ---- Where the speed layer runs --------------------------------------------------------------------------------
@@ -346,20 +284,11 @@ def _fast_input(x: torch.Tensor) -> bool:
 
 
 def cpu_fast_path_applies(bam: "BAM", x: torch.Tensor) -> bool:
-    """Whether ``bam(x)`` runs :func:`bam_cpu_forward` instead of the definition's modules.
-
-    The module: the definition's layers, a sigmoid gate, no hooks on the branches, the attention map not asked for,
-    not opted out (:func:`disable_cpu_fast_path`), and in training the ``node`` component on. The input (unless an
-    FX trace, which sees no tensors, records the op): a float32 CPU map, contiguous or channels_last, no autocast.
-    Not while scripting or exporting to ONNX, nor under an active ``TorchDispatchMode`` outside the compilers.
-    """
-    if torch.jit.is_scripting() or getattr(bam, "_cpu_fast_path_disabled", False) or bam.store_attention:
-        return False
-    if torch.onnx.is_in_onnx_export():  # ONNX has no such op: the exporter takes the definition's standard ops
-        return False
-    if bam.training and not component_enabled("node"):
-        return False
-    if _spec_of(bam) is None:
+    """Whether ``bam(x)`` runs :func:`bam_cpu_forward`: the definition's layers without hooks, no attention map,
+    not opted out, ``node`` on in training, and (unless an FX trace records the op) a :func:`_fast_input`."""
+    if (torch.jit.is_scripting() or getattr(bam, "_cpu_fast_path_disabled", False) or bam.store_attention
+            or torch.onnx.is_in_onnx_export()  # ONNX has no such op: the exporter takes the definition's ops
+            or (bam.training and not component_enabled("node")) or _spec_of(bam) is None):
         return False
     if is_fx_symbolic_tracing():
         return True  # x is a Proxy: the op's own check decides when the graph runs
@@ -370,20 +299,12 @@ def cpu_fast_path_applies(bam: "BAM", x: torch.Tensor) -> bool:
 
 
 def disable_cpu_fast_path(model: nn.Module, disabled: bool = True) -> nn.Module:
-    """Make every BAM in ``model`` run its plain definition on the CPU too (or again the fast path).
-
-    For second derivatives (``create_graph=True``, e.g. a gradient penalty): the fast path computes first
-    derivatives only. Graphs traced afterwards hold the definition's ops. Returns ``model``.
-    """
+    """Make every BAM in ``model`` run its plain definition on the CPU too (or again the fast path), e.g. for
+    second derivatives, which the fast path does not compute. Returns ``model``."""
     for module in model.modules():
         if hasattr(module, "_cpu_fast_path_disabled"):  # every BAM has this switch (BAM.__init__ sets it)
             module._cpu_fast_path_disabled = disabled
     return model
-
-
-def _is_sigmoid(gate: object) -> bool:
-    """A logistic sigmoid, module or function (timm resolves ``"sigmoid"`` to its own class)."""
-    return isinstance(gate, (nn.Sigmoid, TimmSigmoid)) or gate in (torch.sigmoid, F.sigmoid)
 
 
 def _channels_last(x: torch.Tensor) -> bool:
@@ -396,11 +317,8 @@ def _format(x: torch.Tensor) -> torch.memory_format:
 
 
 def bam_cpu_forward(bam: "BAM", x: torch.Tensor) -> torch.Tensor:
-    """``bam(x)`` the fast way; check :func:`cpu_fast_path_applies` first.
-
-    While a graph is recorded this is one ``bam_zoo::bam_forward`` node (and copies of the updated running
-    statistics into the buffers); in eager mode the same implementation is called directly.
-    """
+    """``bam(x)`` the fast way (check :func:`cpu_fast_path_applies` first); while a graph is recorded, one
+    ``bam_zoo::bam_forward`` node and copies of the updated running statistics into the buffers."""
     spec = _spec_of(bam)
     if _recording():
         out = torch.ops.bam_zoo.bam_forward(x, spec.params, spec.buffers, spec.config, spec.floats)
@@ -410,8 +328,7 @@ def bam_cpu_forward(bam: "BAM", x: torch.Tensor) -> torch.Tensor:
         return out[0]  # last, so that feature extraction (the last node of a module is its output) finds y
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in spec.params)):
         return BamFunction.apply(x, spec, *spec.params)
-    net = _unpack(spec.params, spec.buffers, spec.config, spec.floats)
-    return _forward(x, net, keep=False)[0]
+    return _forward(x, _unpack(spec.params, spec.buffers, spec.config, spec.floats), keep=False)[0]
 
 
 # ---- The implementation ----------------------------------------------------------------------------------------
@@ -423,25 +340,18 @@ class _Plan(NamedTuple):
 
 
 def _plan(x: torch.Tensor, net: _Net) -> _Plan:
-    """Which implementation runs, from shapes, layouts, the structure and the switches (never from values, so the
-    fake implementation decides the same)."""
+    """Which implementation runs, from shapes, layouts, structure and switches (never values: the fake agrees)."""
     tensors = [t for t in (*net.fc1, *net.fc2, *[w for conv in net.convs for w in conv], *net.final, net.gamma)
                if t is not None]
     if x.dim() != 4 or not _fast_input(x) or not all(t.dtype == torch.float32 and t.device.type == "cpu"
                                                      for t in tensors):
         return _Plan(False, False, False)
     n, _, h, w = x.shape
-    narrow = NATIVE and _is_narrow(net.rd)
+    narrow = NATIVE and net.rd ** 2 <= _SMALL_CONV_MAX_CHANNEL_PAIRS  # 1 or 2 reduced channels: the direct loops
     pool_reduce = (narrow and component_enabled("pool_reduce") and net.updates_statistics and _channels_last(x))
     chain = (narrow and component_enabled("chain") and all(bn is not None and bn.training for bn in net.bns)
              and all(bias is None for _, bias in net.convs[1:]) and n * h * w >= 2)
     return _Plan(True, pool_reduce, chain)
-
-
-def _is_narrow(rd_channels: int) -> bool:
-    """Whether a spatial branch of this width runs on the direct-loop kernels (``rd_channels`` 1 or 2): then the
-    chain and the pool-reduce kernels apply."""
-    return rd_channels * rd_channels <= _SMALL_CONV_MAX_CHANNEL_PAIRS
 
 
 class _Saved(NamedTuple):
@@ -452,16 +362,16 @@ class _Saved(NamedTuple):
     spatial_logits: torch.Tensor  # N x HW
 
     def flat(self) -> List[torch.Tensor]:
-        """As the op returns them: the reduction as its storage, in memory order (its layout depends on the switches
-        and the kernels, which a compiled graph's fake implementation must not depend on)."""
+        """As the op returns them: the reduction as its storage in memory order, as the fake cannot know its layout."""
         reduced = self.reduced.permute(0, 2, 3, 1) if _channels_last(self.reduced) else self.reduced
         return [self.pooled, reduced.reshape(-1), self.channel_logits, self.spatial_logits]
 
     @classmethod
     def unflat(cls, flat: Sequence[torch.Tensor], x: torch.Tensor, net: _Net, plan: "_Plan") -> "_Saved":
         pooled, reduced, channel_logits, spatial_logits = flat
-        n, _, h, w = x.shape
-        if _reduced_format(x, net.rd, plan) == torch.channels_last:
+        n, c, h, w = x.shape
+        # the layout few_channel_conv (or pool_reduce) gave the reduction
+        if not plan.pool_reduce and _conv_route(x, c, net.rd, (1, 1), (0, 0)) == "onednn" and _channels_last(x):
             reduced = reduced.view(n, h, w, net.rd).permute(0, 3, 1, 2)
         else:
             reduced = reduced.view(n, net.rd, h, w)
@@ -469,61 +379,56 @@ class _Saved(NamedTuple):
 
 
 class _Graph(NamedTuple):
-    """The branches as recorded in eager mode, so the backward need not recompute them."""
+    """The branches on the pooled and reduced maps; recorded in eager mode, the backward reuses them."""
     pooled: torch.Tensor
-    reduced: Optional[torch.Tensor]
+    reduced: Optional[torch.Tensor]  # None where the chain kernels run the spatial branch
     channel_logits: torch.Tensor
-    spatial_logits: Optional[torch.Tensor]
+    spatial_logits: torch.Tensor
     chain: Optional["_ChainState"]
 
 
-def _forward(x: torch.Tensor, net: _Net, keep: bool, graph: bool = False
-             ) -> Tuple[torch.Tensor, Optional[_Saved], Optional[_Graph]]:
-    """``(y, saved, graph)``. Updates ``net``'s BatchNorm buffers in place, as the definition's modules do.
-
-    ``keep``: return what the backward needs; ``graph``: record the branches with autograd (eager training).
-    """
-    plan = _plan(x, net)
-    if not plan.fast:
-        return _definition(x, net), None, None
-    n, c, h, w = x.shape
-    reduce_weight, reduce_bias = net.convs[0]
-    rd = net.rd
-    if plan.pool_reduce:
-        pooled, reduced = torch.ops.bam_zoo.pool_reduce(x, reduce_weight.reshape(rd, -1).contiguous(), reduce_bias)
-    else:
-        pooled = global_avg_pool(x)
-        reduced = few_channel_conv(x, reduce_weight, reduce_bias)
-    chain = None
+def _branches(pooled: torch.Tensor, reduced: torch.Tensor, net: _Net, plan: _Plan, graph: bool,
+              reduced_in_place: bool) -> _Graph:
+    """``graph``: record the branches with autograd, from ``pooled`` and (without the chain) ``reduced`` as leaves."""
     with torch.enable_grad() if graph else contextlib.nullcontext():
         if graph:
             pooled.requires_grad_()
         channel_logits = _channel_logits(pooled, net)
         if plan.chain:
             chain = _ChainState.forward(reduced.contiguous(), net)
-            spatial_logits = chain.logits
-        else:
-            if graph:
-                reduced.requires_grad_()
-            spatial_logits = _spatial_logits(reduced, net, reduced_in_place=not keep)
-    cl, sl = channel_logits.detach(), spatial_logits.detach()
+            return _Graph(pooled, None, channel_logits, chain.logits, chain)
+        if graph:
+            reduced.requires_grad_()
+        return _Graph(pooled, reduced, channel_logits, _spatial_logits(reduced, net, reduced_in_place), None)
+
+
+def _forward(x: torch.Tensor, net: _Net, keep: bool, graph: bool = False
+             ) -> Tuple[torch.Tensor, Optional[_Saved], Optional[_Graph]]:
+    """``(y, saved, graph)``, updating ``net``'s BatchNorm buffers in place as the modules do. ``keep``: return what
+    the backward needs; ``graph``: record the branches with autograd (eager training)."""
+    plan = _plan(x, net)
+    if not plan.fast:
+        return _definition(x, net), None, None
+    n, c, h, w = x.shape
+    reduce_weight, reduce_bias = net.convs[0]
+    if plan.pool_reduce:
+        pooled, reduced = torch.ops.bam_zoo.pool_reduce(x, reduce_weight.reshape(net.rd, -1).contiguous(),
+                                                        reduce_bias)
+    else:
+        pooled = x.sum((2, 3)) / (h * w)  # not mean: its backward is a full-size division, sum's a broadcast view
+        reduced = few_channel_conv(x, reduce_weight, reduce_bias)
+    branches = _branches(pooled, reduced, net, plan, graph, reduced_in_place=not keep)
+    cl, sl = branches.channel_logits.detach(), branches.spatial_logits.detach()
     factors = _native_factors(x, cl, sl, net.product, net.gamma)
     y = _gate_forward(x, cl, sl, net.product, factors, net.gamma)
-    saved = None
-    if keep:
-        saved = _Saved(pooled.detach(), reduced.detach(), cl.reshape(n, c), sl.reshape(n, h * w))
-    recorded = _Graph(pooled, reduced if chain is None else None, channel_logits,
-                      spatial_logits if chain is None else None, chain) if graph else None
-    return y, saved, recorded
+    saved = _Saved(pooled.detach(), reduced.detach(), cl.reshape(n, c), sl.reshape(n, h * w)) if keep else None
+    return y, saved, branches if graph else None
 
 
 def _backward(grad_y: torch.Tensor, x: torch.Tensor, params: Sequence[torch.Tensor], net: _Net,
               saved: Optional[_Saved], recorded: Optional[_Graph]) -> Tuple[torch.Tensor, List[Optional[torch.Tensor]]]:
-    """Gradients for ``x`` and every parameter (in ``params`` order; None where one needs none).
-
-    ``recorded``: the branches' graphs from the forward (eager); without them the branches are recomputed from the
-    saved pool and reduction (the op), which gives the same numbers: same inputs, same ops.
-    """
+    """Gradients for ``x`` and every parameter (in ``params`` order; None where one needs none). Without the
+    ``recorded`` branches (the op) they are recomputed from the saved pool and reduction: same inputs, same ops."""
     plan = _plan(x, net)
     if not plan.fast:
         return _definition_backward(grad_y, x, params, net)
@@ -534,19 +439,10 @@ def _backward(grad_y: torch.Tensor, x: torch.Tensor, params: Sequence[torch.Tens
     grad_x, grad_c, grad_s, grad_gamma = _gate_backward(grad_y, x, channel_logits, spatial_logits, net.product,
                                                         factors, net.gamma)
     wanted = [p for p in params if p.requires_grad]
-    if recorded is None:  # recompute the branches (buffer copies: the forward already updated the statistics)
-        twin = _with_buffer_copies(net)
-        with torch.enable_grad():
-            pooled = saved.pooled.detach().requires_grad_()
-            branch_logits = [_channel_logits(pooled, twin)]
-            reduced = None
-            if not plan.chain:
-                reduced = saved.reduced.detach().requires_grad_()
-                branch_logits.append(_spatial_logits(reduced, twin, reduced_in_place=False))
-        chain = _ChainState.forward(saved.reduced.contiguous(), twin) if plan.chain else None
-    else:
-        pooled, reduced, chain = recorded.pooled, recorded.reduced, recorded.chain
-        branch_logits = [recorded.channel_logits] + ([recorded.spatial_logits] if chain is None else [])
+    if recorded is None:  # buffer copies: the forward already updated the statistics
+        recorded = _branches(saved.pooled.detach(), saved.reduced if plan.chain else saved.reduced.detach(),
+                             _with_buffer_copies(net), plan, graph=True, reduced_in_place=False)
+    pooled, reduced, chain = recorded.pooled, recorded.reduced, recorded.chain
     grads: Dict[int, Optional[torch.Tensor]] = {}
     if net.gamma is not None:
         grads[id(net.gamma)] = grad_gamma
@@ -554,13 +450,13 @@ def _backward(grad_y: torch.Tensor, x: torch.Tensor, params: Sequence[torch.Tens
         grad_reduced, chain_grads = chain.backward(grad_s, net)
         grads.update(chain_grads)
         leaves = [p for p in wanted if id(p) not in grads]
-        outs = torch.autograd.grad(branch_logits, [pooled] + leaves, [grad_c.view_as(branch_logits[0])],
-                                   allow_unused=True)
+        outs = torch.autograd.grad([recorded.channel_logits], [pooled] + leaves,
+                                   [grad_c.view_as(recorded.channel_logits)], allow_unused=True)
         grad_pooled, branch_grads = outs[0], outs[1:]
     else:
         leaves = [p for p in wanted if id(p) not in grads]
-        outs = torch.autograd.grad(branch_logits, [pooled, reduced] + leaves,
-                                   [grad_c.view_as(branch_logits[0]), grad_s.view_as(branch_logits[1])],
+        outs = torch.autograd.grad([recorded.channel_logits, recorded.spatial_logits], [pooled, reduced] + leaves,
+                                   [grad_c.view_as(recorded.channel_logits), grad_s.view_as(recorded.spatial_logits)],
                                    allow_unused=True)
         grad_pooled, grad_reduced, branch_grads = outs[0], outs[1], outs[2:]
     grads.update({id(p): g for p, g in zip(leaves, branch_grads)})
@@ -615,11 +511,6 @@ def _channel_logits(pooled: torch.Tensor, net: _Net) -> torch.Tensor:
     return F.linear(torch.relu_(hidden), *net.fc2)[:, :, None, None]
 
 
-def global_avg_pool(x: torch.Tensor) -> torch.Tensor:
-    """``x.mean((2, 3))`` as sum / HW: mean's backward runs a full-size division, sum's is a broadcast view."""
-    return x.sum((2, 3)) / (x.shape[2] * x.shape[3])
-
-
 def _spatial_logits(reduced: torch.Tensor, net: _Net, reduced_in_place: bool) -> torch.Tensor:
     """``SpatialAttn``'s body after ``conv_reduce``; ``reduced_in_place``: the first ReLU may overwrite ``reduced``
     (when no BatchNorm precedes it and nothing keeps ``reduced``)."""
@@ -634,12 +525,8 @@ def _spatial_logits(reduced: torch.Tensor, net: _Net, reduced_in_place: bool) ->
 
 
 def _definition(x: torch.Tensor, net: _Net) -> torch.Tensor:
-    """BAM's definition (``layers/bam.py``) op for op, for inputs outside the kernels (a traced graph on CUDA, in
-    float64)."""
-    hidden = F.linear(x.mean((2, 3)), *net.fc1)
-    if net.channel_bn is not None:
-        hidden = _batch_norm(hidden, net.channel_bn)
-    channel_logits = F.linear(torch.relu_(hidden), *net.fc2)[:, :, None, None]
+    """BAM's definition (``layers/bam.py``) op for op, for inputs outside the kernels (e.g. a traced graph on CUDA)."""
+    channel_logits = _channel_logits(x.mean((2, 3)), net)
     h = x
     for j, bn in enumerate(net.bns):
         h = F.conv2d(h, *net.convs[j], 1, net.padding if j else 0, net.dilation if j else 1)
@@ -659,34 +546,15 @@ def _definition_backward(grad_y: torch.Tensor, x: torch.Tensor, params: Sequence
     """Gradients of :func:`_definition`, recomputed with autograd (buffer copies: statistics already updated)."""
     with torch.enable_grad():
         leaves = [p.detach().requires_grad_() for p in params]
-        twin = _with_buffer_copies(_rebind(net, params, leaves))
+        twin = _with_buffer_copies(net, leaves)
         x_leaf = x.detach().requires_grad_()
         grads = torch.autograd.grad(_definition(x_leaf, twin), [x_leaf] + leaves, grad_y, allow_unused=True)
     return grads[0], list(grads[1:])
 
 
-def _rebind(net: _Net, old: Sequence[torch.Tensor], new: Sequence[torch.Tensor]) -> _Net:
-    """``net`` with each parameter of ``old`` replaced by the one at the same place in ``new``."""
-    swap = {id(o): n for o, n in zip(old, new)}
-
-    def s(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        return None if t is None else swap.get(id(t), t)
-
-    def pair(p: Tuple) -> Tuple:
-        return tuple(s(t) for t in p)
-
-    def bn(b: Optional[_BN]) -> Optional[_BN]:
-        return None if b is None else b._replace(weight=s(b.weight), bias=s(b.bias))
-
-    return net._replace(fc1=pair(net.fc1), channel_bn=bn(net.channel_bn), fc2=pair(net.fc2),
-                        convs=[pair(c) for c in net.convs], bns=[bn(b) for b in net.bns], final=pair(net.final),
-                        gamma=s(net.gamma))
-
-
 class BamFunction(torch.autograd.Function):
-    """BAM as one autograd node in eager mode: :func:`_forward` keeping the branches' graphs, :func:`_backward`
-    reusing them. Inputs: ``x``, the flat spec, then every parameter (so ``autograd.grad``, DDP and gradient hooks
-    see them)."""
+    """BAM as one autograd node in eager mode: :func:`_forward` recording the branches, :func:`_backward` reusing
+    them. Every parameter is an input, so ``autograd.grad``, DDP and gradient hooks see them."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, spec: _Spec, *params: torch.Tensor) -> torch.Tensor:
@@ -716,13 +584,11 @@ def _bam_forward_op(x: torch.Tensor, params: List[torch.Tensor], buffers: List[t
                     floats: List[float]) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
     """BAM's forward: ``(y, updated copies of the buffers (training), what the backward needs)``."""
     net = _unpack(params, buffers, config, floats)
-    if net.updates_statistics:
-        net = _unpack(params, [b.clone() for b in buffers], config, floats)
+    if net.updates_statistics:  # the forward updates these copies, which the op returns
+        net = _with_buffer_copies(net)
     y, saved, _ = _forward(x, net, keep=True)
-    new_buffers = [t for bn in [net.channel_bn, *net.bns] if bn is not None
-                   for t in (bn.running_mean, bn.running_var, bn.num_batches_tracked)]
     flat = saved.flat() if saved is not None else []
-    return y.contiguous(memory_format=_format(x)), new_buffers if net.updates_statistics else [], flat
+    return y.contiguous(memory_format=_format(x)), net.buffers if net.updates_statistics else [], flat
 
 
 @_bam_forward_op.register_fake
@@ -734,21 +600,14 @@ def _bam_forward_fake(x, params, buffers, config, floats):
     if not plan.fast:
         return y, new_buffers, []
     n, c, h, w = x.shape
-    saved = [x.new_empty((n, c)), x.new_empty((n * net.rd * h * w,)), x.new_empty((n, c)), x.new_empty((n, h * w))]
-    return y, new_buffers, saved
-
-
-def _reduced_format(x: torch.Tensor, rd: int, plan: _Plan) -> torch.memory_format:
-    """The layout :func:`few_channel_conv` (or ``pool_reduce``) gives the reduction of ``x``."""
-    if plan.pool_reduce or _conv_route(x, x.shape[1], rd, (1, 1), (0, 0)) != "onednn":
-        return torch.contiguous_format
-    return _format(x)
+    return y, new_buffers, [x.new_empty((n, c)), x.new_empty((n * net.rd * h * w,)), x.new_empty((n, c)),
+                            x.new_empty((n, h * w))]
 
 
 @contextlib.contextmanager
 def _autograd_inside_op() -> Iterator[None]:
-    """Autograd back on inside a custom op's kernel, which the dispatcher runs below autograd: the backward
-    recomputes the small branches and differentiates them (``torch.enable_grad`` then records graphs)."""
+    """Autograd back on inside a custom op's kernel (which runs below autograd): the backward differentiates the
+    branches it recomputes."""
     exclude = torch._C._dispatch_tls_local_exclude_set()
     for key in (torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchKey.AutogradOther,
                 torch._C.DispatchKey.AutogradCPU):
@@ -792,7 +651,8 @@ def _bam_forward_backward(ctx, grad_y, grad_new_buffers, grad_saved):
     x, *rest = ctx.saved_tensors
     params, saved = rest[:num_params], rest[num_params:]
     grad_x, grad_params = torch.ops.bam_zoo.bam_backward(grad_y, x, params, ctx.buffers, saved, config, floats)
-    return grad_x, list(grad_params), [None] * len(ctx.buffers), None, None
+    # torch.library matches the inputs' structure: a fused BAM (no BatchNorm) has an empty list of floats
+    return grad_x, list(grad_params), [None] * len(ctx.buffers), None, None if floats else []
 
 
 _bam_forward_op.register_autograd(_bam_forward_backward, setup_context=_bam_forward_setup)
@@ -807,8 +667,9 @@ _MATMUL_MIN_PIXELS = 400  # this many pixels, run as a matrix product
 
 def _conv_route(x: torch.Tensor, in_channels: int, out_channels: int, kernel: Tuple[int, int],
                 padding: Tuple[int, int]) -> str:
-    """How :func:`few_channel_conv` computes a stride-1 convolution of ``x``: ``"small"`` (direct loops),
-    ``"scale"``, ``"shifted"``, ``"gemm"``, ``"bmm"`` or ``"onednn"`` (``F.conv2d``)."""
+    """How :func:`few_channel_conv` computes a stride-1 convolution of ``x``: ``"small"`` (direct loops), 1 -> 1
+    channel as ``"scale"`` (1x1) or ``"shifted"`` multiply-adds, 1x1 as a matrix product (``"gemm"`` channels_last,
+    ``"bmm"`` NCHW), else ``"onednn"`` (``F.conv2d``)."""
     if not component_enabled("conv"):
         return "onednn"
     if NATIVE and in_channels * out_channels <= _SMALL_CONV_MAX_CHANNEL_PAIRS and x.dtype == torch.float32:
@@ -829,19 +690,8 @@ def _conv_route(x: torch.Tensor, in_channels: int, out_channels: int, kernel: Tu
 
 def few_channel_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                      padding: Tuple[int, int] = (0, 0), dilation: Tuple[int, int] = (1, 1)) -> torch.Tensor:
-    """A stride-1 ``F.conv2d`` computed the fast way for the one- to four-channel convolutions of small BAMs.
-
-    With r = 16 a 16- or 32-channel stage (CIFAR ResNets) has ``rd_channels`` of 1 or 2, and oneDNN runs
-    convolutions that narrow several times slower than their size warrants. The same sums, computed as:
-
-    * at most four (input, output) channel pairs: direct loops (compiled kernels);
-    * 1x1 with one input and one output channel: ``x * w + b``, element-wise;
-    * k x k with one input and one output channel: shifted multiply-adds;
-    * 1x1 with few outputs: a matrix product (over C in NCHW, over H x W x C channels_last); NCHW on a large
-      map too.
-
-    Anything else takes ``F.conv2d``.
-    """
+    """A stride-1 ``F.conv2d`` for the one- to four-channel convolutions of small BAMs (``rd_channels`` 1 or 2 in
+    CIFAR ResNets), which oneDNN runs several times slower than their size warrants (routes: :func:`_conv_route`)."""
     out_channels, in_channels = weight.shape[:2]
     route = _conv_route(x, in_channels, out_channels, tuple(weight.shape[2:]), tuple(padding))
     if route == "small" and weight.dtype != torch.float32:
@@ -891,11 +741,8 @@ def _single_channel_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
 
 
 class KeepGradStrides(torch.autograd.Function):
-    """Identity whose gradient has its input's exact strides.
-
-    Gradients through ``view``/indexing come back contiguous; for a channels_last weight they then differ from
-    the parameter's strides in size-1 dimensions, which autograd accepts but DDP's buckets copy and warn about.
-    """
+    """Identity whose gradient has its input's exact strides: gradients through ``view`` come back contiguous, which
+    for a channels_last weight DDP's buckets copy and warn about."""
 
     @staticmethod
     def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
@@ -926,8 +773,7 @@ class SmallConvFunction(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad_x, grad_w, grad_b = torch.ops.bam_zoo.small_conv_backward(
             grad_out.contiguous(), x, weight, *ctx.geometry)
-        # The weight's own strides (channels_last after model.to(memory_format=...)), so DDP's buckets take the
-        # gradient without a copy.
+        # the weight's own strides (channels_last after model.to(memory_format=...)): DDP takes it without a copy
         grad_w = torch.empty_strided(grad_w.shape, ctx.weight_strides, dtype=grad_w.dtype).copy_(grad_w)
         return grad_x, grad_w, grad_b if ctx.has_bias else None, None, None
 
@@ -946,14 +792,8 @@ def _small_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 # ---- The narrow spatial branch in training, as compiled kernels ---------------------------------------------------
 
 class _ChainState:
-    """The spatial branch after its reduction, run by the compiled kernels (``spatial_body_*``) in training.
-
-    It applies to the definition's chain on one- or two-channel maps (the CIFAR ResNets' BAMs): BatchNorm with
-    batch statistics + ReLU, size-preserving dilated convolutions without bias, a 1x1 convolution to one map. As
-    modules that chain is ~15 small ATen calls and autograd nodes each way, and ATen's BatchNorm reduces one channel
-    on one thread; the kernels make two or three passes per layer, parallel over samples. The running statistics
-    and ``num_batches_tracked`` are updated as the modules would.
-    """
+    """The spatial branch after its reduction on one- or two-channel maps in training, as the ``spatial_body_*``
+    kernels: as modules it is ~15 small ATen calls and autograd nodes each way, BatchNorm on one thread."""
 
     def __init__(self, logits: torch.Tensor, reduced: torch.Tensor, pres: List[torch.Tensor],
                  acts: List[torch.Tensor], stats: List[torch.Tensor]) -> None:
@@ -966,7 +806,8 @@ class _ChainState:
             logits, pres, acts, stats = torch.ops.bam_zoo.spatial_body_forward(
                 reduced, [bn.weight for bn in bns], [bn.bias for bn in bns], [bn.running_mean for bn in bns],
                 [bn.running_var for bn in bns], [bn.momentum for bn in bns], [bn.eps for bn in bns],
-                [w.contiguous() for w in convs], net.final[0].contiguous(), net.final[1], *_chain_geometry(net))
+                [w.contiguous() for w in convs], net.final[0].contiguous(), net.final[1], list(net.padding),
+                list(net.dilation))
             for bn in bns:
                 bn.num_batches_tracked.add_(1)
         return cls(logits, reduced, pres, acts, stats)
@@ -978,16 +819,12 @@ class _ChainState:
             torch.ops.bam_zoo.spatial_body_backward(
                 grad_logits, self.reduced.contiguous(), self.pres, self.acts, self.stats,
                 [bn.weight.detach() for bn in bns], [w.detach().contiguous() for w in convs],
-                final_weight.detach().contiguous(), *_chain_geometry(net))
+                final_weight.detach().contiguous(), list(net.padding), list(net.dilation))
         pairs = [(bn.weight, g) for bn, g in zip(bns, grad_bn_w)] + [(bn.bias, g) for bn, g in zip(bns, grad_bn_b)]
         pairs += [(w, g) for w, g in zip(convs, grad_convs)] + [(final_weight, grad_final_w)]
         if final_bias is not None:
             pairs.append((final_bias, grad_final_b))
         return grad_reduced, {id(p): g.view(p.shape) for p, g in pairs}
-
-
-def _chain_geometry(net: _Net) -> Tuple[List[int], List[int]]:
-    return (list(net.padding), list(net.dilation)) if len(net.convs) > 1 else ([0, 0], [1, 1])
 
 
 # ---- The gate -----------------------------------------------------------------------------------------------------
@@ -998,11 +835,8 @@ _NATIVE_MAX_LOGIT = 40.0
 
 def _native_factors(x: torch.Tensor, channel_logits: torch.Tensor, spatial_logits: torch.Tensor, product: bool,
                     gamma: Optional[torch.Tensor] = None) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-    """``(exp(-Mc), exp(-Ms))`` as N x C and N x HW matrices when the kernels apply, else None.
-
-    They cover the paper's block (sum fusion, no ``gamma``) with float32 logits of the usual shapes and every logit
-    within the bound (NaN fails that test too, so NaNs propagate through the ATen gate as in the definition).
-    """
+    """``(exp(-Mc), exp(-Ms))`` as N x C and N x HW matrices where the kernels apply (sum fusion, no ``gamma``,
+    float32 logits within the bound; NaN fails it, so NaNs propagate through the ATen gate), else None."""
     if not NATIVE or product or gamma is not None or not component_enabled("gate"):
         return None
     n, c, h, w = x.shape
