@@ -61,3 +61,14 @@ def test_hub_leaves_the_checkpoint_format_to_training() -> None:
     named = [key for key in ("hyper_parameters", "model_ema", "val/acc", "ModelCheckpoint", "callbacks")
              if key in source]
     assert not named, f"hub.py decodes Lightning's checkpoint ({', '.join(named)}): use bam_zoo.training.checkpoint"
+
+
+PACKAGE_MAX_LINES = 4800  # issue 23: the library holds what users import, and no more
+
+
+def test_package_stays_small() -> None:
+    lines = {p.relative_to(PACKAGE).as_posix(): p.read_text().count("\n") for p in PACKAGE.rglob("*.py")}
+    total = sum(lines.values())
+    largest = ", ".join(f"{name} {n}" for name, n in sorted(lines.items(), key=lambda kv: -kv[1])[:3])
+    assert total <= PACKAGE_MAX_LINES, f"bam_zoo/ has {total} lines of Python (at most {PACKAGE_MAX_LINES}; " \
+                                       f"largest: {largest}): simplify before adding"
