@@ -1,8 +1,7 @@
 // Fused CPU kernels of bam_zoo: BAM's gate (float32, NCHW or channels_last) and its few-channel convolutions
 // (float32, NCHW).
 //
-// The gate  y = x * (1 + sigmoid(Mc + Ms))  (sum fusion), or with identity_init's per-channel scale s (gamma)
-// y = x + s * (x * sigmoid(Mc + Ms)), whose backward also returns ds = sum over N, H, W of dy * x * g.
+// The gate  y = x * (1 + sigmoid(Mc + Ms))  (sum fusion).
 //
 // Why: written with ATen ops the gate makes about 3 full-size passes forward and 8 backward (plus their
 // allocations); here it is one pass each way. The sigmoid of the broadcast sum is computed without a
@@ -107,79 +106,6 @@ void gate_backward_pixels(const float* __restrict dy, const float* __restrict x,
   }
 }
 
-// The same with a per-channel scale: out[i] = x[i] + s * (x[i] * g). Separate functions, so that the unscaled
-// ones above (and their rounding) stay as they were.
-BAM_ZOO_CLONES
-void gate_forward_row_scaled(const float* __restrict x, const float* __restrict b, float a, float s,
-                             float* __restrict out, int64_t len) {
-  for (int64_t i = 0; i < len; ++i) {
-    const float g = 1.f / (1.f + a * b[i]);
-    out[i] = x[i] + s * (x[i] * g);
-  }
-}
-
-// dx[i] = dy + dy * (s * g), dz = s * dy * x * g * (1 - g); ds[i] += dz; *dc = sum(dz), *dg = sum(dy * x * g).
-BAM_ZOO_CLONES
-void gate_backward_row_scaled(const float* __restrict dy, const float* __restrict x, const float* __restrict b,
-                              float a, float s, float* __restrict dx, float* __restrict ds, int64_t len,
-                              float* __restrict dc_out, float* __restrict dg_out) {
-  float dc = 0.f, dg = 0.f;
-#pragma omp simd reduction(+ : dc, dg)
-  for (int64_t i = 0; i < len; ++i) {
-    const float ab = a * b[i];
-    const float g = 1.f / (1.f + ab);
-    const float d = dy[i];
-    const float dxg = d * x[i] * g;
-    const float dz = s * dxg * (ab * g);
-    dx[i] = d + d * (s * g);
-    ds[i] += dz;
-    dc += dz;
-    dg += dxg;
-  }
-  *dc_out = dc;
-  *dg_out = dg;
-}
-
-BAM_ZOO_CLONES
-void gate_forward_pixels_scaled(const float* __restrict x, const float* __restrict a, const float* __restrict b,
-                                const float* __restrict s, float* __restrict out, int64_t pixels, int64_t c) {
-  for (int64_t p = 0; p < pixels; ++p) {
-    const float bp = b[p];
-    const float* xr = x + p * c;
-    float* orow = out + p * c;
-    for (int64_t i = 0; i < c; ++i) {
-      const float g = 1.f / (1.f + a[i] * bp);
-      orow[i] = xr[i] + s[i] * (xr[i] * g);
-    }
-  }
-}
-
-// Channels-last, scaled: as gate_backward_pixels, and dg[i] += dy * x * g over the rows.
-BAM_ZOO_CLONES
-void gate_backward_pixels_scaled(const float* __restrict dy, const float* __restrict x, const float* __restrict a,
-                                 const float* __restrict b, const float* __restrict s, float* __restrict dx,
-                                 float* __restrict dc, float* __restrict dg, float* __restrict ds, int64_t pixels,
-                                 int64_t c) {
-  for (int64_t p = 0; p < pixels; ++p) {
-    const float bp = b[p];
-    const int64_t off = p * c;
-    float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t i = 0; i < c; ++i) {
-      const float ab = a[i] * bp;
-      const float g = 1.f / (1.f + ab);
-      const float d = dy[off + i];
-      const float dxg = d * x[off + i] * g;
-      const float dz = s[i] * dxg * (ab * g);
-      dx[off + i] = d + d * (s[i] * g);
-      dc[i] += dz;
-      dg[i] += dxg;
-      acc += dz;
-    }
-    ds[p] = acc;
-  }
-}
-
 // The layout of x: Contiguous (NCHW) or ChannelsLast (NHWC); anything else is refused.
 c10::MemoryFormat check_inputs(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
@@ -195,15 +121,6 @@ c10::MemoryFormat check_inputs(const at::Tensor& x, const at::Tensor& a, const a
   return nchw ? c10::MemoryFormat::Contiguous : c10::MemoryFormat::ChannelsLast;
 }
 
-// The scale's values (C contiguous float32), or nullptr where none is given.
-const float* scale_data(const c10::optional<at::Tensor>& scale, const at::Tensor& x) {
-  if (!scale.has_value() || !scale->defined()) return nullptr;
-  TORCH_CHECK(scale->is_contiguous() && scale->scalar_type() == at::kFloat && scale->device().is_cpu() &&
-                  scale->numel() == x.size(1),
-              "bam_gate: scale must hold C contiguous float32 CPU values");
-  return scale->data_ptr<float>();
-}
-
 // Rows of this many elements or more are split into chunks so small batches still use every thread.
 int64_t num_chunks(int64_t n, int64_t hw) {
   const int64_t threads = at::get_num_threads();
@@ -211,10 +128,8 @@ int64_t num_chunks(int64_t n, int64_t hw) {
   return std::max<int64_t>(1, std::min<int64_t>(wanted, hw / 256));
 }
 
-at::Tensor gate_forward(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
-                        const c10::optional<at::Tensor>& scale) {
+at::Tensor gate_forward(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b) {
   const c10::MemoryFormat format = check_inputs(x, a, b);
-  const float* sp = scale_data(scale, x);
   const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
   at::Tensor out = empty_like_in(x, format);
   const float* xp = x.data_ptr<float>();
@@ -226,11 +141,7 @@ at::Tensor gate_forward(const at::Tensor& x, const at::Tensor& a, const at::Tens
     at::parallel_for(0, n * hw, grain, [&](int64_t begin, int64_t end) {
       while (begin < end) {  // one call per run of pixels of one sample
         const int64_t sample = begin / hw, stop = std::min(end, (sample + 1) * hw);
-        if (sp)
-          gate_forward_pixels_scaled(xp + begin * c, ap + sample * c, bp + begin, sp, op + begin * c, stop - begin,
-                                     c);
-        else
-          gate_forward_pixels(xp + begin * c, ap + sample * c, bp + begin, op + begin * c, stop - begin, c);
+        gate_forward_pixels(xp + begin * c, ap + sample * c, bp + begin, op + begin * c, stop - begin, c);
         begin = stop;
       }
     });
@@ -240,22 +151,15 @@ at::Tensor gate_forward(const at::Tensor& x, const at::Tensor& a, const at::Tens
   at::parallel_for(0, n * c, grain, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t sample = row / c;
-      if (sp)
-        gate_forward_row_scaled(xp + row * hw, bp + sample * hw, ap[row], sp[row % c], op + row * hw, hw);
-      else
-        gate_forward_row(xp + row * hw, bp + sample * hw, ap[row], op + row * hw, hw);
+      gate_forward_row(xp + row * hw, bp + sample * hw, ap[row], op + row * hw, hw);
     }
   });
   return out;
 }
 
-// (grad_x, grad of Mc: N x C, grad of Ms: N x HW, grad of the scale: C values, or none (size 0) without one)
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward(const at::Tensor& grad_out,
-                                                                         const at::Tensor& x, const at::Tensor& a,
-                                                                         const at::Tensor& b,
-                                                                         const c10::optional<at::Tensor>& scale) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                                             const at::Tensor& a, const at::Tensor& b) {
   const c10::MemoryFormat format = check_inputs(x, a, b);
-  const float* sp = scale_data(scale, x);
   TORCH_CHECK(grad_out.sizes() == x.sizes() && grad_out.is_contiguous(format) &&
                   grad_out.scalar_type() == at::kFloat,
               "bam_gate: grad_out must be float32 with x's shape and memory format");
@@ -267,10 +171,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward(const a
   const bool nhwc = format == c10::MemoryFormat::ChannelsLast;
   // One partial channel-logit gradient per task, summed at the end (tasks split each sample's pixels).
   at::Tensor grad_c_parts = nhwc ? at::zeros({n, chunks, c}, x.options()) : at::empty({n, chunks, c}, x.options());
-  // The same for the scale's gradient, where there is a scale.
-  at::Tensor grad_scale_parts = !sp    ? at::empty({0}, x.options())
-                                : nhwc ? at::zeros({n, chunks, c}, x.options())
-                                       : at::empty({n, chunks, c}, x.options());
   const float* dyp = grad_out.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
   const float* ap = a.data_ptr<float>();
@@ -278,31 +178,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward(const a
   float* dxp = grad_x.data_ptr<float>();
   float* dsp = grad_s.data_ptr<float>();
   float* dcp = grad_c_parts.data_ptr<float>();
-  float* dgp = grad_scale_parts.data_ptr<float>();
   at::parallel_for(0, n * chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t sample = task / chunks, chunk = task % chunks;
       const int64_t start = chunk * chunk_len, len = std::min(hw, start + chunk_len) - start;
       if (nhwc) {
         const int64_t first = sample * hw + start;
-        if (len > 0 && sp)
-          gate_backward_pixels_scaled(dyp + first * c, xp + first * c, ap + sample * c, bp + first, sp,
-                                      dxp + first * c, dcp + task * c, dgp + task * c, dsp + first, len, c);
-        else if (len > 0)
+        if (len > 0)
           gate_backward_pixels(dyp + first * c, xp + first * c, ap + sample * c, bp + first, dxp + first * c,
                                dcp + task * c, dsp + first, len, c);
         continue;
       }
       for (int64_t ch = 0; ch < c; ++ch) {
         const int64_t offset = (sample * c + ch) * hw + start;
-        if (sp) {
-          dcp[task * c + ch] = dgp[task * c + ch] = 0.f;
-          if (len > 0)
-            gate_backward_row_scaled(dyp + offset, xp + offset, bp + sample * hw + start, ap[sample * c + ch],
-                                     sp[ch], dxp + offset, dsp + sample * hw + start, len, dcp + task * c + ch,
-                                     dgp + task * c + ch);
-          continue;
-        }
         dcp[task * c + ch] = len > 0 ? gate_backward_row(dyp + offset, xp + offset, bp + sample * hw + start,
                                                          ap[sample * c + ch], dxp + offset,
                                                          dsp + sample * hw + start, len)
@@ -310,7 +198,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward(const a
       }
     }
   });
-  return {grad_x, grad_c_parts.sum(1), grad_s, sp ? grad_scale_parts.sum(at::IntArrayRef{0, 1}) : grad_scale_parts};
+  return {grad_x, grad_c_parts.sum(1), grad_s};
 }
 
 
@@ -887,9 +775,8 @@ at::Tensor pool_reduce_backward_(at::Tensor& grad_x, const at::Tensor& x, const 
 }  // namespace
 
 TORCH_LIBRARY(bam_zoo, m) {
-  m.def("gate_forward(Tensor x, Tensor a, Tensor b, Tensor? scale=None) -> Tensor");
-  m.def("gate_backward(Tensor grad_out, Tensor x, Tensor a, Tensor b, Tensor? scale=None)"
-        " -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("gate_forward(Tensor x, Tensor a, Tensor b) -> Tensor");
+  m.def("gate_backward(Tensor grad_out, Tensor x, Tensor a, Tensor b) -> (Tensor, Tensor, Tensor)");
   m.def("small_conv_forward(Tensor x, Tensor weight, Tensor? bias, int[] padding, int[] dilation) -> Tensor");
   m.def("small_conv_backward(Tensor grad_out, Tensor x, Tensor weight, int[] padding, int[] dilation)"
         " -> (Tensor, Tensor, Tensor)");

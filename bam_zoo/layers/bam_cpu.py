@@ -835,12 +835,12 @@ _NATIVE_MAX_LOGIT = 40.0
 
 def _native_factors(x: torch.Tensor, channel_logits: torch.Tensor, spatial_logits: torch.Tensor, product: bool,
                     gamma: Optional[torch.Tensor] = None) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-    """``(exp(-Mc), exp(-Ms))`` as N x C and N x HW matrices where the kernels apply (sum fusion, float32 logits
-    within the bound and ``gamma`` if any; NaN fails the bound, so NaNs propagate through the ATen gate), else None."""
-    if not NATIVE or product or not component_enabled("gate"):
+    """``(exp(-Mc), exp(-Ms))`` as N x C and N x HW matrices where the kernels apply (sum fusion, no ``gamma``,
+    float32 logits within the bound; NaN fails it, so NaNs propagate through the ATen gate), else None."""
+    if not NATIVE or product or gamma is not None or not component_enabled("gate"):
         return None
     n, c, h, w = x.shape
-    if not (channel_logits.dtype == spatial_logits.dtype == torch.float32 == getattr(gamma, "dtype", torch.float32)):
+    if not (channel_logits.dtype == spatial_logits.dtype == torch.float32):
         return None
     if channel_logits.shape != (n, c, 1, 1) or spatial_logits.shape != (n, 1, h, w):
         return None
@@ -868,7 +868,7 @@ def _gate_forward(x: torch.Tensor, channel_logits: torch.Tensor, spatial_logits:
     """``x * (1 + g)`` (or ``x + gamma * (x * g)``), ``g = sigmoid(Mc (+ or *) Ms)``: one pass in the kernel, else
     ATen passes into one buffer."""
     if factors is not None:
-        return torch.ops.bam_zoo.gate_forward(x, *factors, gamma)
+        return torch.ops.bam_zoo.gate_forward(x, *factors)
     out = _sigmoid_into(torch.empty_like(x), channel_logits, spatial_logits, product)
     if gamma is not None:  # the definition's x + gamma * (x * g), over the gate buffer
         return torch.add(x, torch.mul(out.mul_(x), gamma.view(1, -1, 1, 1), out=out), out=out)
@@ -884,9 +884,9 @@ def _gate_backward(grad_out: torch.Tensor, x: torch.Tensor, channel_logits: torc
     ``dMc = sum_HW dz Ms``, ``dMs = sum_C dz Mc``; ``dgamma = sum_NHW dy * x * g``."""
     n, c, h, w = x.shape
     if factors is not None:
-        grad_x, grad_c, grad_s, grad_gamma = torch.ops.bam_zoo.gate_backward(
-            grad_out.contiguous(memory_format=_format(x)), x, *factors, gamma)
-        return grad_x, grad_c.view(n, c, 1, 1), grad_s.view(n, 1, h, w), grad_gamma if gamma is not None else None
+        grad_x, grad_c, grad_s = torch.ops.bam_zoo.gate_backward(
+            grad_out.contiguous(memory_format=_format(x)), x, *factors)
+        return grad_x, grad_c.view(n, c, 1, 1), grad_s.view(n, 1, h, w), None
     gate = _sigmoid_into(torch.empty_like(x), channel_logits, spatial_logits, product)
     dz = torch.mul(grad_out, x)
     grad_gamma = None
