@@ -89,9 +89,9 @@ _FOOTER = """
   accuracy is unmeasured. The one ImageNet tag holds converted weights (above), not re-measured.
 - One seed per shipped weight: a difference of a few tenths of a point between a BAM weight and its twin is
   within seed-to-seed spread (see the seed study, where present, for the measured spread).
-- Whether BAM helps was measured on Fashion-MNIST only, on `resnet20`: trained from scratch, and added to the
-  trained `resnet20.fmnist` and fine-tuned for 5 epochs; the studies above give the verdicts and intervals. The
-  insertion study on `resnet56.fmnist_long`, longer fine-tunes and other data sets are not measured.
+- Whether BAM helps was measured on Fashion-MNIST only: `resnet20` trained from scratch, and BAM added to the
+  trained `resnet20.fmnist` (5 seeds) and `resnet56.fmnist_long` (3 seeds) and fine-tuned for 5 epochs; the
+  studies above give the verdicts and intervals. Longer fine-tunes and other data sets are not measured.
 
 ## License and citation
 
