@@ -241,7 +241,7 @@ def test_push_lightning_ckpt_with_cli_then_fetch_through_bam_zoo_and_timm(hub_en
 
 def test_ckpt_metrics_become_percent(lightning_ckpt, tmp_path):
     path, _ = lightning_ckpt
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     ckpt["callbacks"] = {"ModelCheckpoint{'monitor': 'val/acc1'}": {"monitor": "val/acc1", "best_model_score":
                                                                    torch.tensor(0.1133)}}
     torch.save(ckpt, tmp_path / "best.ckpt")
@@ -448,7 +448,7 @@ def test_metric_option_never_overwrites_a_measured_metric(hub_env, tmp_path, cap
 def test_push_prefers_the_ema_weights_the_module_exports(hub_env, lightning_ckpt, tmp_path):
     """ImageClassifier validates and exports its EMA copy when it keeps one; push does the same."""
     path, trained = lightning_ckpt
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     ema = {k: (v + 1 if v.is_floating_point() else v) for k, v in trained.items()}
     ckpt["state_dict"].update({f"model_ema.module.{k}": v for k, v in ema.items()})
     torch.save(ckpt, tmp_path / "ema.ckpt")

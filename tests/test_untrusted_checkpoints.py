@@ -202,7 +202,7 @@ def test_trust_in_a_config_file_is_not_taken(evil, tmp_path: Path, capsys) -> No
     assert not marker.exists() and not (tmp_path / "run").exists()
 
 
-def test_ckpt_path_with_trust_loads_a_harmless_object(harmless: Path, tmp_path: Path, capsys) -> None:
+def test_ckpt_path_with_trust_loads_a_harmless_object(harmless: Path, fit_ckpt: Path, tmp_path: Path, capsys) -> None:
     from bam_zoo.training.cli import cli_main
 
     args = ["validate", "--config", CONFIG, "--data.root", str(write_fashion_mnist(tmp_path / "data", 40, 8)),
@@ -211,7 +211,7 @@ def test_ckpt_path_with_trust_loads_a_harmless_object(harmless: Path, tmp_path: 
     assert_refused(one_line_error(capsys, lambda: main(args)), "pathlib.PurePosixPath")
     cli = cli_main([*args, TRUST, "true"])
     assert cli.config_init["validate"]["weights_only"] is False
-    expected = torch.load(harmless, map_location="cpu", weights_only=False)["state_dict"]
+    expected = torch.load(fit_ckpt, map_location="cpu", weights_only=True)["state_dict"]  # what harmless carries
     assert all(torch.equal(v, expected[f"model.{k}"]) for k, v in cli.model.model.state_dict().items())
 
 
