@@ -440,7 +440,7 @@ def _backward(grad_y: torch.Tensor, x: torch.Tensor, params: Sequence[torch.Tens
                                                         factors, net.gamma)
     wanted = [p for p in params if p.requires_grad]
     if recorded is None:  # buffer copies: the forward already updated the statistics
-        recorded = _branches(saved.pooled.detach(), saved.reduced if plan.chain else saved.reduced.detach(),
+        recorded = _branches(saved.pooled.detach(), saved.reduced.detach(),
                              _with_buffer_copies(net), plan, graph=True, reduced_in_place=False)
     pooled, reduced, chain = recorded.pooled, recorded.reduced, recorded.chain
     grads: Dict[int, Optional[torch.Tensor]] = {}
