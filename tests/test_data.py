@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import os
 from pathlib import Path
 
 import pytest
@@ -172,6 +173,26 @@ def test_imagefolder(tmp_path: Path) -> None:
     xv, _ = next(iter(dm.val_dataloader()))
     assert xv.shape == (2, 3, 32, 32)
     assert len(dm.train_dataloader()) == 4  # 9 images, batch 2, drop_last
+
+
+def test_imagefolder_walks_each_split_once_and_lists_what_torchvision_lists(tmp_path: Path, monkeypatch) -> None:
+    from torchvision.datasets import ImageFolder
+    write_imagefolder(tmp_path, classes=("b", "a", "c"), per_class=3)
+    (tmp_path / "train" / "a" / "notes.txt").write_text("not an image")
+    (tmp_path / "train" / "a" / "more").mkdir()
+    (tmp_path / "train" / "a" / "more" / "0.png").write_bytes((tmp_path / "train" / "a" / "0.png").read_bytes())
+    walked = []
+    real_walk = os.walk
+    monkeypatch.setattr(os, "walk", lambda top, *a, **k: (walked.append(Path(top)), real_walk(top, *a, **k))[1])
+    dm = ImageFolderDataModule(root=str(tmp_path), img_size=32, batch_size=2, num_workers=0)
+    dm.setup()
+    assert sorted(walked) == sorted(tmp_path / split / c for split in ("train", "val") for c in "abc")
+    monkeypatch.setattr(os, "walk", real_walk)
+    for split, folder in (("train", "train"), ("val", "val"), ("test", "val")):
+        reference = ImageFolder(str(tmp_path / folder))
+        assert dm.datasets[split].classes == reference.classes == ["a", "b", "c"]
+        assert sorted(dm.datasets[split].samples) == sorted(reference.samples), split
+    assert len(dm.datasets["train"]) == 10
 
 
 def test_batch_augment_eval_only_normalises() -> None:

@@ -393,6 +393,21 @@ def image_loader(in_chans: int) -> Callable[[str], Image.Image]:
     return functools.partial(_open_as, "L" if in_chans == 1 else "RGB")  # a partial pickles into workers
 
 
+class _WalkedImageFolder(ImageFolder):
+    """torchvision's ImageFolder over a split the DataModule has already walked and checked: a large split (ImageNet's
+    1.28M files) is listed once, not again by torchvision."""
+
+    def __init__(self, images: dict[str, list[Path]], root: str, **kwargs: Any) -> None:
+        self.images = images
+        super().__init__(root, **kwargs)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        return list(self.images), {name: i for i, name in enumerate(self.images)}
+
+    def make_dataset(self, directory: str, class_to_idx: dict[str, int], *args: Any, **kwargs: Any) -> list:
+        return [(str(file), class_to_idx[name]) for name, files in self.images.items() for file in files]
+
+
 class ImageFolderDataModule(_SplitDataModule):
     """Images in class folders (ImageNet layout: ``root/train/<class>/*.JPEG``, ``root/val/<class>/*``).
 
@@ -435,13 +450,13 @@ class ImageFolderDataModule(_SplitDataModule):
         self.transform_args = dict(scale=tuple(scale), color_jitter=color_jitter, auto_augment=auto_augment,
                                    interpolation=interpolation, crop_pct=crop_pct)  # timm's create_transform's
         self._in_chans, self._mean_arg, self._std_arg = in_chans, mean, std
-        self._checked: dict[Path, tuple[list[str], Path]] = {}  # split folder -> (its classes, its first image)
+        self._walked: dict[Path, dict[str, list[Path]]] = {}  # split folder -> class -> its images, walked once
         self.datasets: dict[str, Dataset] = {}
 
     def _split_dir(self, split: str) -> Path:
         """The split's folder, checked once: it exists, holds class folders, and each of them holds images."""
         path = self.root / self.splits[split]
-        if path in self._checked:
+        if path in self._walked:
             return path
         if not path.is_dir():
             raise DatasetNotFoundError("ImageFolder data", [self.root],
@@ -454,7 +469,7 @@ class ImageFolderDataModule(_SplitDataModule):
         if empty:
             raise NoImagesError(f"ImageFolder data: class folder(s) {', '.join(empty)} in {path} hold no images; "
                                 "add images to them or remove them")
-        self._checked[path] = (list(images), next(iter(images.values()))[0])
+        self._walked[path] = images
         return path
 
     @property
@@ -462,12 +477,12 @@ class ImageFolderDataModule(_SplitDataModule):
         """Class folder names of the training split, sorted; every split is checked here, before anything runs."""
         for split in self.splits:
             self._split_dir(split)
-        return self._checked[self._split_dir("train")][0]
+        return list(self._walked[self._split_dir("train")])
 
     @property
     def in_chans(self) -> int:
         if self._in_chans is None:
-            with Image.open(self._checked[self._split_dir("train")][1]) as image:
+            with Image.open(next(iter(self._walked[self._split_dir("train")].values()))[0]) as image:
                 self._in_chans = 1 if image.mode in ("L", "I", "I;16", "F", "1", "LA") else 3
         return self._in_chans
 
@@ -484,8 +499,9 @@ class ImageFolderDataModule(_SplitDataModule):
             if split not in self.datasets:
                 transform = create_transform(self.input_size, is_training=split == "train", mean=self.mean,
                                              std=self.std, **self.transform_args)
-                self.datasets[split] = ImageFolder(str(self._split_dir(split)), transform=transform,
-                                                   loader=image_loader(self.in_chans))
+                path = self._split_dir(split)
+                self.datasets[split] = _WalkedImageFolder(self._walked[path], str(path), transform=transform,
+                                                          loader=image_loader(self.in_chans))
 
     def _loader(self, split: str) -> DataLoader:
         train = split == "train"
