@@ -52,12 +52,7 @@ class UnknownPretrainedTagError(BamZooError, ValueError):
 
 
 class InvalidModelArgumentError(BamZooError, ValueError):
-    """``num_classes`` or ``in_chans`` is not a usable whole number.
-
-    Message::
-
-        num_classes must be a whole number >= 0 (0: no classifier, features only), got '5' (str); pass num_classes=5.
-    """
+    """``num_classes`` or ``in_chans`` is not a usable whole number: ``... got '5' (str); pass num_classes=5.``"""
 
     def __init__(self, name: str, value: Any, minimum: int, meaning: str) -> None:
         self.name, self.value = name, value
@@ -86,13 +81,8 @@ class InputChannelsError(BamZooError, ValueError):
 
 
 class ChecksumMismatchError(BamZooError, ValueError):
-    """A weight file whose hash (sha256; sha1 where the publisher lists only that) differs from the recorded one.
-
-    Message (a file of the offline mirror)::
-
-        checkpoints/bam_resnet20.fmnist/model.safetensors has sha256 1a2b..., but bam_resnet20.fmnist records
-        3c4d...: the file was changed or is incomplete. Restore it with `git checkout -- checkpoints/...`.
-    """
+    """A weight file whose hash (sha256; sha1 where the publisher lists only that) differs from the recorded one;
+    the message says how to restore it (for the offline mirror: ``git checkout -- checkpoints/<arch.tag>``)."""
 
     def __init__(self, path: str, name: str, expected: str, actual: str, fix: str, algorithm: str = "sha256") -> None:
         self.path, self.expected, self.actual = str(path), expected, actual
@@ -113,16 +103,9 @@ class WeightsNotFoundError(BamZooError, FileNotFoundError):
 
 
 class CheckpointKeysError(BamZooError, ValueError, RuntimeError):
-    """Weights whose keys or shapes do not fit the model: another architecture, or another layout.
-
-    Also a ``RuntimeError``, which torch's strict ``load_state_dict`` raises for the same problem.
-
-    Message::
-
-        This pytorchcv checkpoint does not fit bam_resnet18: 312 missing (layer1.0.conv1.weight, layer1.0.bn1.weight,
-        layer1.0.bn1.bias, ... 309 more); 2 unexpected (features.stage4.unit3..., ...). Pass the architecture it
-        was trained as (--model) and its layout (--source pytorchcv or official).
-    """
+    """Weights whose keys or shapes do not fit the model (another architecture or layout): ``... does not fit
+    bam_resnet18: 312 missing (layer1.0.conv1.weight, ... 309 more); 2 unexpected (...). Pass the architecture ...``
+    Also a ``RuntimeError``, which torch's strict ``load_state_dict`` raises for the same problem."""
 
     def __init__(self, what: str, arch: str, unexpected: Sequence[str], missing: Sequence[str],
                  misshaped: Sequence[str], fix: str) -> None:
@@ -174,13 +157,8 @@ class DatasetNotFoundError(TrainingError, FileNotFoundError):
 
 
 class CheckpointNotFoundError(TrainingError, FileNotFoundError):
-    """``--ckpt_path`` names no checkpoint; raised before the run creates its folders.
-
-    Message::
-
-        --ckpt_path runs/x/last.ckpt: no such file. Pass a .ckpt a run wrote (<default_root_dir>/checkpoints/
-        last.ckpt or best-*.ckpt), or --ckpt_path last to continue the run in --trainer.default_root_dir.
-    """
+    """``--ckpt_path`` names no checkpoint; raised before the run creates its folders, with the paths a run writes
+    (``<default_root_dir>/checkpoints/last.ckpt``, ``best-*.ckpt``) and ``--ckpt_path last``."""
 
 
 class DatasetDownloadError(TrainingError, ConnectionError):
@@ -219,15 +197,9 @@ TRUST_OPTION = "trust_checkpoint_code"
 
 
 class UnsafeCheckpointError(BamZooError, ValueError):
-    """A checkpoint bam-zoo will not unpickle: it needs more than torch's ``weights_only`` allowlist, whose
-    classes and functions cannot run code, or it is not a local file.
-
-    Message::
-
-        Refused to unpickle evil.ckpt: it names posix.system, beyond torch's weights_only allowlist, so unpickling
-        it can run any code. If you trust this file and whoever made it, pass --trust_checkpoint_code true
-        (trust_checkpoint_code=True in Python).
-    """
+    """A checkpoint bam-zoo will not unpickle: it needs more than torch's ``weights_only`` allowlist, whose classes
+    and functions cannot run code (``Refused to unpickle evil.ckpt: it names posix.system, ...``), or it is not a
+    local file. The message names the option that trusts it."""
 
     def __init__(self, path: str, refused: Sequence[str] = (), reason: str | None = None) -> None:
         self.path, self.refused, self.reason = str(path), list(refused), reason

@@ -88,14 +88,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not names:
         print("No Fashion-MNIST weights are registered yet: nothing to evaluate.", file=sys.stderr)
         return 1
-    print(f"{'model':<26}{'params':>10}{'MMACs':>9}{'top-1':>9}{'top-5':>9}{'flip':>9}{'recorded':>10}{'img/s':>9}"
+    width = max(map(len, names)) + 2
+    print(f"{'model':<{width}}{'params':>10}{'MMACs':>9}{'top-1':>9}{'top-5':>9}{'flip':>9}{'recorded':>10}{'img/s':>9}"
           f"   (img/s: channels_last, batch 500, {torch.get_num_threads()} threads)")
     failures = []
     for name in names:
         result = evaluate(name, root=args.root)
         record = weight_facts(name)
         recorded = record.get("top1")
-        print(f"{name:<26}{result['params'] / 1e6:>9.3f}M{result['macs'] / 1e6:>9.2f}{result['top1']:>9.2f}"
+        print(f"{name:<{width}}{result['params'] / 1e6:>9.3f}M{result['macs'] / 1e6:>9.2f}{result['top1']:>9.2f}"
               f"{result['top5']:>9.2f}{result['top1_flip']:>9.2f}"
               f"{f'{recorded:.2f}' if recorded is not None else '-':>10}"
               f"{result['images_per_s']:>9.0f}")

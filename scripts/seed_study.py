@@ -4,8 +4,10 @@
     python scripts/seed_study.py run --study fusion --seeds 1 2 3
     python scripts/seed_study.py run --study insertion --seeds 1 2 3 4 5     # add_bam onto resnet20.fmnist
     python scripts/seed_study.py run --study insertion56 --seeds 1 2 3       # ... onto resnet56.fmnist_long
+    python scripts/seed_study.py run --study finetune95 --seeds 1            # the _ft pair: 15 epochs, long recipe
 
-Each run is ``python cli.py fit --config configs/fashion_mnist/<arch>.yaml --seed_everything S`` with
+Each run is ``python cli.py fit --config configs/fashion_mnist/<arch>.yaml --seed_everything S`` (finetune95:
+``configs/fashion_mnist_long/resnet56.yaml``) with
 :class:`~bam_zoo.training.callbacks.EpochTestAccuracy` added, so test top-1 is recorded after every epoch
 (only recorded: nothing in training reads it). Two runs go at once with ``OMP_NUM_THREADS=1`` each, which
 on 2 cores finishes a pair sooner than two 2-thread runs in turn. A run whose results are already under

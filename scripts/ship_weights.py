@@ -3,6 +3,9 @@
     python scripts/ship_weights.py runs/fashion_mnist/bam_resnet20/export bam_resnet20.fmnist --command "..."
     python scripts/ship_weights.py bam_resnet20.fmnist --update-card   # after editing its config.json
 
+A run that started from a shipped weight (``--model.model_name resnet56.fmnist_long``, with or without
+``--model.add_bam true``) ships with its lineage: that weight, its command and time, and the time of both.
+
 Writes ``checkpoints/<arch>.<tag>/`` (config.json, model.safetensors, README.md) with the tag's own
 pretrained cfg (``bam_zoo.models.pretrained.fashion_mnist_cfg``). Its config.json's ``bam_zoo.details`` is
 where the weight's facts are written, once: test top-1/top-5 from the run's ``metrics.json``, per class,
@@ -14,9 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import shlex
 from pathlib import Path
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Optional
 
 import torch.nn as nn
 from safetensors.torch import load_file
@@ -24,34 +28,59 @@ from safetensors.torch import load_file
 import bam_zoo
 from bam_zoo.evaluate import measure
 from bam_zoo.hub import save_pretrained, write_card
-from bam_zoo.models.pretrained import fashion_mnist_cfg, sha256sum, weight_facts
+from bam_zoo.models.pretrained import FASHION_MNIST_TWINS, fashion_mnist_cfg, sha256sum, weight_facts
 
 
-def describe_architecture(arch: str, num_classes: int = 10, in_chans: int = 1) -> str:
+def describe_architecture(model: nn.Module, name: str) -> str:
     """One line on where the network has BAMs and how they are built, read from the built model itself."""
-    model = bam_zoo.create_model(arch, num_classes=num_classes, in_chans=in_chans)
     bams = bam_zoo.bam_modules(model)
     if not bams:
-        return f"`{arch}`, {type(model).__name__} without attention (the plain twin of `bam_{arch}`)"
+        bam_name = next((b for b, t in FASHION_MNIST_TWINS.items() if t == name), f"bam_{name.split('.')[0]}")
+        return f"`{name.split('.')[0]}`, {type(model).__name__} without attention (the plain twin of `{bam_name}`)"
     first = bams[0][1]
     dilated = [m for m in first.spatial_attn.modules() if isinstance(m, nn.Conv2d) and m.dilation[0] > 1]
-    where = ", ".join(f"`{name}` ({bam.channels} ch, {bam.rd_channels} hidden)" for name, bam in bams)
-    return (f"`{arch}`, {type(model).__name__} with a BAM after {where}; {len(dilated)} 3x3 convs of "
-            f"dilation {dilated[0].dilation[0] if dilated else '-'} in the spatial branch, {first.fusion} fusion")
+    where = ", ".join(f"`{path.removesuffix('.bam')}` ({bam.channels} ch, {bam.rd_channels} hidden)"
+                      for path, bam in bams)
+    inserted = getattr(model, "bam_insertion", None)
+    what = (f"`{inserted['base_model']}` ({type(model).__name__}) with BAM added by `bam_zoo.add_bam` (each BAM scaled "
+            "by a learned gamma that starts at 0, so training starts from the plain network's function):"
+            if inserted else f"`{name.split('.')[0]}`, {type(model).__name__} with")
+    dilation = dilated[0].dilation[0] if dilated else "-"
+    return f"{what} a BAM after {where}; {len(dilated)} 3x3 convs of dilation {dilation} in the spatial branch, " \
+           f"{first.fusion} fusion"
 
 
-def checkpoint_details(name: str, meta: Mapping[str, Any]) -> Dict[str, Any]:
+def checkpoint_details(model: nn.Module, name: str, meta: Mapping[str, Any]) -> Dict[str, Any]:
     """The card facts of a Fashion-MNIST weight (:func:`bam_zoo.hub.render_details` keys), for its config.json."""
     return {
-        "architecture": describe_architecture(name.split(".")[0]), "num_params": meta["num_params"],
+        "architecture": describe_architecture(model, name), "num_params": meta["num_params"],
         "macs": meta["macs"], "input_size": [1, 28, 28], "data": "Fashion-MNIST, 55,000 training images (5,000 "
         "more held out for validation, fixed seed 0), tested on the official 10,000", "recipe": meta["recipe"],
         "command": meta["command"], "epochs": meta["epochs"], "train_time_s": meta["train_time_s"],
-        "train_setting": "2-core CPU, " + ("one thread, with another run on the other core"
+        "train_setting": f"2-core CPU ({cpu_description()}), " + ("one thread, with another run on the other core"
                                            if meta["command"].startswith("OMP_NUM_THREADS=1 ") else "both cores"),
         "seed": meta["seed"], "top1": meta["top1"], "top5": meta["top5"], "per_class": meta["per_class"],
-        "top1_flip": meta["top1_flip"],
+        "top1_flip": meta["top1_flip"], **lineage(meta["base_weights"], meta["train_time_s"]),
     }
+
+
+def cpu_description() -> str:
+    """This machine's CPU as ``/proc/cpuinfo`` names it, and its widest vector unit: training times depend on both."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = fields.get("flags", "").split()
+    vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{fields.get('model name') or platform.processor() or 'unknown CPU'}, {vector}"
+
+
+def lineage(base: Optional[str], train_time_s: float) -> Dict[str, Any]:
+    """A fine-tune's start: the shipped weight it began from, how that was trained, and the time of both together."""
+    if base is None:
+        return {}
+    facts = weight_facts(base)
+    return {"fine_tuned_from": base, "base_command": facts["command"], "base_epochs": facts["epochs"],
+            "base_train_time_s": facts["train_time_s"], "total_train_time_s": facts["train_time_s"] + train_time_s}
 
 
 def recipe_of(command: str) -> str:
@@ -85,10 +114,12 @@ def main() -> None:
     if args.export_dir is None or args.command is None:
         parser.error("give export_dir and --command (or --update-card for a shipped weight)")
     run = json.loads((args.export_dir / "metrics.json").read_text())
-    if run["model_name"] != arch:
-        raise SystemExit(f"{args.export_dir} holds a {run['model_name']}, not a {arch}.")
-    model = bam_zoo.create_model(arch, in_chans=1, num_classes=10)
+    model = bam_zoo.create_model(run["model_name"], **run["model_args"])  # as trained: a tag's fine-tune, add_bam
+    built = model.pretrained_cfg["architecture"]
+    if built != arch:
+        raise SystemExit(f"{args.export_dir} holds a {built} ({run['model_name']} {run['model_args']}), not a {arch}.")
     model.load_state_dict(load_file(args.export_dir / "model.safetensors"), strict=True)
+    base = run["model_name"] if "." in run["model_name"] else None  # a run that started from a shipped weight
     cfg = fashion_mnist_cfg(arch, tag)
     model.pretrained_cfg = {**model.pretrained_cfg, **cfg, "architecture": arch, "tag": tag}
     metrics = {"top1": round(100 * run["test"]["acc1"], 2), "top5": round(100 * run["test"]["acc5"], 2)}
@@ -100,15 +131,19 @@ def main() -> None:
         "dataset": "fashion_mnist", **metrics, "top1_flip": round(measured["top1_flip"], 2),
         "per_class": {k: round(100 * v, 2) for k, v in run["per_class_acc1"].items()},
         "num_params": bam_zoo.count_params(model), "macs": bam_zoo.count_macs(model, cfg["input_size"]),
-        "epochs": run["epochs"], "seed": run["recipe"]["seed_everything"], "train_time_s": round(run["train_wall_time_s"]),
-        "recipe": recipe_of(args.command), "command": args.command,
+        "epochs": run["epochs"], "seed": run["recipe"]["seed_everything"],
+        "train_time_s": round(run["train_wall_time_s"]), "recipe": recipe_of(args.command), "command": args.command,
+        "base_weights": base,
     }
     out = save_pretrained(
         model, args.out / args.name, model_name=args.name, label_names=list(cfg["label_names"]),
-        metrics=metrics, dataset="fashion_mnist", recipe=run.get("recipe"), model_args=run["model_args"],
-        repo_id=cfg["hf_hub_id"], details=checkpoint_details(args.name, entry))
-    print(f"wrote {out}\nWEIGHT_METADATA entry:\n"
-          f'    "{args.name}": {{"sha256": "{sha256sum(out / "model.safetensors")}"}},')
+        metrics=metrics, dataset="fashion_mnist", recipe=run.get("recipe"),
+        model_args={k: v for k, v in run["model_args"].items() if k != "add_bam"},  # the built architecture's own
+        repo_id=cfg["hf_hub_id"], details=checkpoint_details(model, args.name, entry))
+    entry = {"sha256": sha256sum(out / "model.safetensors")}
+    if getattr(model, "bam_insertion", None):  # the tag must rebuild the inserted network without its config.json
+        entry["model_args"] = {k: model.bam_insertion[k] for k in ("base_model", "bam_stages")}
+    print(f"wrote {out}\nWEIGHT_METADATA entry:\n    {json.dumps(args.name)}: {json.dumps(entry)},")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import torch
 import bam_zoo
 from _helpers import load_script
 from bam_zoo.evaluate import evaluate
-from bam_zoo.models.pretrained import FASHION_MNIST_TAGS, WEIGHT_METADATA, sha256sum, weight_facts
+from bam_zoo.models.pretrained import FASHION_MNIST_TAGS, FASHION_MNIST_TWINS, WEIGHT_METADATA, sha256sum, weight_facts
 
 FMNIST = "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"
 REPO = Path(__file__).resolve().parents[1]
@@ -37,15 +37,18 @@ def test_readme_weight_table_is_the_rendered_one():
 def test_every_tag_has_its_facts_its_hash_and_a_mirrored_twin():
     converted = {n for n, meta in WEIGHT_METADATA.items() if "source" in meta}
     assert converted == {"bam_resnet50.imgclsmob_in1k"} and set(FASHION_MNIST_TAGS) == set(WEIGHT_METADATA) - converted
+    for bam_name, twin in FASHION_MNIST_TWINS.items():  # the twin: the same recipe (bam_X.yaml's X.yaml), length, seed
+        b, t = weight_facts(bam_name), weight_facts(twin)
+        assert (b["recipe"].replace("/bam_", "/"), b["epochs"], b["seed"]) == (t["recipe"], t["epochs"], t["seed"])
+        assert bam_zoo.bam_modules(bam_zoo.create_model(bam_name)) and not bam_zoo.bam_modules(
+            bam_zoo.create_model(twin)), f"{bam_name}: a BAM weight and a plain twin"
     for name in FASHION_MNIST_TAGS:
-        if name.startswith("bam_"):
-            assert name[len("bam_"):] in FASHION_MNIST_TAGS, f"{name} ships without its plain twin"
         folder = REPO / "checkpoints" / name
         assert sha256sum(folder / "model.safetensors") == WEIGHT_METADATA[name]["sha256"], name
         config = json.loads((folder / "config.json").read_text())["bam_zoo"]
         assert config["model_name"] == name and config["metrics"].items() <= config["details"].items(), name
         facts = weight_facts(name)
-        model = bam_zoo.create_model(name.split(".")[0], in_chans=1, num_classes=10)
+        model = bam_zoo.create_model(name)  # the tag's architecture, input and classes; no weights
         assert (facts["num_params"], facts["macs"]) == (bam_zoo.count_params(model),
                                                          bam_zoo.count_macs(model, (1, 28, 28))), name
         assert set(facts["per_class"]) == set(FASHION_MNIST_TAGS[name]["label_names"]), name
@@ -91,3 +94,47 @@ def test_pretrained_fine_tune_adaptation():
     assert model.fc.out_features == 5 and model.conv1.in_channels == 3
     torch.testing.assert_close(model.layer1.bam.channel_attn.fc1.weight, ref.layer1.bam.channel_attn.fc1.weight)
     torch.testing.assert_close(model.conv1.weight.sum(1, keepdim=True), ref.conv1.weight)
+
+
+ship_weights = load_script(REPO / "scripts" / "ship_weights.py", "ship_weights")
+
+
+@pytest.mark.parametrize("recorded_top1", ["measured", 90.0])
+def test_ship_weights_ships_a_fine_tune_with_its_lineage(tmp_path, monkeypatch, recorded_top1):
+    """A run that added BAM to a shipped weight ships as bam_inserted, with where it started and the time of both;
+    a run record the exported weights do not reproduce ships nothing."""
+    if not Path(FMNIST).exists():
+        pytest.skip("needs Debian's dataset-fashion-mnist (scripts/setup.sh installs it)")
+    from safetensors.torch import save_file
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    base = weight_facts("resnet20.fmnist")
+    model = bam_zoo.create_model("resnet20.fmnist", pretrained=True, add_bam=True)  # the identity start: base's top-1
+    export = tmp_path / "export"
+    export.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, export / "model.safetensors")
+    top1 = base["top1"] if recorded_top1 == "measured" else recorded_top1
+    (export / "metrics.json").write_text(json.dumps({
+        "model_name": "resnet20.fmnist", "model_args": {"num_classes": 10, "in_chans": 1, "add_bam": True},
+        "test": {"acc1": top1 / 100, "acc5": base["top5"] / 100}, "epochs": 1, "train_wall_time_s": 60.0,
+        "per_class_acc1": {k: v / 100 for k, v in base["per_class"].items()}, "recipe": {"seed_everything": 0}}))
+    command = ("python cli.py fit --config configs/fashion_mnist/resnet20.yaml --model.model_name resnet20.fmnist "
+               "--model.pretrained true --model.add_bam true")
+    argv = ["ship_weights.py", str(export), "bam_inserted.resnet20_try", "--out", str(tmp_path), "--command", command]
+    monkeypatch.setattr("sys.argv", argv)
+    if recorded_top1 != "measured":
+        with pytest.raises(SystemExit, match="export and run disagree, nothing shipped"):
+            ship_weights.main()
+        assert not (tmp_path / "bam_inserted.resnet20_try").exists()
+        return
+    ship_weights.main()
+    folder = tmp_path / "bam_inserted.resnet20_try"
+    config = json.loads((folder / "config.json").read_text())
+    details = config["bam_zoo"]["details"]
+    assert config["architecture"] == "bam_inserted" and config["model_args"]["base_model"] == "resnet20"
+    assert "add_bam" not in config["model_args"] and "`layer1` (16 ch" in details["architecture"]
+    assert (details["fine_tuned_from"], details["base_command"]) == ("resnet20.fmnist", base["command"])
+    assert details["total_train_time_s"] == base["train_time_s"] + 60 and details["top1"] == base["top1"]
+    assert "Fine-tuned from `resnet20.fmnist`" in (folder / "README.md").read_text()
+    shipped = bam_zoo.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    x = torch.randn(2, 1, 28, 28)
+    torch.testing.assert_close(shipped(x), model.eval()(x))

@@ -91,8 +91,9 @@ default_cfgs = generate_default_cfgs({
         url="https://github.com/osmr/imgclsmob/releases/download/v0.0.499/bam_resnet50-0547-a04adf3c.pth.zip",
         origin_url="https://github.com/osmr/imgclsmob"),
     **{name + (".*" if name == "bam_resnet50" else ""): _FAMILY_CFGS[family] for name, family in BAM_ARCHS.items()},
-    # add_bam's models: the base network's own cfg travels in each export's config.json; this is resnet50's
-    INSERTED_ARCH: _imagenet_cfg(),
+    # add_bam's models: the base network's own cfg travels in each export's config.json; the untagged default
+    # (marked '*', ahead of the shipped tag) is resnet50's
+    INSERTED_ARCH + ".*": _imagenet_cfg(),
 })
 
 
@@ -102,11 +103,14 @@ def bam_inserted(pretrained: bool = False, base_model: str = "resnet50", bam_sta
     """Any timm CNN with BAM added by :func:`~bam_zoo.add_bam`: exports of such models rebuild through this name,
     from the arguments their ``config.json`` records, and then load the whole state dict."""
     features = {k: kwargs.pop(k) for k in FEATURE_ARGS if k in kwargs}
+    tag_args = tag_model_args(INSERTED_ARCH, kwargs)  # a shipped tag fixes its base network and stages
+    base_model, bam_stages = kwargs.pop("base_model", base_model), kwargs.pop("bam_stages", bam_stages)
     if pretrained:
         prepare_pretrained(INSERTED_ARCH, kwargs)
     model = build_model_with_cfg(
         lambda **kw: add_bam(timm.create_model(base_model, **kw), bam_stages, identity_init, **(bam_args or {})),
         INSERTED_ARCH, pretrained, **kwargs)
+    model._model_args = {**model._model_args, **tag_args}
     return feature_net(model, **features) if features.get("features_only") else model
 
 

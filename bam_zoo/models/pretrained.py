@@ -28,9 +28,10 @@ from ..errors import ChecksumMismatchError, WeightsNotFoundError
 from .convert import check_keys, convert_state_dict
 
 __all__ = [
-    "FASHION_MNIST_LABELS", "FASHION_MNIST_MEAN", "FASHION_MNIST_STD", "FASHION_MNIST_TAGS", "HF_HUB_ORG",
-    "PretrainedInfo", "WEIGHTS_NAME", "WEIGHT_METADATA", "fashion_mnist_cfg", "list_pretrained", "mirror_root",
-    "prepare_pretrained", "resolve_weights", "sha256sum", "strict_keys", "tag_model_args", "weight_facts",
+    "FASHION_MNIST_LABELS", "FASHION_MNIST_MEAN", "FASHION_MNIST_STD", "FASHION_MNIST_TAGS", "FASHION_MNIST_TWINS",
+    "HF_HUB_ORG", "PretrainedInfo", "WEIGHTS_NAME", "WEIGHT_METADATA", "fashion_mnist_cfg", "list_pretrained",
+    "mirror_root", "prepare_pretrained", "resolve_weights", "sha256sum", "strict_keys", "tag_model_args",
+    "weight_facts",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -55,11 +56,16 @@ def fashion_mnist_cfg(arch: str, tag: str) -> Dict[str, Any]:
     }
 
 
-# arch.tag -> timm cfg, for the weights in checkpoints/: each BAM weight with its plain twin (same recipe and seed)
-FASHION_MNIST_TAGS: Dict[str, Dict[str, Any]] = {
-    f"{arch}.{tag}": fashion_mnist_cfg(arch, tag) for arch, tag in
-    (("bam_resnet20", "fmnist"), ("resnet20", "fmnist"), ("bam_resnet56", "fmnist_long"), ("resnet56", "fmnist_long"))
+# The weights in checkpoints/: each BAM weight -> its plain twin, the same recipe and seed without BAM (bam_inserted's:
+# resnet56.fmnist_long fine-tuned with BAM added by bam_zoo.add_bam; its twin, the same fine-tune without)
+FASHION_MNIST_TWINS: Dict[str, str] = {
+    "bam_resnet20.fmnist": "resnet20.fmnist",
+    "bam_resnet56.fmnist_long": "resnet56.fmnist_long",
+    "bam_inserted.resnet56_fmnist_long_ft": "resnet56.fmnist_long_ft",
 }
+# arch.tag -> timm cfg, each BAM weight followed by its twin
+FASHION_MNIST_TAGS = {name: fashion_mnist_cfg(*name.split("."))
+                      for pair in FASHION_MNIST_TWINS.items() for name in pair}
 
 # arch.tag -> the sha256 of model.safetensors, checked on every load (a mirror folder cannot vouch for itself),
 # and once pinned the Hub revision (hf_hub_revision). Weights published elsewhere have no folder: their entry
@@ -69,6 +75,10 @@ WEIGHT_METADATA: Dict[str, Dict[str, Any]] = {
     "resnet20.fmnist": {"sha256": "dbb47f773ca5b5c41e536c5914a2140dc07237e3c2dd681de40e53721f2cdc5c"},
     "bam_resnet56.fmnist_long": {"sha256": "90b9b02e82657115b7af0b6fdea65c66d223a8fc04d7a061263cc717a3a1a614"},
     "resnet56.fmnist_long": {"sha256": "5ac41146f144be97f9497094703a9823af0a43c7a06384bcef2a99f602830163"},
+    "bam_inserted.resnet56_fmnist_long_ft": {
+        "sha256": "504a685988d3fde67e6b587856e57261457669086d18edc3d7325f1589b155d7",
+        "model_args": {"base_model": "resnet56", "bam_stages": ["layer1", "layer2"]}},
+    "resnet56.fmnist_long_ft": {"sha256": "e4fee7c44620e55578f4a07e657574de767b54bb546b01dd5f3a56dbb7e0e03b"},
     "bam_resnet50.imgclsmob_in1k": {
         "dataset": "imagenet-1k", "num_params": 25914763,
         "source": "pytorchcv (osmr/imgclsmob) release v0.0.499, bam_resnet50-0547-a04adf3c.pth.zip",

@@ -394,8 +394,7 @@ def image_loader(in_chans: int) -> Callable[[str], Image.Image]:
 
 
 class _WalkedImageFolder(ImageFolder):
-    """torchvision's ImageFolder over a split the DataModule has already walked and checked: a large split (ImageNet's
-    1.28M files) is listed once, not again by torchvision."""
+    """torchvision's ImageFolder over a split already walked and checked, so ImageNet's 1.28M files are listed once."""
 
     def __init__(self, images: dict[str, list[Path]], root: str, **kwargs: Any) -> None:
         self.images = images
