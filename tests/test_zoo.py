@@ -116,7 +116,8 @@ def test_ship_weights_ships_a_fine_tune_with_its_lineage(tmp_path, monkeypatch, 
     (export / "metrics.json").write_text(json.dumps({
         "model_name": "resnet20.fmnist", "model_args": {"num_classes": 10, "in_chans": 1, "add_bam": True},
         "test": {"acc1": top1 / 100, "acc5": base["top5"] / 100}, "epochs": 1, "train_wall_time_s": 60.0,
-        "per_class_acc1": {k: v / 100 for k, v in base["per_class"].items()}, "recipe": {"seed_everything": 0}}))
+        "per_class_acc1": {k: v / 100 for k, v in base["per_class"].items()},
+        "recipe": {"seed_everything": 0, "model": {"model_name": "resnet20.fmnist", "pretrained": True}}}))
     command = ("python cli.py fit --config configs/fashion_mnist/resnet20.yaml --model.model_name resnet20.fmnist "
                "--model.pretrained true --model.add_bam true")
     argv = ["ship_weights.py", str(export), "bam_inserted.resnet20_try", "--out", str(tmp_path), "--command", command]
@@ -138,3 +139,15 @@ def test_ship_weights_ships_a_fine_tune_with_its_lineage(tmp_path, monkeypatch, 
     shipped = bam_zoo.create_model(f"local-dir:{folder}", pretrained=True).eval()
     x = torch.randn(2, 1, 28, 28)
     torch.testing.assert_close(shipped(x), model.eval()(x))
+
+
+def test_an_inserted_tag_builds_the_bams_its_model_args_name(monkeypatch):
+    """Every add_bam argument a bam_inserted tag records reaches add_bam, none the base network."""
+    entry = WEIGHT_METADATA["bam_inserted.resnet56_fmnist_long_ft"]
+    monkeypatch.setitem(entry, "model_args", {**entry["model_args"], "bam_args": {"fusion": "product"},
+                                              "identity_init": False})
+    model = bam_zoo.create_model("bam_inserted.resnet56_fmnist_long_ft")
+    assert model.bam_insertion == {"base_model": "resnet56", "bam_stages": ["layer1", "layer2"],
+                                   "identity_init": False, "bam_args": {"fusion": "product"}}
+    assert [bam.fusion for _, bam in bam_zoo.bam_modules(model)] == ["product", "product"]
+    assert model.conv1.in_channels == 1 and model.num_classes == 10

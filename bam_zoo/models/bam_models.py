@@ -103,14 +103,14 @@ def bam_inserted(pretrained: bool = False, base_model: str = "resnet50", bam_sta
     """Any timm CNN with BAM added by :func:`~bam_zoo.add_bam`: exports of such models rebuild through this name,
     from the arguments their ``config.json`` records, and then load the whole state dict."""
     features = {k: kwargs.pop(k) for k in FEATURE_ARGS if k in kwargs}
-    tag_args = tag_model_args(INSERTED_ARCH, kwargs)  # a shipped tag fixes its base network and stages
+    tag_model_args(INSERTED_ARCH, kwargs)  # a shipped tag fixes its base network and BAMs; add_bam records them
     base_model, bam_stages = kwargs.pop("base_model", base_model), kwargs.pop("bam_stages", bam_stages)
+    identity_init, bam_args = kwargs.pop("identity_init", identity_init), kwargs.pop("bam_args", bam_args)
     if pretrained:
         prepare_pretrained(INSERTED_ARCH, kwargs)
     model = build_model_with_cfg(
         lambda **kw: add_bam(timm.create_model(base_model, **kw), bam_stages, identity_init, **(bam_args or {})),
         INSERTED_ARCH, pretrained, **kwargs)
-    model._model_args = {**model._model_args, **tag_args}
     return feature_net(model, **features) if features.get("features_only") else model
 
 
