@@ -40,9 +40,16 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results" / "seed_study"
 RUNS = ROOT / "runs" / "seed_study"
 
+
+def finetune(lr: float, epochs: int) -> list[str]:
+    """A fine-tune from the named pretrained weights: cosine from ``lr`` without warm-up, for ``epochs``."""
+    return ["--model.pretrained", "true", "--model.lr", str(lr), "--model.warmup_epochs", "0",
+            "--trainer.max_epochs", str(epochs)]
+
+
 # the insertion study's fine-tune: 5 epochs, cosine from a tenth of the recipe's LR, no warm-up (fixed beforehand,
 # not tuned: the test set is never looked at, and validation selects the checkpoint as in every run)
-FINETUNE = ["--model.pretrained", "true", "--model.lr", "0.01", "--model.warmup_epochs", "0", "--trainer.max_epochs", "5"]
+FINETUNE = finetune(0.01, 5)
 # variant name -> (config architecture, extra CLI arguments)
 VARIANTS = {
     "bam_resnet20": ("bam_resnet20", []),
@@ -61,8 +68,7 @@ for _arch, _tag, _, _ in INSERTION_STUDIES.values():
 # the 95% attempt (issue 22, part 3): resnet56.fmnist_long fine-tuned on its own 55-epoch recipe (erasing, EMA) for
 # 15 epochs, cosine from 0.02 without warm-up, with BAM added and without (the twin); fixed beforehand, one seed,
 # validation selects the checkpoint and the test set is never looked at
-LONG_FINETUNE = ["--model.pretrained", "true", "--model.lr", "0.02", "--model.warmup_epochs", "0",
-                 "--trainer.max_epochs", "15", "--model.model_name", "resnet56.fmnist_long"]
+LONG_FINETUNE = [*finetune(0.02, 15), "--model.model_name", "resnet56.fmnist_long"]
 VARIANTS["resnet56.fmnist_long+bam_ft15"] = ("fashion_mnist_long/resnet56", [*LONG_FINETUNE, "--model.add_bam", "true"])
 VARIANTS["resnet56.fmnist_long_ft15"] = ("fashion_mnist_long/resnet56", LONG_FINETUNE)
 # README.md's copy of the report sits between these markers

@@ -28,7 +28,9 @@ from safetensors.torch import load_file
 import bam_zoo
 from bam_zoo.evaluate import measure
 from bam_zoo.hub import save_pretrained, write_card
-from bam_zoo.models.pretrained import FASHION_MNIST_TWINS, fashion_mnist_cfg, sha256sum, weight_facts
+from bam_zoo.models.pretrained import (
+    FASHION_MNIST_TAGS, FASHION_MNIST_TWINS, fashion_mnist_cfg, sha256sum, weight_facts,
+)
 
 
 def describe_architecture(model: nn.Module, name: str) -> str:
@@ -119,7 +121,8 @@ def main() -> None:
     if built != arch:
         raise SystemExit(f"{args.export_dir} holds a {built} ({run['model_name']} {run['model_args']}), not a {arch}.")
     model.load_state_dict(load_file(args.export_dir / "model.safetensors"), strict=True)
-    base = run["model_name"] if "." in run["model_name"] else None  # a run that started from a shipped weight
+    started_from_zoo = run["recipe"]["model"].get("pretrained") and run["model_name"] in FASHION_MNIST_TAGS
+    base = run["model_name"] if started_from_zoo else None  # lineage: the shipped weight the run loaded
     cfg = fashion_mnist_cfg(arch, tag)
     model.pretrained_cfg = {**model.pretrained_cfg, **cfg, "architecture": arch, "tag": tag}
     metrics = {"top1": round(100 * run["test"]["acc1"], 2), "top5": round(100 * run["test"]["acc5"], 2)}
