@@ -11,6 +11,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import torch
 from jsonargparse import ArgumentParser
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
@@ -57,8 +58,7 @@ def tool_parser(name: str) -> ArgumentParser:
 class ZooCLI(BamZooCLI):
     """:class:`BamZooCLI` whose usage line and ``--help`` list the :data:`TOOLS` too (:func:`main` runs them)."""
 
-    def setup_parser(self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]
-                     ) -> None:
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict) -> None:
         super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
         if add_subcommands:  # jsonargparse keeps the subcommands action LightningCLI created on the parser
             for name, tool in TOOLS.items():
@@ -71,8 +71,7 @@ def _run_tool(name: str, argv: list[str]) -> None:
     try:
         print(tool.show(tool.function(**tool_parser(name).parse_args(argv).as_dict())))
     except Exception as error:
-        # Bad input and the Hub's answers explain themselves; so does any failure a tool annotated with the
-        # remote's state (a connection error of whichever HTTP library huggingface_hub uses, for one).
+        # Bad input and the Hub's answers explain themselves; so does a failure annotated with the remote's state
         if isinstance(error, (OSError, ValueError, RuntimeError)) or getattr(error, "__notes__", None):
             _exit(error)
         raise
@@ -100,6 +99,8 @@ def main(args: list[str] | None = None) -> None:
         raise SystemExit(SIGTERM_EXIT) from None
     except BamZooError as error:
         _exit(error)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():  # on success only (a failed rank
+        torch.distributed.destroy_process_group()  # must not wait): gloo left to exit can SIGABRT (pytorch#190489)
 
 
 def _exit(error: BaseException) -> None:

@@ -83,3 +83,17 @@ def test_predict_with_two_cpu_processes_writes_every_image_once_in_order(tmp_pat
     names = model.pretrained_cfg["label_names"]
     assert [[r["label_1"], r["label_2"]] for r in rows] == [[names[j] for j in row] for row in labels.tolist()]
     assert torch.allclose(torch.tensor([[float(r["prob_1"]), float(r["prob_2"])] for r in rows]), top, atol=1e-5)
+
+
+def test_main_destroys_the_process_group_it_leaves_behind(tmp_path: Path, monkeypatch) -> None:
+    """Lightning leaves the group initialized; gloo's threads destroyed at interpreter exit can abort the
+    process (SIGABRT after all the work was done, pytorch#190489), so the command line destroys it on success."""
+    import bam_zoo.cli
+
+    def command_that_runs_distributed(args: list[str] | None = None) -> None:
+        store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+        torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+
+    monkeypatch.setattr(bam_zoo.cli, "ZooCLI", command_that_runs_distributed)
+    bam_zoo.cli.main(["fit"])
+    assert not torch.distributed.is_initialized()
