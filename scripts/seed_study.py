@@ -17,7 +17,7 @@ the cores, which suits resnet56's long recipe better (docs/results.md). A run wh
 
 Each finished run leaves ``results/seed_study/<variant>/seed<S>/`` (``metrics.csv`` with the per-epoch
 curves, ``metrics.json`` with the final test numbers and wall time, ``command.txt``): small files meant to
-be committed; finetune95_20's runs keep their ``export/`` too, for ``scripts/ship_weights.py``. ``python scripts/seed_study.py report`` turns them into the tables (mean ± std, differences
+be committed. ``python scripts/seed_study.py report`` turns them into the tables (mean ± std, differences
 with Welch 95% confidence intervals) and the plot ``docs/figures/seed_study.png``, and writes them to
 ``results/seed_study/report.md`` (MODEL_CARD.md includes it) and README.md's seed-study block; ``report --study insertion`` does the same for the
 insertion study (``insertion.md``, ``insertion_study.png``, the insertion-study block), with the accuracy at
@@ -109,8 +109,6 @@ def collect(variant: str, seed: int, cmd: list[str], threads: int = 1) -> Path:
                            f"see {run}.log")
     shutil.copy(csvs[-1], out / "metrics.csv")
     shutil.copy(run / "export" / "metrics.json", out / "metrics.json")
-    if variant in STUDIES["finetune95_20"]:  # a weight to ship once both arms are done, maybe sessions apart
-        shutil.copytree(run / "export", out / "export", dirs_exist_ok=True)
     gammas = gamma_stats(run / "export" / "model.safetensors")
     if gammas:
         (out / "gamma.json").write_text(json.dumps(gammas, indent=2) + "\n")

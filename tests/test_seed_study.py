@@ -112,23 +112,3 @@ def test_insertion56_report_reads_its_own_start(seed_study, tmp_path):
     assert "`create_model('resnet56.fmnist_long', pretrained=True, add_bam=...)`): 94.82 without BAM, 94.82" in text
     assert "| `resnet56.fmnist_long+bam` | 2 (1, 2) | 94.80 ± 0.14 |" in text
     assert "--study insertion56" in text and "resnet20" not in text
-
-
-@pytest.mark.parametrize("variant, keeps_export", [("resnet56.fmnist_long+bam_ft20", True), ("resnet20", False)])
-def test_collect_keeps_the_export_only_of_runs_meant_to_ship(seed_study, tmp_path, monkeypatch, variant,
-                                                            keeps_export) -> None:
-    """The 95% attempt's arms may finish sessions apart: the first arm's weights must survive until both ship."""
-    import torch
-    from safetensors.torch import save_file
-
-    monkeypatch.setattr(seed_study, "RUNS", tmp_path / "runs")
-    run = tmp_path / "runs" / variant / "seed1"
-    (run / "csv" / "version_0").mkdir(parents=True)
-    (run / "csv" / "version_0" / "metrics.csv").write_text("epoch,val/acc1\n0,0.5\n")
-    (run / "export").mkdir()
-    (run / "export" / "metrics.json").write_text("{}")
-    save_file({"fc.weight": torch.ones(2, 2)}, str(run / "export" / "model.safetensors"))
-    cmd = seed_study.command(variant, 1)
-    out = seed_study.collect(variant, 1, cmd, threads=2)
-    assert (out / "command.txt").read_text().startswith("OMP_NUM_THREADS=2 python cli.py fit ")
-    assert (out / "export" / "model.safetensors").is_file() == keeps_export
