@@ -11,8 +11,8 @@ Each run is ``python cli.py fit --config configs/fashion_mnist/<arch>.yaml --see
 ``configs/fashion_mnist_long/resnet56.yaml``) with
 :class:`~bam_zoo.training.callbacks.EpochTestAccuracy` added, so test top-1 is recorded after every epoch
 (only recorded: nothing in training reads it). Two runs go at once with ``OMP_NUM_THREADS=1`` each, which
-on 2 cores finishes a resnet20 pair sooner than two 2-thread runs in turn; ``--parallel 1`` gives one run all
-the cores, which suits resnet56's long recipe better (docs/results.md). A run whose results are already under
+on 2 cores finishes a pair sooner than two 2-thread runs in turn (resnet56's long recipe too, by about a tenth:
+docs/results.md); ``--parallel 1`` gives a run all the cores, for one arm alone. A run whose results are already under
 ``results/seed_study/`` is skipped, so the same command resumes a study cut short.
 
 Each finished run leaves ``results/seed_study/<variant>/seed<S>/`` (``metrics.csv`` with the per-epoch
