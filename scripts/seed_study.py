@@ -12,8 +12,8 @@ Each run is ``python cli.py fit --config configs/fashion_mnist/<arch>.yaml --see
 :class:`~bam_zoo.training.callbacks.EpochTestAccuracy` added, so test top-1 is recorded after every epoch
 (only recorded: nothing in training reads it). Two runs go at once with ``OMP_NUM_THREADS=1`` each, which
 on 2 cores finishes a pair sooner than two 2-thread runs in turn (resnet56's long recipe too, by about a tenth:
-docs/results.md); ``--parallel 1`` gives a run all the cores, for one arm alone. A run whose results are already under
-``results/seed_study/`` is skipped, so the same command resumes a study cut short.
+docs/results.md); ``--parallel 1`` gives a run all the cores, for one arm alone. A run whose results are
+already under ``results/seed_study/`` is skipped, so the same command resumes a study cut short.
 
 Each finished run leaves ``results/seed_study/<variant>/seed<S>/`` (``metrics.csv`` with the per-epoch
 curves, ``metrics.json`` with the final test numbers and wall time, ``command.txt``): small files meant to
@@ -67,25 +67,24 @@ INSERTION_STUDIES = {
 for _arch, _tag, _, _ in INSERTION_STUDIES.values():
     VARIANTS[f"{_tag}+bam"] = (_arch, [*FINETUNE, "--model.model_name", _tag, "--model.add_bam", "true"])
     VARIANTS[_tag] = (_arch, [*FINETUNE, "--model.model_name", _tag])
-# the 95% attempt (issue 22, part 3): resnet56.fmnist_long fine-tuned on its own 55-epoch recipe (erasing, EMA) for
-# 15 epochs, cosine from 0.02 without warm-up, with BAM added and without (the twin); fixed beforehand, one seed,
-# validation selects the checkpoint and the test set is never looked at
-LONG_FINETUNE = [*finetune(0.02, 15), "--model.model_name", "resnet56.fmnist_long"]
-VARIANTS["resnet56.fmnist_long+bam_ft15"] = ("fashion_mnist_long/resnet56", [*LONG_FINETUNE, "--model.add_bam", "true"])
-VARIANTS["resnet56.fmnist_long_ft15"] = ("fashion_mnist_long/resnet56", LONG_FINETUNE)
-# the second attempt: the same for 20 epochs, because validation still rose at epoch 15 (nothing else changed)
-LONG_FINETUNE_20 = [*finetune(0.02, 20), "--model.model_name", "resnet56.fmnist_long"]
-VARIANTS["resnet56.fmnist_long+bam_ft20"] = ("fashion_mnist_long/resnet56",
-                                              [*LONG_FINETUNE_20, "--model.add_bam", "true"])
-VARIANTS["resnet56.fmnist_long_ft20"] = ("fashion_mnist_long/resnet56", LONG_FINETUNE_20)
+# the 95% attempt (issue 22, part 3): resnet56.fmnist_long fine-tuned on its own 55-epoch recipe (erasing, EMA),
+# cosine from 0.02 without warm-up, with BAM added (variant "...+bam_ft<E>") and without (the twin, "..._ft<E>");
+# fixed beforehand, one seed, validation selects the checkpoint and the test set is never looked at.
+# study -> epochs: 15 first; then 20, because validation still rose at epoch 15 (nothing else changed)
+LONG_FINETUNE_STUDIES = {"finetune95": 15, "finetune95_20": 20}
+for _epochs in LONG_FINETUNE_STUDIES.values():
+    _long = [*finetune(0.02, _epochs), "--model.model_name", "resnet56.fmnist_long"]
+    VARIANTS[f"resnet56.fmnist_long+bam_ft{_epochs}"] = ("fashion_mnist_long/resnet56",
+                                                         [*_long, "--model.add_bam", "true"])
+    VARIANTS[f"resnet56.fmnist_long_ft{_epochs}"] = ("fashion_mnist_long/resnet56", _long)
 # README.md's copy of the report sits between these markers
 def readme_block(marker: str) -> re.Pattern:
     return re.compile(rf"(<!-- {marker}:start -->\n).*?(<!-- {marker}:end -->)", re.S)
 
 STUDIES = {"bam_vs_plain": ["bam_resnet20", "resnet20"], "fusion": ["bam_resnet20_product"],
            **{study: [f"{tag}+bam", tag] for study, (_, tag, _, _) in INSERTION_STUDIES.items()},
-           "finetune95": ["resnet56.fmnist_long+bam_ft15", "resnet56.fmnist_long_ft15"],
-           "finetune95_20": ["resnet56.fmnist_long+bam_ft20", "resnet56.fmnist_long_ft20"]}
+           **{study: [f"resnet56.fmnist_long+bam_ft{e}", f"resnet56.fmnist_long_ft{e}"]
+              for study, e in LONG_FINETUNE_STUDIES.items()}}
 
 
 def command(variant: str, seed: int) -> list[str]:
@@ -368,7 +367,8 @@ def main() -> None:
     run = sub.add_parser("run", help="train the missing runs of a study")
     run.add_argument("--study", choices=sorted(STUDIES), required=True)
     run.add_argument("--seeds", type=int, nargs="+", required=True)
-    run.add_argument("--parallel", type=int, default=2, help="runs at once (each gets the cores / parallel as OMP_NUM_THREADS)")
+    run.add_argument("--parallel", type=int, default=2,
+                     help="runs at once (each gets the cores / parallel as OMP_NUM_THREADS)")
     show = sub.add_parser("report", help="print the tables and write the plot")
     show.add_argument("--study", choices=sorted(REPORTS), default="from_scratch",
                       help="from_scratch: bam_vs_plain and fusion; insertion / insertion56: add_bam onto "
