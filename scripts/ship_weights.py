@@ -130,7 +130,7 @@ def main() -> None:
     if abs(measured["top1"] - metrics["top1"]) > 0.05:
         raise SystemExit(f"{args.export_dir}: the run's test top-1 {metrics['top1']} but the exported weights "
                          f"measure {measured['top1']:.2f}; export and run disagree, nothing shipped.")
-    entry = {
+    facts = {
         "dataset": "fashion_mnist", **metrics, "top1_flip": round(measured["top1_flip"], 2),
         "per_class": {k: round(100 * v, 2) for k, v in run["per_class_acc1"].items()},
         "num_params": bam_zoo.count_params(model), "macs": bam_zoo.count_macs(model, cfg["input_size"]),
@@ -142,11 +142,11 @@ def main() -> None:
         model, args.out / args.name, model_name=args.name, label_names=list(cfg["label_names"]),
         metrics=metrics, dataset="fashion_mnist", recipe=run.get("recipe"),
         model_args={k: v for k, v in run["model_args"].items() if k != "add_bam"},  # the built architecture's own
-        repo_id=cfg["hf_hub_id"], details=checkpoint_details(model, args.name, entry))
-    entry = {"sha256": sha256sum(out / "model.safetensors")}
+        repo_id=cfg["hf_hub_id"], details=checkpoint_details(model, args.name, facts))
+    metadata = {"sha256": sha256sum(out / "model.safetensors")}
     if getattr(model, "bam_insertion", None):  # the tag must rebuild the inserted network without its config.json
-        entry["model_args"] = {k: model.bam_insertion[k] for k in ("base_model", "bam_stages")}
-    print(f"wrote {out}\nWEIGHT_METADATA entry:\n    {json.dumps(args.name)}: {json.dumps(entry)},")
+        metadata["model_args"] = {k: model.bam_insertion[k] for k in ("base_model", "bam_stages")}
+    print(f"wrote {out}\nWEIGHT_METADATA entry:\n    {json.dumps(args.name)}: {json.dumps(metadata)},")
 
 
 if __name__ == "__main__":
