@@ -6,6 +6,7 @@
     python scripts/seed_study.py run --study insertion56 --seeds 1 2 3       # ... onto resnet56.fmnist_long
     python scripts/seed_study.py run --study finetune95 --seeds 1            # the _ft pair: 15 epochs, long recipe
     python scripts/seed_study.py run --study finetune95_20 --seeds 1 --parallel 1   # the same for 20 epochs
+    python scripts/seed_study.py run --study restart95 --seeds 1 --parallel 1  # a second 30-epoch cosine cycle
 
 Each run is ``python cli.py fit --config configs/fashion_mnist/<arch>.yaml --seed_everything S`` (finetune95:
 ``configs/fashion_mnist_long/resnet56.yaml``) with
@@ -13,7 +14,8 @@ Each run is ``python cli.py fit --config configs/fashion_mnist/<arch>.yaml --see
 (only recorded: nothing in training reads it). Two runs go at once with ``OMP_NUM_THREADS=1`` each, which
 on 2 cores finishes a pair sooner than two 2-thread runs in turn (resnet56's long recipe too, by about a tenth:
 docs/results.md); ``--parallel 1`` gives a run all the cores, for one arm alone. A run whose results are
-already under ``results/seed_study/`` is skipped, so the same command resumes a study cut short.
+already under ``results/seed_study/`` is skipped, and a run cut short goes on from its ``last.ckpt``
+(``--ckpt_path last``), so the same command resumes a study.
 
 Each finished run leaves ``results/seed_study/<variant>/seed<S>/`` (``metrics.csv`` with the per-epoch
 curves, ``metrics.json`` with the final test numbers and wall time, ``command.txt``): small files meant to
@@ -43,9 +45,9 @@ RESULTS = ROOT / "results" / "seed_study"
 RUNS = ROOT / "runs" / "seed_study"
 
 
-def finetune(lr: float, epochs: int) -> list[str]:
-    """A fine-tune from the named pretrained weights: cosine from ``lr`` without warm-up, for ``epochs``."""
-    return ["--model.pretrained", "true", "--model.lr", str(lr), "--model.warmup_epochs", "0",
+def finetune(lr: float, epochs: int, warmup: int = 0) -> list[str]:
+    """A fine-tune from the named pretrained weights: cosine from ``lr`` after ``warmup`` epochs, for ``epochs``."""
+    return ["--model.pretrained", "true", "--model.lr", str(lr), "--model.warmup_epochs", str(warmup),
             "--trainer.max_epochs", str(epochs)]
 
 
@@ -68,23 +70,26 @@ for _arch, _tag, _, _ in INSERTION_STUDIES.values():
     VARIANTS[f"{_tag}+bam"] = (_arch, [*FINETUNE, "--model.model_name", _tag, "--model.add_bam", "true"])
     VARIANTS[_tag] = (_arch, [*FINETUNE, "--model.model_name", _tag])
 # the 95% attempt (issue 22, part 3): resnet56.fmnist_long fine-tuned on its own 55-epoch recipe (erasing, EMA),
-# cosine from 0.02 without warm-up, with BAM added (variant "...+bam_ft<E>") and without (the twin, "..._ft<E>");
-# fixed beforehand, one seed, validation selects the checkpoint and the test set is never looked at.
-# study -> epochs: 15 first; then 20, because validation still rose at epoch 15 (nothing else changed)
-LONG_FINETUNE_STUDIES = {"finetune95": 15, "finetune95_20": 20}
-for _epochs in LONG_FINETUNE_STUDIES.values():
-    _long = [*finetune(0.02, _epochs), "--model.model_name", "resnet56.fmnist_long"]
-    VARIANTS[f"resnet56.fmnist_long+bam_ft{_epochs}"] = ("fashion_mnist_long/resnet56",
-                                                         [*_long, "--model.add_bam", "true"])
-    VARIANTS[f"resnet56.fmnist_long_ft{_epochs}"] = ("fashion_mnist_long/resnet56", _long)
+# with BAM added (variant "...+bam_<suffix>") and without (the twin, "..._<suffix>"); each fixed beforehand, one
+# seed, validation selects the checkpoint and the test set is never looked at.
+# study -> (variant suffix, lr, warm-up epochs, epochs): cosine from 0.02 for 15 epochs first; then 20, because
+# validation still rose at epoch 15; both ended near 94.7, so then a second cosine cycle (a warm restart, Loshchilov
+# & Hutter) of 30 epochs from half the first cycle's peak LR, 85 epochs of training in all instead of 55
+LONG_FINETUNE_STUDIES = {"finetune95": ("ft15", 0.02, 0, 15), "finetune95_20": ("ft20", 0.02, 0, 20),
+                         "restart95": ("cycle2", 0.05, 1, 30)}
+for _suffix, _lr, _warmup, _epochs in LONG_FINETUNE_STUDIES.values():
+    _long = [*finetune(_lr, _epochs, _warmup), "--model.model_name", "resnet56.fmnist_long"]
+    VARIANTS[f"resnet56.fmnist_long+bam_{_suffix}"] = ("fashion_mnist_long/resnet56",
+                                                       [*_long, "--model.add_bam", "true"])
+    VARIANTS[f"resnet56.fmnist_long_{_suffix}"] = ("fashion_mnist_long/resnet56", _long)
 # README.md's copy of the report sits between these markers
 def readme_block(marker: str) -> re.Pattern:
     return re.compile(rf"(<!-- {marker}:start -->\n).*?(<!-- {marker}:end -->)", re.S)
 
 STUDIES = {"bam_vs_plain": ["bam_resnet20", "resnet20"], "fusion": ["bam_resnet20_product"],
            **{study: [f"{tag}+bam", tag] for study, (_, tag, _, _) in INSERTION_STUDIES.items()},
-           **{study: [f"resnet56.fmnist_long+bam_ft{e}", f"resnet56.fmnist_long_ft{e}"]
-              for study, e in LONG_FINETUNE_STUDIES.items()}}
+           **{study: [f"resnet56.fmnist_long+bam_{suffix}", f"resnet56.fmnist_long_{suffix}"]
+              for study, (suffix, *_) in LONG_FINETUNE_STUDIES.items()}}
 
 
 def command(variant: str, seed: int) -> list[str]:
@@ -111,13 +116,20 @@ def collect(variant: str, seed: int, cmd: list[str], threads: int = 1) -> Path:
     gammas = gamma_stats(run / "export" / "model.safetensors")
     if gammas:
         (out / "gamma.json").write_text(json.dumps(gammas, indent=2) + "\n")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    if commit.returncode == 0:
-        (out / "commit.txt").write_text(commit.stdout)
+    if (run / "commits.txt").is_file():  # the commit each start of the run trained on, in order, once each
+        started = dict.fromkeys((run / "commits.txt").read_text().split())
+        (out / "commit.txt").write_text("".join(f"{commit}\n" for commit in started))
     printable = ["python" if part == sys.executable else part for part in cmd]
     (out / "command.txt").write_text(f"OMP_NUM_THREADS={threads} " + " ".join(
         f"'{p}'" if "{" in p else p for p in printable) + "\n")
     return out
+
+
+def code_version() -> str:
+    """The short hash of HEAD, with ``-dirty`` when tracked files differ from it (the run trains on those)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return (git("rev-parse", "--short", "HEAD") or "unknown") + ("-dirty" if git("status", "--porcelain", "-uno") else "")
 
 
 def gamma_stats(weights: Path) -> dict[str, dict[str, float]]:
@@ -162,9 +174,12 @@ def run_study(variants: list[str], seeds: list[int], parallel: int) -> None:
     while queue or running:
         while queue and len(running) < parallel:
             variant, seed = queue.pop(0)
-            cmd = command(variant, seed)
-            (RUNS / variant).mkdir(parents=True, exist_ok=True)
-            log = open(RUNS / variant / f"seed{seed}.log", "w")
+            cmd = [*command(variant, seed), "--ckpt_path", "last"]  # a run cut short goes on from its last.ckpt
+            run = RUNS / variant / f"seed{seed}"
+            run.mkdir(parents=True, exist_ok=True)
+            with open(run / "commits.txt", "a") as commits:  # one line per start: a resumed run may span commits
+                commits.write(code_version() + "\n")
+            log = open(RUNS / variant / f"seed{seed}.log", "a")
             running.append((variant, seed, cmd, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log,
                                                                   stderr=subprocess.STDOUT), time.time()))
             print(f"started {variant} seed {seed}", flush=True)
@@ -252,8 +267,8 @@ def report(plot: Path, which: str = "from_scratch") -> str:
     lines = [spec["intro"], ""]
     for variant in data:
         lines.append(f"    {(RESULTS / variant / f'seed{min(data[variant])}' / 'command.txt').read_text().strip()}")
-    commits = sorted({(RESULTS / v / f"seed{s}" / "commit.txt").read_text().strip()
-                      for v in data for s in data[v] if (RESULTS / v / f"seed{s}" / "commit.txt").is_file()})
+    commits = sorted({commit for v in data for s in data[v] if (RESULTS / v / f"seed{s}" / "commit.txt").is_file()
+                      for commit in (RESULTS / v / f"seed{s}" / "commit.txt").read_text().split()})
     lines += ["", f"with `--seed_everything` 1, 2, ... ({spec['how']}). Test top-1 is of the best-validation "
               "checkpoint on the official 10,000 test images; the seed decides initialisation and batch order, "
               "never the validation split." + (f" Code: commit {', '.join(commits)}." if commits else ""), "",
