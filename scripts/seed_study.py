@@ -15,7 +15,9 @@ Each run is ``python cli.py fit --config configs/fashion_mnist/<arch>.yaml --see
 on 2 cores finishes a pair sooner than two 2-thread runs in turn (resnet56's long recipe too, by about a tenth:
 docs/results.md); ``--parallel 1`` gives a run all the cores, for one arm alone. A run whose results are
 already under ``results/seed_study/`` is skipped, and a run cut short goes on from its ``last.ckpt``
-(``--ckpt_path last``), so the same command resumes a study.
+(``--ckpt_path last``), so the same command resumes a study. ``kill -TERM`` to the runner stops its runs at
+their current step; ``python scripts/seed_study.py park`` then copies their state under ``results/`` to commit,
+and ``run`` goes on from it on another machine.
 
 Each finished run leaves ``results/seed_study/<variant>/seed<S>/`` (``metrics.csv`` with the per-epoch
 curves, ``metrics.json`` with the final test numbers and wall time, ``command.txt``): small files meant to
@@ -34,6 +36,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -43,6 +46,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results" / "seed_study"
 RUNS = ROOT / "runs" / "seed_study"
+RUNNER_PID = "runner.pid"  # under RUNS while ``run`` runs
+UNFINISHED = "unfinished"  # results/seed_study/<variant>/seed<S>/unfinished/: a stopped run's state, parked
 
 
 def finetune(lr: float, epochs: int, warmup: int = 0) -> list[str]:
@@ -107,11 +112,18 @@ def collect(variant: str, seed: int, cmd: list[str], threads: int = 1) -> Path:
     run = RUNS / variant / f"seed{seed}"
     out = RESULTS / variant / f"seed{seed}"
     out.mkdir(parents=True, exist_ok=True)
-    csvs = sorted(run.glob("csv/version_*/metrics.csv"))
+    csvs = sorted(run.glob("csv/version_*/metrics.csv"), key=lambda path: int(path.parent.name[len("version_"):]))
     if not csvs or not (run / "export" / "metrics.json").is_file():
         raise RuntimeError(f"{run} has no csv/version_*/metrics.csv or export/metrics.json: the run failed; "
                            f"see {run}.log")
-    shutil.copy(csvs[-1], out / "metrics.csv")
+    fields, rows = merge_logs(csvs)
+    final = json.loads((run / "export" / "metrics.json").read_text())
+    if final.get("best_checkpoint"):
+        check_selection(rows, Path(final["best_checkpoint"]).name, run)
+    with open(out / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fields)
+        writer.writeheader()
+        writer.writerows(rows)
     shutil.copy(run / "export" / "metrics.json", out / "metrics.json")
     gammas = gamma_stats(run / "export" / "model.safetensors")
     if gammas:
@@ -125,11 +137,44 @@ def collect(variant: str, seed: int, cmd: list[str], threads: int = 1) -> Path:
     return out
 
 
+def merge_logs(csvs: list[Path]) -> tuple[list[str], list[dict[str, str]]]:
+    """One run's CSV logs, one per start (``version_0``, ``version_1``, ... in order), as one log.
+
+    A resumed start repeats the steps after the checkpoint it resumed from, so an earlier log keeps only the rows
+    before the next log's first step."""
+    fields: dict[str, None] = {}
+    logs = []
+    for path in csvs:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            logs.append(list(reader))
+            fields.update(dict.fromkeys(reader.fieldnames or []))
+    rows: list[dict[str, str]] = []
+    for log in logs:
+        if log:
+            first = int(log[0]["step"])
+            rows = [row for row in rows if int(row["step"]) < first] + log
+    return list(fields), rows
+
+
+def check_selection(rows: list[dict[str, str]], best: str, run: Path) -> None:
+    """The tested checkpoint (``best-<epoch>.ckpt``) must be the first epoch of highest validation top-1 in the
+    whole log; a resume that lost the selection's state (a run moved to another folder) would break that."""
+    val = {int(row["epoch"]): float(row["val/acc1"]) for row in rows if row.get("val/acc1")}
+    chosen = int(re.fullmatch(r"best-(\d+)\.ckpt", best)[1])
+    want = max(val, key=lambda epoch: (val[epoch], -epoch))
+    if chosen != want:
+        raise RuntimeError(f"{run}: the run tested {best}, but validation top-1 peaked at epoch {want} "
+                           f"({val[want]:.4f} against {val.get(chosen)}): its checkpoint selection did not see "
+                           "the whole run. Do not report it; rerun it in the folder where it started.")
+
+
 def code_version() -> str:
     """The short hash of HEAD, with ``-dirty`` when tracked files differ from it (the run trains on those)."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    return (git("rev-parse", "--short", "HEAD") or "unknown") + ("-dirty" if git("status", "--porcelain", "-uno") else "")
+    dirty = "-dirty" if git("status", "--porcelain", "-uno") else ""
+    return (git("rev-parse", "--short", "HEAD") or "unknown") + dirty
 
 
 def gamma_stats(weights: Path) -> dict[str, dict[str, float]]:
@@ -171,12 +216,44 @@ def run_study(variants: list[str], seeds: list[int], parallel: int) -> None:
     for tag in (v[: -len("+bam")] for v in variants if v.endswith("+bam")):
         if tag not in (json.loads(start_file.read_text()) if start_file.is_file() else {}):
             print(f"accuracy at insertion: {measure_insertion_start(tag)}", flush=True)
+    RUNS.mkdir(parents=True, exist_ok=True)
+    (RUNS / RUNNER_PID).write_text(str(os.getpid()))
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        _run_queue(queue, running, parallel, env, threads, failed)
+    except StudyStopped:
+        for *_, proc, _ in running:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)  # each run saves its current step to last.ckpt and exits
+        for *_, proc, _ in running:
+            proc.wait()
+        raise SystemExit("stopped: every run saved its last.ckpt; the same command goes on here, or "
+                         "`python scripts/seed_study.py park` carries the runs to another machine through git")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        (RUNS / RUNNER_PID).unlink(missing_ok=True)
+    if failed:
+        raise SystemExit(f"failed runs: {failed}")
+
+
+class StudyStopped(Exception):
+    """SIGTERM reached the study runner."""
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise StudyStopped
+
+
+def _run_queue(queue: list[tuple[str, int]], running: list, parallel: int, env: dict[str, str], threads: int,
+               failed: list[tuple[str, int]]) -> None:
     while queue or running:
         while queue and len(running) < parallel:
             variant, seed = queue.pop(0)
             cmd = [*command(variant, seed), "--ckpt_path", "last"]  # a run cut short goes on from its last.ckpt
             run = RUNS / variant / f"seed{seed}"
             run.mkdir(parents=True, exist_ok=True)
+            if unpark(run, RESULTS / variant / f"seed{seed}"):
+                print(f"{variant} seed {seed}: going on from the state parked in results/", flush=True)
             with open(run / "commits.txt", "a") as commits:  # one line per start: a resumed run may span commits
                 commits.write(code_version() + "\n")
             log = open(RUNS / variant / f"seed{seed}.log", "a")
@@ -195,9 +272,40 @@ def run_study(variants: list[str], seeds: list[int], parallel: int) -> None:
                 print(f"FAILED {variant} seed {seed} (exit {proc.returncode}) after {minutes:.1f} min", flush=True)
                 continue
             out = collect(variant, seed, cmd, threads)
+            shutil.rmtree(out / UNFINISHED, ignore_errors=True)  # its parked state, if any, is spent
             print(f"done {variant} seed {seed} in {minutes:.1f} min -> {out}", flush=True)
-    if failed:
-        raise SystemExit(f"failed runs: {failed}")
+
+
+def park() -> list[Path]:
+    """Copy each stopped, unfinished run's state (its checkpoints, CSV logs and commits) to
+    ``results/seed_study/<variant>/seed<S>/unfinished/``, to commit, so that ``run`` goes on from it on another
+    machine (a session's machine does not outlive it). Refuses while the runner runs: checkpoints may be half written.
+    """
+    pid_file = RUNS / RUNNER_PID
+    if pid_file.is_file() and Path(f"/proc/{pid_file.read_text().strip()}").exists():
+        raise SystemExit(f"a study runner (pid {pid_file.read_text().strip()}) is running: stop it first with "
+                         f"`kill -TERM {pid_file.read_text().strip()}` (its runs save their current step), then park")
+    parked = []
+    for last in sorted(RUNS.glob("*/seed*/checkpoints/last.ckpt")):
+        run = last.parents[1]
+        out = RESULTS / run.parent.name / run.name
+        if (out / "metrics.json").is_file():
+            continue  # finished and collected
+        shutil.rmtree(out / UNFINISHED, ignore_errors=True)
+        for path in [*run.glob("checkpoints/*.ckpt"), *run.glob("csv/version_*/metrics.csv"), run / "commits.txt"]:
+            if path.is_file():
+                (out / UNFINISHED / path.relative_to(run)).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, out / UNFINISHED / path.relative_to(run))
+        parked.append(out / UNFINISHED)
+    return parked
+
+
+def unpark(run: Path, out: Path) -> bool:
+    """Put a parked state back into the run folder, unless the folder has a ``last.ckpt`` of its own."""
+    if (run / "checkpoints" / "last.ckpt").is_file() or not (out / UNFINISHED / "checkpoints" / "last.ckpt").is_file():
+        return False
+    shutil.copytree(out / UNFINISHED, run, dirs_exist_ok=True)
+    return True
 
 
 def load(variant: str) -> dict[int, dict]:
@@ -384,6 +492,7 @@ def main() -> None:
     run.add_argument("--seeds", type=int, nargs="+", required=True)
     run.add_argument("--parallel", type=int, default=2,
                      help="runs at once (each gets the cores / parallel as OMP_NUM_THREADS)")
+    sub.add_parser("park", help="copy stopped, unfinished runs' state under results/, to commit and go on elsewhere")
     show = sub.add_parser("report", help="print the tables and write the plot")
     show.add_argument("--study", choices=sorted(REPORTS), default="from_scratch",
                       help="from_scratch: bam_vs_plain and fusion; insertion / insertion56: add_bam onto "
@@ -391,6 +500,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.action == "run":
         run_study(STUDIES[args.study], args.seeds, args.parallel)
+    elif args.action == "park":
+        for folder in park():
+            size = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+            print(f"parked {folder.relative_to(ROOT)} ({size / 2**20:.1f} MiB): commit it")
     else:
         spec = REPORTS[args.study]
         text = report(ROOT / "docs" / "figures" / spec["plot"], args.study)

@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import shutil
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -112,3 +117,116 @@ def test_insertion56_report_reads_its_own_start(seed_study, tmp_path):
     assert "`create_model('resnet56.fmnist_long', pretrained=True, add_bam=...)`): 94.82 without BAM, 94.82" in text
     assert "| `resnet56.fmnist_long+bam` | 2 (1, 2) | 94.80 ± 0.14 |" in text
     assert "--study insertion56" in text and "resnet20" not in text
+
+
+def write_log(path: Path, rows: list[tuple[int, int, str]]) -> None:
+    """A CSVLogger metrics.csv with (epoch, step, val/acc1) rows; an empty value is a step-only row."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("epoch,step,val/acc1\n" + "".join(f"{e},{s},{v}\n" for e, s, v in rows))
+
+
+def test_a_resumed_runs_logs_are_merged_without_the_steps_it_repeated(seed_study, tmp_path):
+    # killed in epoch 2 after logging step 25; resumed from last.ckpt at the end of epoch 1 (step 20)
+    write_log(tmp_path / "csv" / "version_0" / "metrics.csv",
+              [(0, 5, ""), (0, 9, "0.5"), (1, 15, ""), (1, 19, "0.6"), (2, 25, "")])
+    write_log(tmp_path / "csv" / "version_1" / "metrics.csv", [(2, 25, ""), (2, 29, "0.7"), (3, 39, "0.65")])
+    write_log(tmp_path / "csv" / "version_10" / "metrics.csv", [(4, 49, "0.66")])  # version 10 after version 1
+    fields, rows = seed_study.merge_logs([tmp_path / "csv" / f"version_{v}" / "metrics.csv" for v in (0, 1, 10)])
+    assert fields == ["epoch", "step", "val/acc1"]
+    assert [(int(r["epoch"]), int(r["step"])) for r in rows] == [(0, 5), (0, 9), (1, 15), (1, 19), (2, 25), (2, 29),
+                                                                  (3, 39), (4, 49)]
+    seed_study.check_selection(rows, "best-002.ckpt", tmp_path)
+    with pytest.raises(RuntimeError, match="peaked at epoch 2"):
+        seed_study.check_selection(rows, "best-004.ckpt", tmp_path)  # what a selection blind to version 0 picks
+
+
+def fake_run(runs: Path, variant: str, best_epoch: int) -> Path:
+    """A stopped run's folder: last and best checkpoints, two logs (it was resumed once), two starts' commits."""
+    run = runs / variant / "seed1"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"last")
+    (run / "checkpoints" / f"best-{best_epoch:03d}.ckpt").write_bytes(b"best")
+    write_log(run / "csv" / "version_0" / "metrics.csv", [(0, 9, "0.5"), (1, 19, "0.7")])
+    write_log(run / "csv" / "version_1" / "metrics.csv", [(2, 29, "0.6")])
+    (run / "commits.txt").write_text("abc1234\nabc1234\ndef5678-dirty\n")
+    return run
+
+
+def test_park_carries_a_stopped_run_through_results_and_unpark_puts_it_back(seed_study, tmp_path, monkeypatch):
+    monkeypatch.setattr(seed_study, "RUNS", tmp_path / "runs")
+    run = fake_run(tmp_path / "runs", "v", 1)
+    done = fake_run(tmp_path / "runs", "finished", 1)
+    (tmp_path / "results" / "finished" / "seed1").mkdir(parents=True)
+    (tmp_path / "results" / "finished" / "seed1" / "metrics.json").write_text("{}")
+    (tmp_path / "runs" / "runner.pid").write_text(str(os.getpid()))  # a live runner: checkpoints may be half written
+    with pytest.raises(SystemExit, match=f"kill -TERM {os.getpid()}"):
+        seed_study.park()
+    (tmp_path / "runs" / "runner.pid").unlink()
+    parked = tmp_path / "results" / "v" / "seed1" / "unfinished"
+    assert seed_study.park() == [parked]  # the collected run is not parked
+    assert sorted(str(p.relative_to(parked)) for p in parked.rglob("*") if p.is_file()) == [
+        "checkpoints/best-001.ckpt", "checkpoints/last.ckpt", "commits.txt", "csv/version_0/metrics.csv",
+        "csv/version_1/metrics.csv"]
+    assert not (tmp_path / "results" / "finished" / "seed1" / "unfinished").exists() and done.exists()
+    shutil.rmtree(tmp_path / "runs")  # a fresh machine: only what was committed
+    assert seed_study.unpark(run, parked.parent) and (run / "checkpoints" / "last.ckpt").read_bytes() == b"last"
+    assert (run / "commits.txt").read_text() == "abc1234\nabc1234\ndef5678-dirty\n"
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"newer")
+    assert not seed_study.unpark(run, parked.parent)  # the run's own last.ckpt wins over a parked one
+    assert (run / "checkpoints" / "last.ckpt").read_bytes() == b"newer"
+
+
+def test_collect_merges_a_resumed_runs_logs_and_names_each_commit_once(seed_study, tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+    import torch
+
+    monkeypatch.setattr(seed_study, "RUNS", tmp_path / "runs")
+    run = fake_run(tmp_path / "runs", "v", 1)
+    (run / "export").mkdir()
+    save_file({"layer1.bam.gamma": torch.tensor([0.1, -0.3])}, str(run / "export" / "model.safetensors"))
+    metrics = {"test": {"acc1": 0.9}, "best_checkpoint": str(run / "checkpoints" / "best-001.ckpt")}
+    (run / "export" / "metrics.json").write_text(json.dumps(metrics))
+    out = seed_study.collect("v", 1, ["python", "cli.py", "fit"], threads=2)
+    assert (out / "metrics.csv").read_text() == "epoch,step,val/acc1\n0,9,0.5\n1,19,0.7\n2,29,0.6\n"
+    assert (out / "commit.txt").read_text() == "abc1234\ndef5678-dirty\n"
+    assert (out / "command.txt").read_text() == "OMP_NUM_THREADS=2 python cli.py fit\n"
+    assert json.loads((out / "gamma.json").read_text())["layer1"]["max_abs"] == pytest.approx(0.3)
+    metrics["best_checkpoint"] = str(run / "checkpoints" / "best-002.ckpt")
+    (run / "export" / "metrics.json").write_text(json.dumps(metrics))
+    with pytest.raises(RuntimeError, match="validation top-1 peaked at epoch 1"):
+        seed_study.collect("v", 1, ["python", "cli.py", "fit"])
+
+
+RUNNER = """
+import sys, importlib.util
+from pathlib import Path
+spec = importlib.util.spec_from_file_location("seed_study", sys.argv[1])
+study = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(study)
+tmp = Path(sys.argv[2])
+study.ROOT, study.RUNS, study.RESULTS = tmp, tmp / "runs", tmp / "results"
+study.VARIANTS = {"a": None, "b": None}
+child = ("import signal, sys, time, pathlib; seed = sys.argv[1]; folder = pathlib.Path(sys.argv[2]); "
+         "signal.signal(signal.SIGTERM, lambda *_: (folder.joinpath('saved' + seed).write_text(''), sys.exit(143))); "
+         "folder.joinpath('ready' + seed).write_text(''); time.sleep(300)")
+study.command = lambda variant, seed: [sys.executable, "-c", child, variant + str(seed), str(tmp)]
+study.run_study(["a", "b"], [1], parallel=2)
+"""
+
+
+def test_sigterm_to_the_runner_stops_each_run_so_it_saves_its_state(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", RUNNER, str(REPO / "scripts" / "seed_study.py"), str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not all((tmp_path / f"ready{v}1").exists() for v in "ab") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (tmp_path / "runs" / "runner.pid").read_text() == str(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1 and "stopped: every run saved its last.ckpt" in err, err
+    assert (tmp_path / "saveda1").exists() and (tmp_path / "savedb1").exists()
+    assert not (tmp_path / "runs" / "runner.pid").exists()
+    assert (tmp_path / "runs" / "a" / "seed1" / "commits.txt").read_text() == "unknown\n"  # tmp_path is no repo
