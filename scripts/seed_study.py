@@ -282,9 +282,10 @@ def park() -> list[Path]:
     machine (a session's machine does not outlive it). Refuses while the runner runs: checkpoints may be half written.
     """
     pid_file = RUNS / RUNNER_PID
-    if pid_file.is_file() and Path(f"/proc/{pid_file.read_text().strip()}").exists():
-        raise SystemExit(f"a study runner (pid {pid_file.read_text().strip()}) is running: stop it first with "
-                         f"`kill -TERM {pid_file.read_text().strip()}` (its runs save their current step), then park")
+    if pid_file.is_file() and _alive(int(pid_file.read_text())):
+        raise SystemExit(f"a study runner (pid {pid_file.read_text()}, {pid_file}) is running: stop it first with "
+                         f"`kill -TERM {pid_file.read_text()}` (its runs save their current step), then park. If that "
+                         f"process is no study runner (one killed outright leaves the file behind), delete {pid_file}")
     parked = []
     for last in sorted(RUNS.glob("*/seed*/checkpoints/last.ckpt")):
         run = last.parents[1]
@@ -298,6 +299,16 @@ def park() -> list[Path]:
                 shutil.copy2(path, out / UNFINISHED / path.relative_to(run))
         parked.append(out / UNFINISHED)
     return parked
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def unpark(run: Path, out: Path) -> bool:

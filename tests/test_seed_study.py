@@ -161,7 +161,8 @@ def test_park_carries_a_stopped_run_through_results_and_unpark_puts_it_back(seed
     (tmp_path / "runs" / "runner.pid").write_text(str(os.getpid()))  # a live runner: checkpoints may be half written
     with pytest.raises(SystemExit, match=f"kill -TERM {os.getpid()}"):
         seed_study.park()
-    (tmp_path / "runs" / "runner.pid").unlink()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / "runs" / "runner.pid").write_text(dead.stdout.strip())  # left behind by a runner killed outright
     parked = tmp_path / "results" / "v" / "seed1" / "unfinished"
     assert seed_study.park() == [parked]  # the collected run is not parked
     assert sorted(str(p.relative_to(parked)) for p in parked.rglob("*") if p.is_file()) == [
