@@ -47,8 +47,7 @@ class UnknownPretrainedTagError(BamZooError, ValueError):
         self.arch, self.tag, self.available = arch, tag, list(available)
         super().__init__(
             f"Unknown pretrained tag {tag!r} for {arch!r}. Available tags: {', '.join(self.available) or '(none)'}. "
-            f"See bam_zoo.list_pretrained('{arch}*')."
-        )
+            f"See bam_zoo.list_pretrained('{arch}*').")
 
 
 class InvalidModelArgumentError(BamZooError, ValueError):
@@ -133,8 +132,7 @@ class MetricConflictError(BamZooError, ValueError):
         self.key, self.measured, self.given = key, measured, given
         super().__init__(
             f"{key} was measured as {measured:g} in {source}; --metric gave {given:g}. A card reports measured "
-            f"results only: drop --metric {key}=..., or re-measure and export again."
-        )
+            f"results only: drop --metric {key}=..., or re-measure and export again.")
 
 
 class TrainingError(BamZooError):

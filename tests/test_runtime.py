@@ -1,4 +1,5 @@
-"""bam_zoo.runtime.keep_freed_memory: freed tensors are reused without new page faults."""
+"""bam_zoo.runtime: freed tensors are reused without new page faults; channels-last training computes the gradients
+NCHW does."""
 import subprocess
 import sys
 from pathlib import Path
@@ -50,3 +51,34 @@ def test_first_touch_diagnostic_reports_both_costs():
     import re
     first, again = (float(v) for v in re.findall(r"([0-9.]+) ms", out.stdout))
     assert first > 2 * again, out.stdout  # ~10x here: a fresh tensor's pages fault in, a reused one's do not
+
+
+CHANNELS_LAST_PROBE = """
+import copy, torch, timm
+from bam_zoo.runtime import to_channels_last
+torch.manual_seed(0)
+plain = timm.create_model("repvgg_a0", num_classes=7).train()
+fast = to_channels_last(copy.deepcopy(plain))
+x = torch.randn(4, 3, 64, 64)
+plain(x).square().sum().backward()
+fast(x.contiguous(memory_format=torch.channels_last)).square().sum().backward()
+print(max(((p.grad - q.grad).abs().max() / q.grad.abs().max()).item()
+          for p, q in zip(fast.parameters(), plain.parameters())))
+"""
+
+
+def test_channels_last_keeps_strided_1x1_convs_on_few_channels_in_nchw():
+    """RepVGG's stem has a 1x1 stride-2 conv on 3 channels: in channels-last, oneDNN's AVX2 weight gradient for it
+    crashes, hangs or is wrong. Run in a subprocess, so a crash fails this test instead of ending the test run."""
+    import timm
+    import torch
+
+    from bam_zoo.runtime import to_channels_last
+
+    model = to_channels_last(timm.create_model("repvgg_a0", num_classes=7))
+    assert model.stem.conv_1x1.conv.weight.stride() == (3, 1, 1, 1)  # NCHW (channels-last would be (3, 1, 3, 3))
+    assert model.stem.conv_kxk.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert model.stages[0][0].conv_1x1.conv.weight.stride() == (48, 1, 48, 48)  # 48 channels: channels-last
+    out = subprocess.run([sys.executable, "-c", CHANNELS_LAST_PROBE], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout) < 2e-2  # float32 round-off in this deep net: about 3e-3 relative to the largest gradient

@@ -19,9 +19,8 @@ import timm
 import torch
 import torch.nn as nn
 from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
-from huggingface_hub.errors import (
-    EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
-)
+from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
+                                    RepositoryNotFoundError, RevisionNotFoundError)
 from timm.models import get_pretrained_cfg, resolve_pretrained_cfg
 
 from ..errors import ChecksumMismatchError, WeightsNotFoundError
@@ -299,6 +298,5 @@ def list_pretrained(pattern: str = "*") -> List[PretrainedInfo]:
             name=name, hf_hub_id=cfg.hf_hub_id, revision=meta.pop("hf_hub_revision", None),
             dataset=meta.pop("dataset", None), metrics={k: meta.pop(k) for k in ("top1", "top5") if k in meta},
             num_classes=cfg.num_classes, input_size=tuple(cfg.input_size) if cfg.input_size else None,
-            mirrored=_mirrored(name) is not None, extra=meta,
-        ))
+            mirrored=_mirrored(name) is not None, extra=meta))
     return sorted(out, key=lambda p: p.name)

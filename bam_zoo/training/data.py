@@ -166,8 +166,7 @@ class InMemoryDataModule(_SplitDataModule):
         self, root: str | None = None, download: bool = False, batch_size: int = 128,
         eval_batch_size: int | None = None, val_size: int = 5000, split_seed: int = 0, padding: int = 4,
         hflip: float | None = None, erasing: float = 0.0, class_subset: list[int] | None = None,
-        limit_train: int | None = None, limit_val: int | None = None, limit_test: int | None = None,
-    ) -> None:
+        limit_train: int | None = None, limit_val: int | None = None, limit_test: int | None = None) -> None:
         super().__init__()
         self.root = Path(root if root is not None else self.default_root).expanduser()
         self.download, self.batch_size, self.eval_batch_size = download, batch_size, eval_batch_size or 2 * batch_size
@@ -236,17 +235,13 @@ class InMemoryDataModule(_SplitDataModule):
 class MNISTDataModule(InMemoryDataModule):
     """MNIST digits: four IDX files, plain or ``.gz``, in a flat folder or torchvision's ``root/MNIST/raw``."""
 
-    name = "mnist"
-    human_name = "MNIST"
+    name, human_name = "mnist", "MNIST"
     torchvision_class = datasets.MNIST
     class_names = tuple(str(i) for i in range(10))
-    mean = (0.1307,)
-    std = (0.3081,)
+    mean, std = (0.1307,), (0.3081,)
     default_hflip = 0.0  # digits are not flipped
-    files = {
-        True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-        False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-    }
+    files = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),  # train -> images, labels
+             False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
     apt_package: str | None = None
 
     def _search_dirs(self) -> list[Path]:
@@ -273,14 +268,12 @@ class FashionMNISTDataModule(MNISTDataModule):
     """Fashion-MNIST: 28x28 grey images of 10 clothing classes; 60k train (55k + 5k val), 10k test.
     Reads Debian's ``dataset-fashion-mnist`` files by default."""
 
-    name = "fashion_mnist"
-    human_name = "Fashion-MNIST"
+    name, human_name = "fashion_mnist", "Fashion-MNIST"
     default_root = FASHION_MNIST_DEBIAN_DIR
     torchvision_class = datasets.FashionMNIST
     apt_package = "dataset-fashion-mnist"
     class_names = FASHION_MNIST_LABELS
-    mean = FASHION_MNIST_MEAN
-    std = FASHION_MNIST_STD
+    mean, std = FASHION_MNIST_MEAN, FASHION_MNIST_STD
     default_hflip = 0.5
 
 
@@ -288,11 +281,9 @@ class DigitsDataModule(InMemoryDataModule):
     """scikit-learn's bundled digits (1,797 8x8 images of 0-9; no download), scaled to 24x24 in a 28x28 frame.
     A fixed random 497 images are the test set and the other 1,300 the training set (``val_size`` held out)."""
 
-    name = "digits"
-    human_name = "scikit-learn digits"
+    name, human_name = "digits", "scikit-learn digits"
     class_names = tuple(str(i) for i in range(10))
-    mean = (0.2247,)
-    std = (0.3142,)
+    mean, std = (0.2247,), (0.3142,)
     default_hflip = 0.0
     test_size = 497
 
@@ -317,13 +308,11 @@ class CIFAR10DataModule(InMemoryDataModule):
     """CIFAR-10: 32x32 colour images of 10 classes, as torchvision reads them (``root/cifar-10-batches-py``).
     Label names come from the files' meta file: with ``download`` the files are fetched when first asked for."""
 
-    name = "cifar10"
-    human_name = "CIFAR-10"
+    name, human_name = "cifar10", "CIFAR-10"
     torchvision_class = datasets.CIFAR10
     in_chans = 3
     image_size = 32
-    mean = (0.4914, 0.4822, 0.4465)
-    std = (0.2470, 0.2435, 0.2616)
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
     @functools.cached_property
     def class_names(self) -> tuple[str, ...]:  # type: ignore[override]
@@ -354,11 +343,9 @@ class CIFAR10DataModule(InMemoryDataModule):
 class CIFAR100DataModule(CIFAR10DataModule):
     """CIFAR-100: 32x32 colour images of 100 fine classes (``root/cifar-100-python``), the BAM paper's set."""
 
-    name = "cifar100"
-    human_name = "CIFAR-100"
+    name, human_name = "cifar100", "CIFAR-100"
     torchvision_class = datasets.CIFAR100
-    mean = (0.5071, 0.4865, 0.4409)
-    std = (0.2673, 0.2564, 0.2762)
+    mean, std = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 
 
 def image_files_under(folder: Path) -> list[Path]:
@@ -439,8 +426,7 @@ class ImageFolderDataModule(_SplitDataModule):
         img_size: int = 224, crop_pct: float = 0.875, batch_size: int = 32, eval_batch_size: int | None = None,
         num_workers: int = 8, scale: tuple[float, float] = (0.08, 1.0), color_jitter: float = 0.0,
         auto_augment: str | None = None, interpolation: str = "bilinear", in_chans: int | None = None,
-        mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
-    ) -> None:
+        mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None) -> None:
         super().__init__()
         self.root = Path(root).expanduser()
         self.splits = {"train": train_split, "val": val_split, "test": test_split}

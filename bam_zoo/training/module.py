@@ -20,6 +20,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from bam_zoo import create_model  # the one registry every network comes from; bam_zoo never imports training
 from bam_zoo.errors import NonFiniteLossError, TrainingError
 from bam_zoo.model_args import check_input_channels
+from bam_zoo.runtime import to_channels_last
 from bam_zoo.training.optim import SchedulerName, create_lr_scheduler, param_groups
 
 __all__ = ["ImageClassifier", "create_model"]
@@ -100,8 +101,7 @@ class ImageClassifier(pl.LightningModule):
         warmup_epochs: float = 0.0, warmup_start_factor: float = 0.01, min_lr_ratio: float = 0.0,
         decay_epochs: float = 30.0, decay_rate: float = 0.1, decay_milestones: list[float] | None = None,
         freeze_backbone: bool = False, backbone_lr_scale: float = 1.0, ema_decay: float | None = None,
-        channels_last: bool = True, check_finite: bool = True,
-    ) -> None:
+        channels_last: bool = True, check_finite: bool = True) -> None:
         super().__init__()
         self.save_hyperparameters()
         kwargs = dict(model_kwargs or {})
@@ -122,7 +122,7 @@ class ImageClassifier(pl.LightningModule):
             for p in self.model.parameters():
                 p.requires_grad_(id(p) in head)
         if channels_last:
-            self.model.to(memory_format=torch.channels_last)
+            to_channels_last(self.model)
         self.model_ema = ModelEmaV3(self.model, decay=ema_decay) if ema_decay else None
 
         mixing = mixup_alpha > 0 or cutmix_alpha > 0
@@ -266,6 +266,5 @@ class ImageClassifier(pl.LightningModule):
             optimizer, hp.scheduler, total_steps=int(total_steps), steps_per_epoch=steps_per_epoch,
             warmup_epochs=hp.warmup_epochs, warmup_start_factor=hp.warmup_start_factor,
             min_lr_ratio=hp.min_lr_ratio, decay_epochs=hp.decay_epochs, decay_rate=hp.decay_rate,
-            decay_milestones=hp.decay_milestones or (),
-        )
+            decay_milestones=hp.decay_milestones or ())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
