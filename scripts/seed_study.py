@@ -282,10 +282,11 @@ def park() -> list[Path]:
     machine (a session's machine does not outlive it). Refuses while the runner runs: checkpoints may be half written.
     """
     pid_file = RUNS / RUNNER_PID
-    if pid_file.is_file() and _alive(int(pid_file.read_text())):
-        raise SystemExit(f"a study runner (pid {pid_file.read_text()}, {pid_file}) is running: stop it first with "
-                         f"`kill -TERM {pid_file.read_text()}` (its runs save their current step), then park. If that "
-                         f"process is no study runner (one killed outright leaves the file behind), delete {pid_file}")
+    pid = int(pid_file.read_text()) if pid_file.is_file() else None
+    if pid is not None and _alive(pid):
+        raise SystemExit(f"a study runner (pid {pid}, {pid_file}) is running: stop it first with `kill -TERM {pid}` "
+                         "(its runs save their current step), then park. If that process is no study runner (one "
+                         f"killed outright leaves the file behind), delete {pid_file}")
     parked = []
     for last in sorted(RUNS.glob("*/seed*/checkpoints/last.ckpt")):
         run = last.parents[1]
