@@ -123,7 +123,8 @@ class ImageClassifier(pl.LightningModule):
                 p.requires_grad_(id(p) in head)
         if channels_last:
             to_channels_last(self.model)
-        self.model_ema = ModelEmaV3(self.model, decay=ema_decay) if ema_decay else None
+        # no gradients: DDP would otherwise wait for the EMA copy's and fail ("parameters that were not used")
+        self.model_ema = ModelEmaV3(self.model, decay=ema_decay).requires_grad_(False) if ema_decay else None
 
         mixing = mixup_alpha > 0 or cutmix_alpha > 0
         self.mixup = Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=mixup_prob,
