@@ -194,6 +194,29 @@ def test_frozen_backbone_trains_only_the_head(fmnist: Path, tmp_path: Path) -> N
     assert changed and all(k.startswith("fc.") for k in changed), changed  # BN running stats frozen too
 
 
+def test_frozen_backbone_trains_the_bam_that_add_bam_inserted_and_scales_only_the_rest(fmnist: Path,
+                                                                                        tmp_path: Path) -> None:
+    """Inserted BAM is new, like the head: frozen-backbone fine-tunes train it, and it gets the head's LR."""
+    dm = FashionMNISTDataModule(root=str(fmnist), val_size=32, batch_size=16)
+    model = ImageClassifier("resnet20", num_classes=10, in_chans=1, add_bam=True, freeze_backbone=True, lr=0.1)
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               default_root_dir=tmp_path).fit(model, datamodule=dm)
+    after = model.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    bam = {k for k in before if ".bam." in k or k.startswith("bam")}
+    assert bam and changed - bam and all(k.startswith("fc.") for k in changed - bam), changed
+    assert {k for k in bam if k.endswith("gamma")} <= changed and any(k.endswith("running_mean") for k in changed)
+
+    scaled = ImageClassifier("resnet20", num_classes=10, in_chans=1, add_bam=True, backbone_lr_scale=0.1, lr=0.1)
+    probe = OptimizerProbe()
+    pl.Trainer(max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, callbacks=[probe], default_root_dir=tmp_path).fit(scaled, datamodule=dm)
+    lr = {id(p): g["initial_lr"] for g in probe.optimizer.param_groups for p in g["params"]}
+    names = dict(scaled.model.named_parameters())
+    assert {n for n, p in names.items() if lr[id(p)] > 0.05} == {n for n in names if n.startswith("fc.") or n in bam}
+
+
 def test_nan_loss_raises(tmp_path: Path) -> None:
     model = ImageClassifier("resnet20", num_classes=3, in_chans=1)
     trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,

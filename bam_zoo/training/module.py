@@ -19,6 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from bam_zoo import create_model  # the one registry every network comes from; bam_zoo never imports training
 from bam_zoo.errors import NonFiniteLossError, TrainingError
+from bam_zoo.layers import BAM
 from bam_zoo.model_args import check_input_channels
 from bam_zoo.runtime import to_channels_last
 from bam_zoo.training.optim import SchedulerName, create_lr_scheduler, param_groups
@@ -84,8 +85,8 @@ class ImageClassifier(pl.LightningModule):
         decay_epochs: period of the ``step`` schedule.
         decay_rate: multiplier of the ``step`` and ``multistep`` schedules.
         decay_milestones: epochs at which ``multistep`` decays the LR.
-        freeze_backbone: train only the classifier; the frozen part's norms keep their statistics.
-        backbone_lr_scale: learning-rate multiplier of everything but the classifier (fine-tuning).
+        freeze_backbone: train only :attr:`new_parts` (head, inserted BAM); the frozen norms keep their statistics.
+        backbone_lr_scale: learning-rate multiplier of everything but :attr:`new_parts` (fine-tuning).
         ema_decay: decay of a weights EMA (timm ModelEmaV3) that validation, test and export use; ``None``: none.
         channels_last: use the channels-last memory format (faster on CPUs and recent GPUs).
         check_finite: stop with :class:`NonFiniteLossError` when the loss becomes NaN or infinite.
@@ -117,10 +118,9 @@ class ImageClassifier(pl.LightningModule):
                 self.hparams.label_names = list(names)
         self.hparams.num_classes = num_classes = self.model.num_classes
         self.hparams.in_chans = in_chans if in_chans is not None else _input_channels(self.model)
-        if freeze_backbone:
-            head = {id(p) for p in self.model.get_classifier().parameters()}
-            for p in self.model.parameters():
-                p.requires_grad_(id(p) in head)
+        new = {id(p) for p in self.new_parts.parameters()}
+        for p in self.model.parameters() if freeze_backbone else ():
+            p.requires_grad_(id(p) in new)
         if channels_last:
             to_channels_last(self.model)
         # no gradients: DDP would otherwise wait for the EMA copy's and fail ("parameters that were not used")
@@ -149,6 +149,12 @@ class ImageClassifier(pl.LightningModule):
                 **({"add_bam": True} if self.hparams.get("add_bam") else {}), **(self.hparams.model_kwargs or {})}
 
     @property
+    def new_parts(self) -> nn.Module:
+        """What a fine-tune adds to the pretrained network: its classifier, and each BAM that ``add_bam`` inserted."""
+        return nn.ModuleList([self.model.get_classifier(), *(m for m in self.model.modules()
+                                                             if self.hparams.add_bam and isinstance(m, BAM))])
+
+    @property
     def eval_model(self) -> nn.Module:
         """The network evaluated and exported: the EMA copy when EMA is on, else the trained one."""
         return self.model_ema.module if self.model_ema is not None else self.model
@@ -169,20 +175,10 @@ class ImageClassifier(pl.LightningModule):
             x = x.contiguous(memory_format=torch.channels_last)
         return (network or self.model)(x)
 
-    def train(self, mode: bool = True) -> ImageClassifier:
-        """Switch modes, keeping a frozen backbone's norm layers in eval mode (pretrained statistics)."""
-        super().train(mode)
-        if mode:
-            self._freeze_norm_statistics()
-        return self
-
-    def on_train_epoch_start(self) -> None:  # after validation Lightning restores modes without calling train()
-        self._freeze_norm_statistics()
-
-    def _freeze_norm_statistics(self) -> None:
-        if not self.hparams.freeze_backbone:
-            return
-        for module in self.model.modules():
+    def on_train_epoch_start(self) -> None:
+        """Keep a frozen backbone's norm layers in eval mode (pretrained statistics) as each epoch starts: Lightning
+        restores the modes it found after validation, and never calls ``train()`` itself."""
+        for module in self.model.modules() if self.hparams.freeze_backbone else ():
             params = list(module.parameters(recurse=False))
             if isinstance(module, nn.modules.batchnorm._NormBase) and params and not params[0].requires_grad:
                 module.eval()
@@ -255,7 +251,7 @@ class ImageClassifier(pl.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         scaled = hp.backbone_lr_scale != 1.0 and not hp.freeze_backbone
-        groups = param_groups(self.model, hp.weight_decay, head=self.model.get_classifier() if scaled else None,
+        groups = param_groups(self.model, hp.weight_decay, head=self.new_parts if scaled else None,
                               head_lr=hp.lr, backbone_lr=hp.lr * hp.backbone_lr_scale)
         optimizer = create_optimizer_v2(groups, opt=hp.optimizer, lr=hp.lr, weight_decay=hp.weight_decay,
                                         momentum=hp.momentum, **(hp.opt_kwargs or {}))
