@@ -98,9 +98,9 @@ _FOOTER = """
   per arm (the `_ft` pair). Other data sets are not measured.
 - No weight reaches 95.0% test top-1 with the plain forward (the best: 94.87, `resnet56.fmnist_long_ft`;
   the best BAM weight 94.72). Both `_ft` weights pass 95.0 only with test-time flip (95.12 and 95.06).
-  A 20-epoch fine-tune with BAM scored 94.68 (flip 94.98) and was not shipped (docs/results.md). A third
-  attempt, a second 30-epoch cosine cycle with and without BAM (`--study restart95`), runs across sessions; it
-  reports nothing until it has finished.
+  A 20-epoch fine-tune with BAM scored 94.68 (flip 94.98) and was not shipped (docs/results.md). A second
+  30-epoch cosine cycle with BAM (`--study restart95`) scored 94.95 (flip 95.11), not shipped until its twin
+  without BAM, running across sessions, has finished.
 
 ## License and citation
 
