@@ -74,8 +74,8 @@ def fashion_mnist_long(arch: str) -> tuple[str, dict[str, Any]]:
     comment = (
         "# Fashion-MNIST flagship recipe, {arch} (under 1M parameters): the 15-epoch recipe run for 55 epochs,\n"
         "# plus random erasing (p 0.5, Zhong et al.) and an EMA of the weights (decay 0.999, evaluated and\n"
-        "# exported). Sized for <= 120 min on 2 idle CPU cores: bam_resnet56 trained in 105 min (1.9 min per\n"
-        "# epoch with validation, 2026-12-01; MODEL_CARD.md). Train it alone: it needs both cores.\n"
+        "# exported). One epoch takes 2 to 6 min on 2 CPU cores, depending on the machine (measured times:\n"
+        "# MODEL_CARD.md, docs/results.md). Train it alone: it needs both cores.\n"
     ).format(arch=arch)
     config["trainer"].update(default_root_dir=f"runs/fashion_mnist_long/{arch}", max_epochs=55)
     config["model"]["ema_decay"] = 0.999
