@@ -196,7 +196,7 @@ def render_details(details: Mapping[str, Any]) -> str:
     ``architecture``, ``num_params``, ``macs`` (per image at ``input_size``), ``data``, ``recipe``, ``command``,
     ``epochs``, ``train_time_s``, ``train_setting``, ``seed``, ``top1``, ``top5``, ``top1_flip``, ``per_class``;
     a fine-tune of a shipped weight adds its lineage: ``fine_tuned_from``, ``base_command``, ``base_epochs``,
-    ``base_train_time_s``, ``total_train_time_s``."""
+    ``base_train_time_s``, ``total_train_time_s`` (and ``base_fine_tuned_from`` when that start was a fine-tune)."""
     d = details
     lines = [f"- Architecture: {d['architecture']}" if "architecture" in d else ""]
     if "num_params" in d:
@@ -210,9 +210,10 @@ def render_details(details: Mapping[str, Any]) -> str:
                      + (f", {d['train_time_s'] / 60:.0f} min wall clock" if "train_time_s" in d else "")
                      + (f" ({d['train_setting']})" if "train_setting" in d else ""))
     if "fine_tuned_from" in d:
-        lines.append(f"- Fine-tuned from `{d['fine_tuned_from']}`, which was trained by `{d['base_command']}`: "
-                     f"{d['base_epochs']} epochs, {d['base_train_time_s'] / 60:.0f} min; both together "
-                     f"{d['total_train_time_s'] / 60:.0f} min of training")
+        earlier = f" (itself fine-tuned from `{d['base_fine_tuned_from']}`)" if "base_fine_tuned_from" in d else ""
+        lines.append(f"- Fine-tuned from `{d['fine_tuned_from']}`{earlier}, which was trained by "
+                     f"`{d['base_command']}`: {d['base_epochs']} epochs, {d['base_train_time_s'] / 60:.0f} min; "
+                     f"{'all' if earlier else 'both'} together {d['total_train_time_s'] / 60:.0f} min of training")
     if "top1" in d:
         flip = f"; top-1 {d['top1_flip']:.2f}% with test-time flip" if "top1_flip" in d else ""
         lines.append(f"- Test accuracy: top-1 {d['top1']:.2f}%, top-5 {d.get('top5', float('nan')):.2f}%{flip}")

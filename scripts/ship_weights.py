@@ -77,12 +77,15 @@ def cpu_description() -> str:
 
 
 def lineage(base: Optional[str], train_time_s: float) -> Dict[str, Any]:
-    """A fine-tune's start: the shipped weight it began from, how that was trained, and the time of both together."""
+    """A fine-tune's start: the shipped weight it began from, how that was trained, and the time of all training
+    together, back to the first weight when the start was itself a fine-tune (whose own card has its start)."""
     if base is None:
         return {}
     facts = weight_facts(base)
-    return {"fine_tuned_from": base, "base_command": facts["command"], "base_epochs": facts["epochs"],
-            "base_train_time_s": facts["train_time_s"], "total_train_time_s": facts["train_time_s"] + train_time_s}
+    earlier = {"base_fine_tuned_from": facts["fine_tuned_from"]} if "fine_tuned_from" in facts else {}
+    return {"fine_tuned_from": base, "base_command": facts["command"], "base_epochs": facts["epochs"], **earlier,
+            "base_train_time_s": facts["train_time_s"],
+            "total_train_time_s": facts.get("total_train_time_s", facts["train_time_s"]) + train_time_s}
 
 
 def recipe_of(command: str) -> str:

@@ -141,6 +141,19 @@ def test_ship_weights_ships_a_fine_tune_with_its_lineage(tmp_path, monkeypatch, 
     torch.testing.assert_close(shipped(x), model.eval()(x))
 
 
+def test_a_fine_tune_of_a_fine_tune_counts_all_training_back_to_the_first_weight():
+    """Lineage chains: starting from the shipped fine-tune adds its whole training time, not only its last step,
+    and the card names where that start itself began."""
+    from bam_zoo.hub import render_details
+    start = weight_facts("bam_inserted.resnet56_fmnist_long_ft")
+    facts = ship_weights.lineage("bam_inserted.resnet56_fmnist_long_ft", 600.0)
+    assert facts["total_train_time_s"] == start["total_train_time_s"] + 600 > start["train_time_s"] + 600
+    assert (facts["base_fine_tuned_from"], facts["base_train_time_s"]) == ("resnet56.fmnist_long", start["train_time_s"])
+    line = render_details(facts)
+    assert "(itself fine-tuned from `resnet56.fmnist_long`)" in line and "all together" in line, line
+    assert "base_fine_tuned_from" not in ship_weights.lineage("resnet56.fmnist_long", 600.0)
+
+
 def test_an_inserted_tag_builds_the_bams_its_model_args_name(monkeypatch):
     """Every add_bam argument a bam_inserted tag records reaches add_bam, none the base network."""
     entry = WEIGHT_METADATA["bam_inserted.resnet56_fmnist_long_ft"]
