@@ -7,6 +7,7 @@
     python scripts/seed_study.py run --study finetune95 --seeds 1            # the _ft pair: 15 epochs, long recipe
     python scripts/seed_study.py run --study finetune95_20 --seeds 1 --parallel 1   # the same for 20 epochs
     python scripts/seed_study.py run --study restart95 --seeds 1 --parallel 1  # a second 30-epoch cosine cycle
+    python scripts/seed_study.py run --study restart95_3 --seeds 1 --parallel 1  # a third, from the second's pair
 
 Each run is ``python cli.py fit --config configs/fashion_mnist/<arch>.yaml --seed_everything S`` (finetune95:
 ``configs/fashion_mnist_long/resnet56.yaml``) with
@@ -77,16 +78,24 @@ for _arch, _tag, _, _ in INSERTION_STUDIES.values():
 # the 95% attempt (issue 22, part 3): resnet56.fmnist_long fine-tuned on its own 55-epoch recipe (erasing, EMA),
 # with BAM added (variant "...+bam_<suffix>") and without (the twin, "..._<suffix>"); each fixed beforehand, one
 # seed, validation selects the checkpoint and the test set is never looked at.
-# study -> (variant suffix, lr, warm-up epochs, epochs): cosine from 0.02 for 15 epochs first; then 20, because
-# validation still rose at epoch 15; both ended near 94.7, so then a second cosine cycle (a warm restart, Loshchilov
-# & Hutter) of 30 epochs from half the first cycle's peak LR, 85 epochs of training in all instead of 55
-LONG_FINETUNE_STUDIES = {"finetune95": ("ft15", 0.02, 0, 15), "finetune95_20": ("ft20", 0.02, 0, 20),
-                         "restart95": ("cycle2", 0.05, 1, 30)}
-for _suffix, _lr, _warmup, _epochs in LONG_FINETUNE_STUDIES.values():
-    _long = [*finetune(_lr, _epochs, _warmup), "--model.model_name", "resnet56.fmnist_long"]
-    VARIANTS[f"resnet56.fmnist_long+bam_{_suffix}"] = ("fashion_mnist_long/resnet56",
-                                                       [*_long, "--model.add_bam", "true"])
-    VARIANTS[f"resnet56.fmnist_long_{_suffix}"] = ("fashion_mnist_long/resnet56", _long)
+# study -> (variant suffix, lr, warm-up epochs, epochs, start of the BAM arm, start of the twin): cosine from 0.02
+# for 15 epochs first; then 20, because validation still rose at epoch 15; both ended near 94.7, so then a second
+# cosine cycle (a warm restart, Loshchilov & Hutter) of 30 epochs from half the first cycle's peak LR, 85 epochs of
+# training in all instead of 55; then a third, identical cycle, each arm from its own second-cycle weight (the BAM
+# arm's already holds BAM). A start "<tag>+bam" is add_bam onto <tag>.
+_FIRST = ("resnet56.fmnist_long+bam", "resnet56.fmnist_long")
+LONG_FINETUNE_STUDIES = {
+    "finetune95": ("ft15", 0.02, 0, 15, _FIRST), "finetune95_20": ("ft20", 0.02, 0, 20, _FIRST),
+    "restart95": ("cycle2", 0.05, 1, 30, _FIRST),
+    "restart95_3": ("cycle3", 0.05, 1, 30, ("bam_inserted.resnet56_fmnist_long_cycle2", "resnet56.fmnist_long_cycle2")),
+}
+for _suffix, _lr, _warmup, _epochs, _starts in LONG_FINETUNE_STUDIES.values():
+    for _variant, _start in zip((f"resnet56.fmnist_long+bam_{_suffix}", f"resnet56.fmnist_long_{_suffix}"), _starts):
+        VARIANTS[_variant] = ("fashion_mnist_long/resnet56", [
+            *finetune(_lr, _epochs, _warmup), "--model.model_name", _start.removesuffix("+bam"),
+            *(["--model.add_bam", "true"] if _start.endswith("+bam") else [])])
+LONG_FINETUNE_VARIANTS = {f"resnet56.fmnist_long{arm}_{suffix}" for suffix, *_ in LONG_FINETUNE_STUDIES.values()
+                          for arm in ("+bam", "")}
 # README.md's copy of the report sits between these markers
 def readme_block(marker: str) -> re.Pattern:
     return re.compile(rf"(<!-- {marker}:start -->\n).*?(<!-- {marker}:end -->)", re.S)
@@ -128,6 +137,9 @@ def collect(variant: str, seed: int, cmd: list[str], threads: int = 1) -> Path:
     gammas = gamma_stats(run / "export" / "model.safetensors")
     if gammas:
         (out / "gamma.json").write_text(json.dumps(gammas, indent=2) + "\n")
+    if variant in LONG_FINETUNE_VARIANTS:  # a candidate to ship: its weights must outlive the machine it trained on
+        shutil.copytree(run / "export", out / "export", dirs_exist_ok=True)
+    (out / "machine.txt").write_text(machine() + "\n")
     if (run / "commits.txt").is_file():  # the commit each start of the run trained on, in order, once each
         started = dict.fromkeys((run / "commits.txt").read_text().split())
         (out / "commit.txt").write_text("".join(f"{commit}\n" for commit in started))
@@ -170,11 +182,25 @@ def check_selection(rows: list[dict[str, str]], best: str, run: Path) -> None:
 
 
 def code_version() -> str:
-    """The short hash of HEAD, with ``-dirty`` when tracked files differ from it (the run trains on those)."""
+    """The short hash of HEAD, with ``-dirty`` when tracked files differ from it (the run trains on those); on a copy
+    of the tree without ``.git`` (a rented GPU machine), ``$BAM_ZOO_COMMIT`` as the caller states it."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    if not (ROOT / ".git").exists():
+        return os.environ.get("BAM_ZOO_COMMIT", "unknown-no-git")
     dirty = "-dirty" if git("status", "--porcelain", "-uno") else ""
     return (git("rev-parse", "--short", "HEAD") or "unknown") + dirty
+
+
+def machine() -> str:
+    """What a run trained on: the GPU if one was used, else the CPU, and torch's version."""
+    import platform
+
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}, torch {torch.__version__}"
 
 
 def gamma_stats(weights: Path) -> dict[str, dict[str, float]]:

@@ -192,6 +192,10 @@ def test_collect_merges_a_resumed_runs_logs_and_names_each_commit_once(seed_stud
     assert (out / "commit.txt").read_text() == "abc1234\ndef5678-dirty\n"
     assert (out / "command.txt").read_text() == "OMP_NUM_THREADS=2 python cli.py fit\n"
     assert json.loads((out / "gamma.json").read_text())["layer1"]["max_abs"] == pytest.approx(0.3)
+    assert "torch" in (out / "machine.txt").read_text() and not (out / "export").exists()  # not a candidate to ship
+    monkeypatch.setattr(seed_study, "LONG_FINETUNE_VARIANTS", {"v"})
+    out = seed_study.collect("v", 1, ["python", "cli.py", "fit"])
+    assert (out / "export" / "model.safetensors").read_bytes() == (run / "export" / "model.safetensors").read_bytes()
     metrics["best_checkpoint"] = str(run / "checkpoints" / "best-002.ckpt")
     (run / "export" / "metrics.json").write_text(json.dumps(metrics))
     with pytest.raises(RuntimeError, match="validation top-1 peaked at epoch 1"):
@@ -230,4 +234,12 @@ def test_sigterm_to_the_runner_stops_each_run_so_it_saves_its_state(tmp_path):
     assert proc.returncode == 1 and "stopped: every run saved its last.ckpt" in err, err
     assert (tmp_path / "saveda1").exists() and (tmp_path / "savedb1").exists()
     assert not (tmp_path / "runs" / "runner.pid").exists()
-    assert (tmp_path / "runs" / "a" / "seed1" / "commits.txt").read_text() == "unknown\n"  # tmp_path is no repo
+    assert (tmp_path / "runs" / "a" / "seed1" / "commits.txt").read_text() == "unknown-no-git\n"  # tmp_path is no repo
+
+
+def test_code_version_on_a_copy_without_git_is_what_the_caller_states(seed_study, tmp_path, monkeypatch):
+    monkeypatch.setattr(seed_study, "ROOT", tmp_path)
+    monkeypatch.setenv("BAM_ZOO_COMMIT", "abc1234")
+    assert seed_study.code_version() == "abc1234"
+    monkeypatch.delenv("BAM_ZOO_COMMIT")
+    assert seed_study.code_version() == "unknown-no-git"
