@@ -139,7 +139,8 @@ def collect(variant: str, seed: int, cmd: list[str], threads: int = 1) -> Path:
         (out / "gamma.json").write_text(json.dumps(gammas, indent=2) + "\n")
     if variant in LONG_FINETUNE_VARIANTS:  # a candidate to ship: its weights must outlive the machine it trained on
         shutil.copytree(run / "export", out / "export", dirs_exist_ok=True)
-    (out / "machine.txt").write_text(machine() + "\n")
+    machines = (run / "machines.txt").read_text().splitlines() if (run / "machines.txt").is_file() else [machine()]
+    (out / "machine.txt").write_text("".join(f"{m}\n" for m in dict.fromkeys(machines)))  # each start's, once each
     if (run / "commits.txt").is_file():  # the commit each start of the run trained on, in order, once each
         started = dict.fromkeys((run / "commits.txt").read_text().split())
         (out / "commit.txt").write_text("".join(f"{commit}\n" for commit in started))
@@ -183,10 +184,10 @@ def check_selection(rows: list[dict[str, str]], best: str, run: Path) -> None:
 
 def code_version() -> str:
     """The short hash of HEAD, with ``-dirty`` when tracked files differ from it (the run trains on those); on a copy
-    of the tree without ``.git`` (a rented GPU machine), ``$BAM_ZOO_COMMIT`` as the caller states it."""
+    of the tree (a rented GPU machine), ``$BAM_ZOO_COMMIT`` as the caller states it."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    if not (ROOT / ".git").exists():
+    if os.environ.get("BAM_ZOO_COMMIT") or not (ROOT / ".git").exists():  # a copy's .git may be stale
         return os.environ.get("BAM_ZOO_COMMIT", "unknown-no-git")
     dirty = "-dirty" if git("status", "--porcelain", "-uno") else ""
     return (git("rev-parse", "--short", "HEAD") or "unknown") + dirty
@@ -200,7 +201,10 @@ def machine() -> str:
 
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-    return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}, torch {torch.__version__}"
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    name = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
+                platform.processor() or platform.machine())
+    return f"{os.cpu_count()} CPU cores ({name}), torch {torch.__version__}"
 
 
 def gamma_stats(weights: Path) -> dict[str, dict[str, float]]:
@@ -282,6 +286,8 @@ def _run_queue(queue: list[tuple[str, int]], running: list, parallel: int, env: 
                 print(f"{variant} seed {seed}: going on from the state parked in results/", flush=True)
             with open(run / "commits.txt", "a") as commits:  # one line per start: a resumed run may span commits
                 commits.write(code_version() + "\n")
+            with open(run / "machines.txt", "a") as machines:
+                machines.write(machine() + "\n")
             log = open(RUNS / variant / f"seed{seed}.log", "a")
             running.append((variant, seed, cmd, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log,
                                                                   stderr=subprocess.STDOUT), time.time()))
@@ -320,7 +326,8 @@ def park() -> list[Path]:
         if (out / "metrics.json").is_file():
             continue  # finished and collected
         shutil.rmtree(out / UNFINISHED, ignore_errors=True)
-        for path in [*run.glob("checkpoints/*.ckpt"), *run.glob("csv/version_*/metrics.csv"), run / "commits.txt"]:
+        for path in [*run.glob("checkpoints/*.ckpt"), *run.glob("csv/version_*/metrics.csv"), run / "commits.txt",
+                     run / "machines.txt"]:
             if path.is_file():
                 (out / UNFINISHED / path.relative_to(run)).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(path, out / UNFINISHED / path.relative_to(run))
