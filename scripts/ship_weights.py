@@ -59,11 +59,20 @@ def checkpoint_details(model: nn.Module, name: str, meta: Mapping[str, Any]) -> 
         "macs": meta["macs"], "input_size": [1, 28, 28], "data": "Fashion-MNIST, 55,000 training images (5,000 "
         "more held out for validation, fixed seed 0), tested on the official 10,000", "recipe": meta["recipe"],
         "command": meta["command"], "epochs": meta["epochs"], "train_time_s": meta["train_time_s"],
-        "train_setting": f"2-core CPU ({cpu_description()}), " + ("one thread, with another run on the other core"
-                                           if meta["command"].startswith("OMP_NUM_THREADS=1 ") else "both cores"),
+        "train_setting": train_setting(meta["command"], meta["machines"]),
         "seed": meta["seed"], "top1": meta["top1"], "top5": meta["top5"], "per_class": meta["per_class"],
         "top1_flip": meta["top1_flip"], **lineage(meta["base_weights"], meta["train_time_s"]),
     }
+
+
+def train_setting(command: str, machines: list[str]) -> str:
+    """Where the run trained: this machine's CPU, or each start's machine as the seed study recorded it (a run
+    can begin on a rented GPU and go on here); on the CPU, how many of its 2 cores the run had."""
+    threads = "one thread, with another run on the other core" if command.startswith("OMP_NUM_THREADS=1 ") \
+        else "both cores"
+    if not machines:
+        return f"2-core CPU ({cpu_description()}), {threads}"
+    return "; then ".join(machines) + (f"; on the CPU {threads}" if any("CPU" in m for m in machines) else "")
 
 
 def cpu_description() -> str:
@@ -139,7 +148,8 @@ def main() -> None:
         "num_params": bam_zoo.count_params(model), "macs": bam_zoo.count_macs(model, cfg["input_size"]),
         "epochs": run["epochs"], "seed": run["recipe"]["seed_everything"],
         "train_time_s": round(run["train_wall_time_s"]), "recipe": recipe_of(args.command), "command": args.command,
-        "base_weights": base,
+        "base_weights": base, "machines": (args.export_dir.parent / "machine.txt").read_text().splitlines()
+        if (args.export_dir.parent / "machine.txt").is_file() else [],  # a seed-study run kept under results/
     }
     out = save_pretrained(
         model, args.out / args.name, model_name=args.name, label_names=list(cfg["label_names"]),

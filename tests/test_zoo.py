@@ -136,9 +136,18 @@ def test_ship_weights_ships_a_fine_tune_with_its_lineage(tmp_path, monkeypatch, 
     assert (details["fine_tuned_from"], details["base_command"]) == ("resnet20.fmnist", base["command"])
     assert details["total_train_time_s"] == base["train_time_s"] + 60 and details["top1"] == base["top1"]
     assert "Fine-tuned from `resnet20.fmnist`" in (folder / "README.md").read_text()
+    assert details["train_setting"].startswith("2-core CPU (")  # no machine.txt beside the export: this machine
     shipped = bam_zoo.create_model(f"local-dir:{folder}", pretrained=True).eval()
     x = torch.randn(2, 1, 28, 28)
     torch.testing.assert_close(shipped(x), model.eval()(x))
+
+
+def test_a_run_that_spanned_machines_says_where_each_start_trained():
+    machines = ["NVIDIA H200, torch 2.11.0+cu130", "2 CPU cores (AMD EPYC), torch 2.14.1+cu130"]
+    setting = ship_weights.train_setting("OMP_NUM_THREADS=1 python cli.py fit", machines)
+    assert setting == ("NVIDIA H200, torch 2.11.0+cu130; then 2 CPU cores (AMD EPYC), torch 2.14.1+cu130; "
+                       "on the CPU one thread, with another run on the other core")
+    assert ship_weights.train_setting("python cli.py fit", machines[:1]) == machines[0]
 
 
 def test_a_fine_tune_of_a_fine_tune_counts_all_training_back_to_the_first_weight():
