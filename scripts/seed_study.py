@@ -18,7 +18,8 @@ docs/results.md); ``--parallel 1`` gives a run all the cores, for one arm alone.
 already under ``results/seed_study/`` is skipped, and a run cut short goes on from its ``last.ckpt``
 (``--ckpt_path last``), so the same command resumes a study. ``kill -TERM`` to the runner stops its runs at
 their current step; ``python scripts/seed_study.py park`` then copies their state under ``results/`` to commit,
-and ``run`` goes on from it on another machine.
+and ``run`` goes on from it on another machine. A run may start on a rented GPU machine, from a copy of the tree
+(``BAM_ZOO_COMMIT=<hash sent>`` names its code there), be parked, and go on here: ``machine.txt`` lists each start's.
 
 Each finished run leaves ``results/seed_study/<variant>/seed<S>/`` (``metrics.csv`` with the per-epoch
 curves, ``metrics.json`` with the final test numbers and wall time, ``command.txt``): small files meant to
