@@ -100,8 +100,8 @@ _FOOTER = """
   the best BAM weight 94.72). Both `_ft` weights pass 95.0 only with test-time flip (95.12 and 95.06).
   A 20-epoch fine-tune with BAM scored 94.68 (flip 94.98) and was not shipped (docs/results.md). A second
   30-epoch cosine cycle (`--study restart95`, seed 1) scored 94.95 with BAM (flip 95.11) and 95.03 without;
-  both weights were lost with the machine they trained on before they were kept, so neither ships. The same
-  recipe with seeds 2 and 3 is running.
+  both weights were lost with the machine they trained on before they were kept; seed 2 scored 94.94 with BAM
+  (flip 95.01) and 94.74 without (docs/results.md). None of these ships.
 
 ## License and citation
 

@@ -7,7 +7,6 @@
     python scripts/seed_study.py run --study finetune95 --seeds 1            # the _ft pair: 15 epochs, long recipe
     python scripts/seed_study.py run --study finetune95_20 --seeds 1 --parallel 1   # the same for 20 epochs
     python scripts/seed_study.py run --study restart95 --seeds 1 --parallel 1  # a second 30-epoch cosine cycle
-    python scripts/seed_study.py run --study restart95_3 --seeds 1 --parallel 1  # a third, from the second's pair
 
 Each run is ``python cli.py fit --config configs/fashion_mnist/<arch>.yaml --seed_everything S`` (finetune95:
 ``configs/fashion_mnist_long/resnet56.yaml``) with
@@ -82,13 +81,12 @@ for _arch, _tag, _, _ in INSERTION_STUDIES.values():
 # study -> (variant suffix, lr, warm-up epochs, epochs, start of the BAM arm, start of the twin): cosine from 0.02
 # for 15 epochs first; then 20, because validation still rose at epoch 15; both ended near 94.7, so then a second
 # cosine cycle (a warm restart, Loshchilov & Hutter) of 30 epochs from half the first cycle's peak LR, 85 epochs of
-# training in all instead of 55; then a third, identical cycle, each arm from its own second-cycle weight (the BAM
-# arm's already holds BAM). A start "<tag>+bam" is add_bam onto <tag>.
+# training in all instead of 55. A start "<tag>+bam" is add_bam onto <tag>; a later cycle can start each arm
+# from its own shipped weight.
 _FIRST = ("resnet56.fmnist_long+bam", "resnet56.fmnist_long")
 LONG_FINETUNE_STUDIES = {
     "finetune95": ("ft15", 0.02, 0, 15, _FIRST), "finetune95_20": ("ft20", 0.02, 0, 20, _FIRST),
     "restart95": ("cycle2", 0.05, 1, 30, _FIRST),
-    "restart95_3": ("cycle3", 0.05, 1, 30, ("bam_inserted.resnet56_fmnist_long_cycle2", "resnet56.fmnist_long_cycle2")),
 }
 for _suffix, _lr, _warmup, _epochs, _starts in LONG_FINETUNE_STUDIES.values():
     for _variant, _start in zip((f"resnet56.fmnist_long+bam_{_suffix}", f"resnet56.fmnist_long_{_suffix}"), _starts):
