@@ -194,7 +194,9 @@ def render_model_card(root: Path) -> str:
     studies = Path(root) / "results" / "seed_study"  # reports written by scripts/seed_study.py report
     for report, title in (("report.md", "Does BAM help from scratch? Seeds and the fusion ablation"),
                           ("insertion.md", "Does BAM help once added to a trained network? The insertion study"),
-                          ("insertion56.md", "The insertion study on resnet56.fmnist_long")):
+                          ("insertion56.md", "The insertion study on resnet56.fmnist_long"),
+                          ("restart95.md", "The 95% attempt: a second cycle on resnet56.fmnist_long, with BAM added "
+                           "and without")):
         if (studies / report).is_file():
             body += f"\n## {title}\n\n" + (studies / report).read_text()
     converted = [_converted(n, m) for n, m in WEIGHT_METADATA.items() if "source" in m]

@@ -119,6 +119,21 @@ def test_insertion56_report_reads_its_own_start(seed_study, tmp_path):
     assert "--study insertion56" in text and "resnet20" not in text
 
 
+def test_restart95_report_compares_the_second_cycles_and_says_how_their_time_was_spent(seed_study, tmp_path):
+    """The 95% attempt's pair has its own report: no insertion start (the runs begin from the first cycle's end), and
+    times that add each run's starts on other machines, not two runs sharing the cores."""
+    results = tmp_path / "results"
+    for seed, (bam, plain) in enumerate([(94.95, 95.03), (94.94, 94.74), (94.97, 94.90)], start=1):
+        write_run(results, "resnet56.fmnist_long+bam_cycle2", seed, bam, [94.1, bam])
+        write_run(results, "resnet56.fmnist_long_cycle2", seed, plain, [94.0, plain])
+    (results / "insertion_start.json").write_text(json.dumps({"resnet56.fmnist_long": 94.82}))
+    text = seed_study.report(tmp_path / "docs" / "restart95.png", "restart95")
+    assert "| `resnet56.fmnist_long+bam_cycle2` | 3 (1, 2, 3) | 94.95 ± 0.02 | 94.95, 94.94, 94.97 |" in text
+    assert "`resnet56.fmnist_long+bam_cycle2` does not measurably help against `resnet56.fmnist_long_cycle2`" in text
+    assert "at insertion" not in text and "two runs sharing" not in text and "starts added up" in text
+    assert "--study restart95 --seeds 1 2 3" in text and (tmp_path / "docs" / "restart95.png").stat().st_size > 10_000
+
+
 def write_log(path: Path, rows: list[tuple[int, int, str]]) -> None:
     """A CSVLogger metrics.csv with (epoch, step, val/acc1) rows; an empty value is a step-only row."""
     path.parent.mkdir(parents=True, exist_ok=True)
