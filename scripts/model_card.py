@@ -99,9 +99,9 @@ _FOOTER = """
 - No shipped weight reaches 95.0% test top-1 with the plain forward (the best: 94.87, `resnet56.fmnist_long_ft`;
   the best BAM weight 94.72). Both `_ft` weights pass 95.0 only with test-time flip (95.12 and 95.06).
   A 20-epoch fine-tune with BAM scored 94.68 (flip 94.98) and was not shipped (docs/results.md). A second
-  30-epoch cosine cycle (`--study restart95`, seed 1) scored 94.95 with BAM (flip 95.11) and 95.03 without;
-  both weights were lost with the machine they trained on before they were kept; seed 2 scored 94.94 with BAM
-  (flip 95.01) and 94.74 without (docs/results.md). None of these ships.
+  30-epoch cosine cycle (`--study restart95`, above) scored 94.95, 94.94 and 94.97 with BAM (seeds 1-3) and
+  95.03 and 94.74 without (seeds 1-2; seed 1's two weights were lost with their machine); a greedy soup of the
+  BAM weights kept only seed 2 (docs/results.md). None of these ships.
 
 ## License and citation
 
