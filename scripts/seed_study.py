@@ -7,6 +7,7 @@
     python scripts/seed_study.py run --study finetune95 --seeds 1            # the _ft pair: 15 epochs, long recipe
     python scripts/seed_study.py run --study finetune95_20 --seeds 1 --parallel 1   # the same for 20 epochs
     python scripts/seed_study.py run --study restart95 --seeds 1 --parallel 1  # a second 30-epoch cosine cycle
+    python scripts/seed_study.py run --study restart95_3 --seeds 2 --parallel 2  # a third, from the second's ends
 
 Each run is ``python cli.py fit --config configs/fashion_mnist/<arch>.yaml --seed_everything S`` (finetune95:
 ``configs/fashion_mnist_long/resnet56.yaml``) with
@@ -84,15 +85,30 @@ for _arch, _tag, _, _ in INSERTION_STUDIES.values():
 # training in all instead of 55. A start "<tag>+bam" is add_bam onto <tag>; a later cycle can start each arm
 # from its own shipped weight.
 _FIRST = ("resnet56.fmnist_long+bam", "resnet56.fmnist_long")
+# A start "<variant>@seed" is that variant's export kept under results/ for the same seed: a third cycle goes on
+# from where each arm's second cycle ended (the BAM arm as the bam_inserted network it became), at half its LR.
+_SECOND = ("resnet56.fmnist_long+bam_cycle2@seed", "resnet56.fmnist_long_cycle2@seed")
 LONG_FINETUNE_STUDIES = {
     "finetune95": ("ft15", 0.02, 0, 15, _FIRST), "finetune95_20": ("ft20", 0.02, 0, 20, _FIRST),
-    "restart95": ("cycle2", 0.05, 1, 30, _FIRST),
+    "restart95": ("cycle2", 0.05, 1, 30, _FIRST), "restart95_3": ("cycle3", 0.025, 1, 30, _SECOND),
 }
+INSERTED_56 = {"base_model": "resnet56", "bam_stages": ["layer1", "layer2"]}  # what add_bam made of resnet56
+
+
+def start_args(start: str) -> list[str]:
+    """The CLI arguments that begin a run from ``start``: a shipped tag, ``<tag>+bam`` or ``<variant>@seed``."""
+    if not start.endswith("@seed"):
+        return ["--model.model_name", start.removesuffix("+bam"),
+                *(["--model.add_bam", "true"] if start.endswith("+bam") else [])]
+    variant = start.removesuffix("@seed")
+    network = (["--model.model_name", "bam_inserted", "--model.model_kwargs", json.dumps(INSERTED_56)]
+               if "+bam" in variant else ["--model.model_name", "resnet56"])
+    return [*network, "--model.pretrained_file", f"results/seed_study/{variant}/seed{{seed}}/export"]
+
+
 for _suffix, _lr, _warmup, _epochs, _starts in LONG_FINETUNE_STUDIES.values():
     for _variant, _start in zip((f"resnet56.fmnist_long+bam_{_suffix}", f"resnet56.fmnist_long_{_suffix}"), _starts):
-        VARIANTS[_variant] = ("fashion_mnist_long/resnet56", [
-            *finetune(_lr, _epochs, _warmup), "--model.model_name", _start.removesuffix("+bam"),
-            *(["--model.add_bam", "true"] if _start.endswith("+bam") else [])])
+        VARIANTS[_variant] = ("fashion_mnist_long/resnet56", [*finetune(_lr, _epochs, _warmup), *start_args(_start)])
 LONG_FINETUNE_VARIANTS = {f"resnet56.fmnist_long{arm}_{suffix}" for suffix, *_ in LONG_FINETUNE_STUDIES.values()
                           for arm in ("+bam", "")}
 # README.md's copy of the report sits between these markers
@@ -107,6 +123,11 @@ STUDIES = {"bam_vs_plain": ["bam_resnet20", "resnet20"], "fusion": ["bam_resnet2
 
 def command(variant: str, seed: int) -> list[str]:
     arch, extra = VARIANTS[variant]
+    extra = [arg.replace("{seed}", str(seed)) for arg in extra]
+    starts = [extra[i + 1] for i, arg in enumerate(extra[:-1]) if arg == "--model.pretrained_file"]
+    if starts and not (ROOT / starts[0]).is_dir():
+        raise SystemExit(f"{variant} seed {seed} starts from {starts[0]}, which is not here: finish that run first "
+                         f"(its study with --seeds {seed}) and keep its export.")
     return [
         sys.executable, "cli.py", "fit", "--config", f"configs/{arch if '/' in arch else 'fashion_mnist/' + arch}.yaml",
         "--seed_everything", str(seed), "--trainer.default_root_dir", f"runs/seed_study/{variant}/seed{seed}",

@@ -134,6 +134,37 @@ def test_restart95_report_compares_the_second_cycles_and_says_how_their_time_was
     assert "--study restart95 --seeds 1 2 3" in text and (tmp_path / "docs" / "restart95.png").stat().st_size > 10_000
 
 
+@pytest.mark.parametrize("variant", ["resnet56.fmnist_long+bam_cycle3", "resnet56.fmnist_long_cycle3"])
+def test_a_third_cycle_starts_each_arm_from_its_own_kept_second_cycle_weights(variant):
+    """restart95_3's runs build the network their start is (BAM arm: bam_inserted) and load its export exactly:
+    nothing re-initialised, no BAM added twice."""
+    import torch
+    from safetensors.torch import load_file
+
+    import bam_zoo
+    from bam_zoo.training.module import ImageClassifier
+    spec = importlib.util.spec_from_file_location("seed_study_committed", REPO / "scripts" / "seed_study.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = module.command(variant, 2)
+    value = {key: args[i + 1] for i, key in enumerate(args[:-1]) if key.startswith("--model.")}
+    assert value["--model.pretrained_file"] == f"results/seed_study/{variant.replace('cycle3', 'cycle2')}/seed2/export"
+    assert "--model.add_bam" not in value and value["--model.lr"] == "0.025"
+    kwargs = json.loads(value.get("--model.model_kwargs", "null"))
+    net = ImageClassifier(value["--model.model_name"], model_kwargs=kwargs, pretrained_file=str(
+        REPO / value["--model.pretrained_file"]), num_classes=10, in_chans=1).model
+    want = load_file(REPO / value["--model.pretrained_file"] / "model.safetensors")
+    assert net.state_dict().keys() == want.keys() and bool(bam_zoo.bam_modules(net)) == ("+bam" in variant)
+    for key, tensor in want.items():
+        torch.testing.assert_close(net.state_dict()[key], tensor, rtol=0, atol=0)
+
+
+def test_a_run_whose_start_is_not_here_says_which_run_to_finish_first(seed_study):
+    with pytest.raises(SystemExit, match=r"starts from results/seed_study/resnet56.fmnist_long_cycle2/seed7/export, "
+                                         r"which is not here: finish that run first \(its study with --seeds 7\)"):
+        seed_study.command("resnet56.fmnist_long_cycle3", 7)
+
+
 def write_log(path: Path, rows: list[tuple[int, int, str]]) -> None:
     """A CSVLogger metrics.csv with (epoch, step, val/acc1) rows; an empty value is a step-only row."""
     path.parent.mkdir(parents=True, exist_ok=True)
