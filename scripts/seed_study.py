@@ -82,8 +82,7 @@ for _arch, _tag, _, _ in INSERTION_STUDIES.values():
 # study -> (variant suffix, lr, warm-up epochs, epochs, start of the BAM arm, start of the twin): cosine from 0.02
 # for 15 epochs first; then 20, because validation still rose at epoch 15; both ended near 94.7, so then a second
 # cosine cycle (a warm restart, Loshchilov & Hutter) of 30 epochs from half the first cycle's peak LR, 85 epochs of
-# training in all instead of 55. A start "<tag>+bam" is add_bam onto <tag>; a later cycle can start each arm
-# from its own shipped weight.
+# training in all instead of 55. A start "<tag>+bam" is add_bam onto <tag>.
 _FIRST = ("resnet56.fmnist_long+bam", "resnet56.fmnist_long")
 # A start "<variant>@seed" is that variant's export kept under results/ for the same seed: a third cycle goes on
 # from where each arm's second cycle ended (the BAM arm as the bam_inserted network it became), at half its LR.
@@ -429,14 +428,17 @@ REPORTS = {
     "restart95": dict(
         variants=["resnet56.fmnist_long+bam_cycle2", "resnet56.fmnist_long_cycle2"],
         comparisons=[("resnet56.fmnist_long+bam_cycle2", "resnet56.fmnist_long_cycle2")],
-        intro="Fashion-MNIST: the shipped `resnet56.fmnist_long` given a second cosine cycle on its own 55-epoch recipe "
-              "(30 epochs from lr 0.05 after 1 warm-up epoch; erasing, EMA), with BAM inserted by `--model.add_bam "
-              "true` (identity start) and without; each seed is one run of:",
+        intro="Fashion-MNIST: the shipped `resnet56.fmnist_long` given a second cosine cycle on its own 55-epoch "
+              "recipe (30 epochs from lr 0.05 after 1 warm-up epoch; erasing, EMA), with BAM inserted by "
+              "`--model.add_bam true` (identity start) and without; each seed is one run of:",
         how="`python scripts/seed_study.py run --study restart95 --seeds 1 2 3 --parallel 1`; seeds 2 and 3 began on "
             "a rented GPU and went on on the CPU, as each run's `machine.txt` says", marker="restart95-study",
         plot="restart95_study.png", out="restart95.md",
         times="Fit times are wall clock of each run's starts added up, on the machines its `machine.txt` lists;"),
 }
+
+
+SHARED_CORES = "Fit times are wall clock with two runs sharing the 2 cores, and other work on the machine;"
 
 
 def report(plot: Path, which: str = "from_scratch") -> str:
@@ -483,9 +485,9 @@ def report(plot: Path, which: str = "from_scratch") -> str:
     if data:
         _plot(data, plot, first_epoch=0 if start else 1)
         lines += ["", f"![Test top-1 per epoch, mean and min-max over seeds]({plot.relative_to(ROOT)})"]
-    lines += ["", spec.get("times", "Fit times are wall clock with two runs sharing the 2 cores, and other work on "
-                           "the machine;") + " they are not speed measurements. Runs whose per-epoch curve was recorded wrongly are left out of the "
-              "plot, not the table (their folder holds `CURVE_INVALID`, which says why)."]
+    lines += ["", f"{spec.get('times', SHARED_CORES)} they are not speed measurements. Runs whose per-epoch curve was "
+              "recorded wrongly are left out of the plot, not the table (their folder holds `CURVE_INVALID`, which "
+              "says why)."]
     return "\n".join(lines) + "\n"
 
 
