@@ -4,7 +4,9 @@
     python scripts/ship_weights.py bam_resnet20.fmnist --update-card   # after editing its config.json
 
 A run that started from a shipped weight (``--model.model_name resnet56.fmnist_long``, with or without
-``--model.add_bam true``) ships with its lineage: that weight, its command and time, and the time of both.
+``--model.add_bam true``) ships with its lineage: that weight, its command and time, and the time of both. So does
+a run that started from a kept run's export (``--model.pretrained_file results/seed_study/.../export``, a further
+warm restart): that run's command and time from its records, chained back to the shipped weight it began from.
 
 Writes ``checkpoints/<arch>.<tag>/`` (config.json, model.safetensors, README.md) with the tag's own
 pretrained cfg (``bam_zoo.models.pretrained.fashion_mnist_cfg``). Its config.json's ``bam_zoo.details`` is
@@ -31,6 +33,8 @@ from bam_zoo.hub import save_pretrained, write_card
 from bam_zoo.models.pretrained import (
     FASHION_MNIST_TAGS, FASHION_MNIST_TWINS, fashion_mnist_cfg, sha256sum, weight_facts,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def describe_architecture(model: nn.Module, name: str) -> str:
@@ -86,15 +90,45 @@ def cpu_description() -> str:
 
 
 def lineage(base: Optional[str], train_time_s: float) -> Dict[str, Any]:
-    """A fine-tune's start: the shipped weight it began from, how that was trained, and the time of all training
-    together, back to the first weight when the start was itself a fine-tune (whose own card has its start)."""
+    """A fine-tune's start: the weight it began from, how that was trained, and the time of all training
+    together, back to the first weight when the start was itself a fine-tune (whose own record has its start)."""
     if base is None:
         return {}
-    facts = weight_facts(base)
+    facts = start_facts(base)
     earlier = {"base_fine_tuned_from": facts["fine_tuned_from"]} if "fine_tuned_from" in facts else {}
     return {"fine_tuned_from": base, "base_command": facts["command"], "base_epochs": facts["epochs"], **earlier,
             "base_train_time_s": facts["train_time_s"],
             "total_train_time_s": facts.get("total_train_time_s", facts["train_time_s"]) + train_time_s}
+
+
+def start_of(run: Mapping[str, Any]) -> Optional[str]:
+    """What a run's weights began from: a kept run export it loaded (``--model.pretrained_file``), a shipped weight
+    (``--model.pretrained true`` with a tag as ``model_name``), or None for a run from scratch."""
+    model = run["recipe"]["model"]
+    if model.get("pretrained_file"):
+        return str(model["pretrained_file"])
+    return run["model_name"] if model.get("pretrained") and run["model_name"] in FASHION_MNIST_TAGS else None
+
+
+def start_facts(start: str) -> Dict[str, Any]:
+    """How a start was trained: a shipped weight's recorded facts, or a kept run export's own records (its
+    metrics.json, and the command.txt the seed study keeps beside it) chained back to where that run began."""
+    if start in FASHION_MNIST_TAGS:
+        return weight_facts(start)
+    export = Path(start) if Path(start).is_absolute() else ROOT / start  # runs record paths from the repo root
+    if not (export / "metrics.json").is_file() or not (export.parent / "command.txt").is_file():
+        raise SystemExit(f"the run began from {start}, which is neither a shipped weight nor a kept run export "
+                         "(metrics.json in it, command.txt beside it): its lineage cannot be recorded, nothing "
+                         "shipped. Keep the start's run folder as scripts/seed_study.py does.")
+    run = json.loads((export / "metrics.json").read_text())
+    facts = {"command": (export.parent / "command.txt").read_text().strip(), "epochs": run["epochs"],
+             "train_time_s": round(run["train_wall_time_s"])}
+    base = start_of(run)
+    if base is None:
+        return facts
+    earlier = start_facts(base)
+    return {**facts, "fine_tuned_from": base,
+            "total_train_time_s": earlier.get("total_train_time_s", earlier["train_time_s"]) + facts["train_time_s"]}
 
 
 def recipe_of(command: str) -> str:
@@ -115,7 +149,7 @@ def main() -> None:
     parser.add_argument("--update-card", action="store_true",
                         help="no export_dir: rewrite a shipped weight's README.md from its config.json (after "
                              "editing its facts there), leaving the weights untouched")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "checkpoints")
+    parser.add_argument("--out", type=Path, default=ROOT / "checkpoints")
     args = parser.parse_args()
 
     arch, tag = args.name.split(".", 1)
@@ -133,8 +167,7 @@ def main() -> None:
     if built != arch:
         raise SystemExit(f"{args.export_dir} holds a {built} ({run['model_name']} {run['model_args']}), not a {arch}.")
     model.load_state_dict(load_file(args.export_dir / "model.safetensors"), strict=True)
-    started_from_zoo = run["recipe"]["model"].get("pretrained") and run["model_name"] in FASHION_MNIST_TAGS
-    base = run["model_name"] if started_from_zoo else None  # lineage: the shipped weight the run loaded
+    base = start_of(run)  # lineage: the shipped weight or kept run export the run loaded
     cfg = fashion_mnist_cfg(arch, tag)
     model.pretrained_cfg = {**model.pretrained_cfg, **cfg, "architecture": arch, "tag": tag}
     metrics = {"top1": round(100 * run["test"]["acc1"], 2), "top5": round(100 * run["test"]["acc5"], 2)}

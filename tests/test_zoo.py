@@ -142,6 +142,43 @@ def test_ship_weights_ships_a_fine_tune_with_its_lineage(tmp_path, monkeypatch, 
     torch.testing.assert_close(shipped(x), model.eval()(x))
 
 
+def test_a_warm_restart_from_a_kept_run_ships_its_whole_lineage(tmp_path, monkeypatch):
+    """A run that began from a kept run's export (a further cycle) records that run's command and time, where that
+    run began, and the time of all three trainings; a start without its records ships nothing."""
+    if not Path(FMNIST).exists():
+        pytest.skip("needs Debian's dataset-fashion-mnist (scripts/setup.sh installs it)")
+    from safetensors.torch import save_file
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    base = weight_facts("resnet20.fmnist")
+    model = bam_zoo.create_model("resnet20.fmnist", pretrained=True, add_bam=True)
+    inserted = {k: model.bam_insertion[k] for k in ("base_model", "bam_stages")}
+    first, second = tmp_path / "cycle1" / "export", tmp_path / "cycle2" / "export"
+    for export, start, minutes in ((first, {"model_name": "resnet20.fmnist", "pretrained": True}, 3),
+                                   (second, {"model_name": "bam_inserted", "pretrained_file": str(first)}, 2)):
+        export.mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, export / "model.safetensors")
+        (export / "metrics.json").write_text(json.dumps({
+            "model_name": start["model_name"], "model_args": {"num_classes": 10, "in_chans": 1, **inserted},
+            "test": {"acc1": base["top1"] / 100, "acc5": base["top5"] / 100}, "epochs": 5,
+            "train_wall_time_s": 60.0 * minutes, "per_class_acc1": {k: v / 100 for k, v in base["per_class"].items()},
+            "recipe": {"seed_everything": 0, "model": start}}))
+    (first.parent / "command.txt").write_text("python cli.py fit --config configs/fashion_mnist/resnet20.yaml\n")
+    command = f"python cli.py fit --config configs/fashion_mnist/resnet20.yaml --model.pretrained_file {first}"
+    argv = ["ship_weights.py", str(second), "bam_inserted.resnet20_cycle2", "--out", str(tmp_path), "--command"]
+    monkeypatch.setattr("sys.argv", [*argv, command])
+    ship_weights.main()
+    details = json.loads((tmp_path / "bam_inserted.resnet20_cycle2" / "config.json").read_text())["bam_zoo"]["details"]
+    assert (details["fine_tuned_from"], details["base_fine_tuned_from"]) == (str(first), "resnet20.fmnist")
+    assert details["base_command"] == "python cli.py fit --config configs/fashion_mnist/resnet20.yaml"
+    assert (details["base_train_time_s"], details["train_time_s"]) == (180, 120)
+    assert details["total_train_time_s"] == base["train_time_s"] + 180 + 120
+    (first.parent / "command.txt").unlink()
+    monkeypatch.setattr("sys.argv", [*argv[:2], "bam_inserted.resnet20_lost", *argv[3:], command])
+    with pytest.raises(SystemExit, match="neither a shipped weight nor a kept run export"):
+        ship_weights.main()
+    assert not (tmp_path / "bam_inserted.resnet20_lost").exists()
+
+
 def test_a_run_that_spanned_machines_says_where_each_start_trained():
     machines = ["NVIDIA H200, torch 2.11.0+cu130", "2 CPU cores (AMD EPYC), torch 2.14.1+cu130"]
     setting = ship_weights.train_setting("OMP_NUM_THREADS=1 python cli.py fit", machines)
