@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import signal
 import subprocess
@@ -97,6 +98,44 @@ def test_sigterm_saves_the_current_step_exits_nonzero_and_resumes_there(tmp_path
     assert start["global_step"] == saved["global_step"] and start["epoch"] == 0
     assert end["global_step"] == 2 * STEPS_PER_EPOCH  # the interrupted epoch finished, no step redone or lost
     assert start["lr"] == saved["lr_schedulers"][0]["_last_lr"][0]
+    # and was validated: a checkpoint saved on SIGTERM must not read to Lightning as one saved after validation
+    with open(run / "csv" / "version_1" / "metrics.csv") as f:
+        validated = sorted(int(row["epoch"]) for row in csv.DictReader(f) if row.get("val/acc1"))
+    assert validated == [0, 1], validated
+
+
+def test_sigterm_during_validation_resumes_with_that_validation_whole(tmp_path: Path) -> None:
+    """Cut while validating epoch 0, the run resumes by validating epoch 0 on all its batches (Lightning would skip
+    it: the epoch's training is complete), so selection and the curves miss no epoch."""
+    data = write_fashion_mnist(tmp_path / "data", n_train=176, n_test=20)
+    run, marker = tmp_path / "run", tmp_path / "step.txt"
+    env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}", "OMP_NUM_THREADS": "1"}
+    args = common(data, run)[:-2] + ["--trainer.max_epochs", "2", "--data.val_size", "48"]  # 2 val batches: 32 + 16
+    proc = subprocess.Popen([sys.executable, "cli.py", *args, "--trainer.callbacks+=test_training_utils.StepMarker",
+                             "--trainer.callbacks.out_file", str(marker), "--trainer.callbacks.in_validation", "true"],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline and not marker.exists():
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)  # after validation batch 0 of epoch 0: its batches sleep 0.2 s each
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, stderr[-3000:]
+    saved = checkpoint(run / "checkpoints" / "last.ckpt")
+    assert saved["epoch"] == 0 and saved["global_step"] == STEPS_PER_EPOCH, saved["global_step"]
+    assert not list((run / "checkpoints").glob("best-*.ckpt"))  # epoch 0's validation never finished
+    batches = tmp_path / "validated.txt"
+    cli_main([*args, "--ckpt_path", "last", "--trainer.callbacks+=test_training_utils.StepMarker",
+              "--trainer.callbacks.out_file", str(batches), "--trainer.callbacks.seconds", "0",
+              "--trainer.callbacks.in_validation", "true"])
+    assert batches.read_text().split() == ["8"] * 2 + ["16"] * 2  # epoch 0's validation again, both batches
+    with open(run / "csv" / "version_1" / "metrics.csv") as f:
+        rows = [row for row in csv.DictReader(f) if row.get("val/acc1")]
+    assert [int(row["epoch"]) for row in rows] == [0, 1], rows
+    best = max(rows, key=lambda row: float(row["val/acc1"]))["epoch"]  # first of equals, as ModelCheckpoint keeps
+    assert [p.name for p in (run / "checkpoints").glob("best-*.ckpt")] == [f"best-{int(best):03d}.ckpt"]
 
 
 def test_checkpoint_of_the_older_schedules_is_refused_in_one_line(tmp_path: Path) -> None:

@@ -186,14 +186,22 @@ class ResumeRecorder(pl.Callback):
 
 
 class StepMarker(pl.Callback):
-    """Write the global step after every training batch to ``out_file`` and sleep, so a test can signal mid-epoch."""
+    """Write the global step after every training batch to ``out_file`` and sleep, so a test can signal mid-epoch;
+    with ``in_validation``, append it after every batch of a fit's validation instead."""
 
-    def __init__(self, out_file: str, seconds: float = 0.2) -> None:
-        self.out_file, self.seconds = Path(out_file), seconds
+    def __init__(self, out_file: str, seconds: float = 0.2, in_validation: bool = False) -> None:
+        self.out_file, self.seconds, self.in_validation = Path(out_file), seconds, in_validation
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        self.out_file.write_text(str(trainer.global_step))
-        time.sleep(self.seconds)
+        if not self.in_validation:
+            self.out_file.write_text(str(trainer.global_step))
+            time.sleep(self.seconds)
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if self.in_validation and not trainer.sanity_checking:
+            with open(self.out_file, "a") as f:
+                f.write(f"{trainer.global_step}\n")
+            time.sleep(self.seconds)
 
 
 class NaNDataModule(pl.LightningDataModule):

@@ -94,12 +94,15 @@ class PredictionWriter(BasePredictionWriter):
 
 
 class LastCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` for ``last.ckpt`` that also saves the current step when the run gets SIGTERM.
-    Other exceptions save nothing: after a NaN loss, ``last.ckpt`` must stay the last good state."""
+    """``ModelCheckpoint`` for ``last.ckpt`` that also saves the current step on SIGTERM (mid-validation, with that
+    validation to redo). Other exceptions save nothing: after a NaN loss, ``last.ckpt`` stays the last good state."""
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException) or trainer.sanity_checking or trainer.state.fn != "fit":
             return
+        if trainer.validating:  # saved as started, none processed: Lightning reruns it whole (else it skips it)
+            progress = trainer.fit_loop.epoch_loop.val_loop.batch_progress
+            progress.reset(), progress.increment_ready(), progress.increment_started()
         if self._last_global_step_saved != trainer.global_step:
             path = self.format_checkpoint_name(self._monitor_candidates(trainer))
             self._save_checkpoint(trainer, path)
