@@ -202,13 +202,14 @@ def check_selection(rows: list[dict[str, str]], best: str, run: Path) -> None:
 
 
 def code_version() -> str:
-    """The short hash of HEAD, with ``-dirty`` when tracked files differ from it (the run trains on those); on a copy
-    of the tree (a rented GPU machine), ``$BAM_ZOO_COMMIT`` as the caller states it."""
+    """The short hash of HEAD, with ``-dirty`` when tracked files outside ``results/`` differ from it (the run trains
+    on those; results/ is data, which a finished run changes); on a copy of the tree (a rented GPU machine),
+    ``$BAM_ZOO_COMMIT`` as the caller states it."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     if os.environ.get("BAM_ZOO_COMMIT") or not (ROOT / ".git").exists():  # a copy's .git may be stale
         return os.environ.get("BAM_ZOO_COMMIT", "unknown-no-git")
-    dirty = "-dirty" if git("status", "--porcelain", "-uno") else ""
+    dirty = "-dirty" if git("status", "--porcelain", "-uno", "--", ".", ":(exclude)results") else ""
     return (git("rev-parse", "--short", "HEAD") or "unknown") + dirty
 
 

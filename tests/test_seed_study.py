@@ -289,3 +289,24 @@ def test_code_version_on_a_copy_without_git_is_what_the_caller_states(seed_study
     assert seed_study.code_version() == "abc1234"
     monkeypatch.delenv("BAM_ZOO_COMMIT")
     assert seed_study.code_version() == "unknown-no-git"
+
+
+def test_code_version_is_dirty_for_changed_code_not_for_changed_results(seed_study, tmp_path, monkeypatch):
+    """A finished run rewrites results/ while the next one starts: that is no change to the code it trains on."""
+    monkeypatch.delenv("BAM_ZOO_COMMIT", raising=False)
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "metrics.csv").write_text("a\n")
+    (tmp_path / "cli.py").write_text("print(1)\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "start")
+    clean = seed_study.code_version()
+    assert len(clean) >= 7 and not clean.endswith("-dirty")
+    (tmp_path / "results" / "metrics.csv").unlink()
+    assert seed_study.code_version() == clean
+    (tmp_path / "cli.py").write_text("print(2)\n")
+    assert seed_study.code_version() == clean + "-dirty"
