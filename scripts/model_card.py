@@ -101,7 +101,8 @@ _FOOTER = """
   A 20-epoch fine-tune with BAM scored 94.68 (flip 94.98) and was not shipped (docs/results.md). A second
   30-epoch cosine cycle (`--study restart95`, above) scored 94.95, 94.94 and 94.97 with BAM (seeds 1-3) and
   95.03 and 94.74 without (seeds 1-2; seed 1's two weights were lost with their machine); a greedy soup of the
-  BAM weights kept only seed 2 (docs/results.md). None of these ships.
+  BAM weights kept only seed 2 (docs/results.md). None of these ships. A third cycle (`--study restart95_3`) took
+  the seed-2 BAM weight to 95.08 (flip 95.18, validation-selected); it ships with its twin once that run ends.
 
 ## License and citation
 
