@@ -47,11 +47,9 @@ FASHION_MNIST_STD = (0.3530,)
 def fashion_mnist_cfg(arch: str, tag: str) -> Dict[str, Any]:
     """A Fashion-MNIST weight entry (timm cfg fields only): 1 x 28 x 28 inputs, 10 classes, its Hub repo."""
     return {
-        "hf_hub_id": f"{HF_HUB_ORG}/{arch}.{tag}",
-        "num_classes": 10, "input_size": (1, 28, 28), "pool_size": (7, 7), "crop_pct": 1.0,
-        "interpolation": "bilinear", "mean": FASHION_MNIST_MEAN, "std": FASHION_MNIST_STD,
-        "first_conv": "conv1", "classifier": "fc", "license": "mit",
-        "label_names": FASHION_MNIST_LABELS,
+        "hf_hub_id": f"{HF_HUB_ORG}/{arch}.{tag}", "num_classes": 10, "input_size": (1, 28, 28), "pool_size": (7, 7),
+        "crop_pct": 1.0, "interpolation": "bilinear", "mean": FASHION_MNIST_MEAN, "std": FASHION_MNIST_STD,
+        "first_conv": "conv1", "classifier": "fc", "license": "mit", "label_names": FASHION_MNIST_LABELS,
     }
 
 
@@ -63,25 +61,23 @@ FASHION_MNIST_TWINS: Dict[str, str] = {
     "bam_inserted.resnet56_fmnist_long_ft": "resnet56.fmnist_long_ft",
 }
 # arch.tag -> timm cfg, each BAM weight followed by its twin
-FASHION_MNIST_TAGS = {name: fashion_mnist_cfg(*name.split("."))
-                      for pair in FASHION_MNIST_TWINS.items() for name in pair}
+FASHION_MNIST_TAGS = {n: fashion_mnist_cfg(*n.split(".")) for pair in FASHION_MNIST_TWINS.items() for n in pair}
 
 # arch.tag -> the sha256 of model.safetensors, checked on every load (a mirror folder cannot vouch for itself),
 # and once pinned the Hub revision (hf_hub_revision). Weights published elsewhere have no folder: their entry
 # holds their facts (source, license, what the publisher lists, its sha1) and the model_args they need.
+_INSERTED_56 = {"base_model": "resnet56", "bam_stages": ["layer1", "layer2"]}  # add_bam at stages 1-2
 WEIGHT_METADATA: Dict[str, Dict[str, Any]] = {
     "bam_resnet20.fmnist": {"sha256": "a9ce83f8bc81dab25ac12f4d00e0cb1ca4547c749228dccf9ffd99069eb79011"},
     "resnet20.fmnist": {"sha256": "dbb47f773ca5b5c41e536c5914a2140dc07237e3c2dd681de40e53721f2cdc5c"},
     "bam_resnet56.fmnist_long": {"sha256": "90b9b02e82657115b7af0b6fdea65c66d223a8fc04d7a061263cc717a3a1a614"},
     "resnet56.fmnist_long": {"sha256": "5ac41146f144be97f9497094703a9823af0a43c7a06384bcef2a99f602830163"},
     "bam_inserted.resnet56_fmnist_long_ft": {
-        "sha256": "504a685988d3fde67e6b587856e57261457669086d18edc3d7325f1589b155d7",
-        "model_args": {"base_model": "resnet56", "bam_stages": ["layer1", "layer2"]}},
+        "sha256": "504a685988d3fde67e6b587856e57261457669086d18edc3d7325f1589b155d7", "model_args": _INSERTED_56},
     "resnet56.fmnist_long_ft": {"sha256": "e4fee7c44620e55578f4a07e657574de767b54bb546b01dd5f3a56dbb7e0e03b"},
     "bam_resnet50.imgclsmob_in1k": {
-        "dataset": "imagenet-1k", "num_params": 25914763,
+        "dataset": "imagenet-1k", "num_params": 25914763, "license": "MIT (osmr/imgclsmob)",
         "source": "pytorchcv (osmr/imgclsmob) release v0.0.499, bam_resnet50-0547-a04adf3c.pth.zip",
-        "license": "MIT (osmr/imgclsmob)",
         # pytorchcv's model_metainfos.csv: top-5 error on ImageNet-1k val (the column listing resnet50 at 6.33)
         "listed_top5_error": 5.47,
         "sha1": "a04adf3c93f56836509f66668aa90360c9688eb8",
