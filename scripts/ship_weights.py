@@ -97,8 +97,12 @@ def lineage(base: Optional[str], train_time_s: float) -> Dict[str, Any]:
     facts = start_facts(base)
     earlier = {"base_fine_tuned_from": facts["fine_tuned_from"]} if "fine_tuned_from" in facts else {}
     return {"fine_tuned_from": base, "base_command": facts["command"], "base_epochs": facts["epochs"], **earlier,
-            "base_train_time_s": facts["train_time_s"],
-            "total_train_time_s": facts.get("total_train_time_s", facts["train_time_s"]) + train_time_s}
+            "base_train_time_s": facts["train_time_s"], "total_train_time_s": all_training_s(facts) + train_time_s}
+
+
+def all_training_s(facts: Mapping[str, Any]) -> int:
+    """A weight's training time back to its first start: its own, when it was trained from scratch."""
+    return facts.get("total_train_time_s", facts["train_time_s"])
 
 
 def start_of(run: Mapping[str, Any]) -> Optional[str]:
@@ -127,8 +131,7 @@ def start_facts(start: str) -> Dict[str, Any]:
     if base is None:
         return facts
     earlier = start_facts(base)
-    return {**facts, "fine_tuned_from": base,
-            "total_train_time_s": earlier.get("total_train_time_s", earlier["train_time_s"]) + facts["train_time_s"]}
+    return {**facts, "fine_tuned_from": base, "total_train_time_s": all_training_s(earlier) + facts["train_time_s"]}
 
 
 def recipe_of(command: str) -> str:
