@@ -125,7 +125,8 @@ def start_facts(start: str) -> Dict[str, Any]:
                          "(metrics.json in it, command.txt beside it): its lineage cannot be recorded, nothing "
                          "shipped. Keep the start's run folder as scripts/seed_study.py does.")
     run = json.loads((export / "metrics.json").read_text())
-    facts = {"command": (export.parent / "command.txt").read_text().strip(), "epochs": run["epochs"],
+    command = (export.parent / "command.txt").read_text().strip()  # as the study ran it: each start resumes "last"
+    facts = {"command": command.removesuffix(" --ckpt_path last"), "epochs": run["epochs"],
              "train_time_s": round(run["train_wall_time_s"])}
     base = start_of(run)
     if base is None:

@@ -59,6 +59,7 @@ FASHION_MNIST_TWINS: Dict[str, str] = {
     "bam_resnet20.fmnist": "resnet20.fmnist",
     "bam_resnet56.fmnist_long": "resnet56.fmnist_long",
     "bam_inserted.resnet56_fmnist_long_ft": "resnet56.fmnist_long_ft",
+    "bam_inserted.resnet56_fmnist_long_cycle3": "resnet56.fmnist_long_cycle3",
 }
 # arch.tag -> timm cfg, each BAM weight followed by its twin
 FASHION_MNIST_TAGS = {n: fashion_mnist_cfg(*n.split(".")) for pair in FASHION_MNIST_TWINS.items() for n in pair}
@@ -75,6 +76,9 @@ WEIGHT_METADATA: Dict[str, Dict[str, Any]] = {
     "bam_inserted.resnet56_fmnist_long_ft": {
         "sha256": "504a685988d3fde67e6b587856e57261457669086d18edc3d7325f1589b155d7", "model_args": _INSERTED_56},
     "resnet56.fmnist_long_ft": {"sha256": "e4fee7c44620e55578f4a07e657574de767b54bb546b01dd5f3a56dbb7e0e03b"},
+    "bam_inserted.resnet56_fmnist_long_cycle3": {
+        "sha256": "940967f8d4255d371665a7de56cc6987cdfcaf826270933625c36f194dd3b7c8", "model_args": _INSERTED_56},
+    "resnet56.fmnist_long_cycle3": {"sha256": "1c15f705c06b3509e6112679f5d5cda73e056f13cc7259e17797279213d78e13"},
     "bam_resnet50.imgclsmob_in1k": {
         "dataset": "imagenet-1k", "num_params": 25914763, "license": "MIT (osmr/imgclsmob)",
         "source": "pytorchcv (osmr/imgclsmob) release v0.0.499, bam_resnet50-0547-a04adf3c.pth.zip",
