@@ -162,7 +162,9 @@ def test_a_warm_restart_from_a_kept_run_ships_its_whole_lineage(tmp_path, monkey
             "test": {"acc1": base["top1"] / 100, "acc5": base["top5"] / 100}, "epochs": 5,
             "train_wall_time_s": 60.0 * minutes, "per_class_acc1": {k: v / 100 for k, v in base["per_class"].items()},
             "recipe": {"seed_everything": 0, "model": start}}))
-    (first.parent / "command.txt").write_text("python cli.py fit --config configs/fashion_mnist/resnet20.yaml\n")
+    # as seed_study writes it: each start of the run resumes from its last checkpoint
+    (first.parent / "command.txt").write_text("python cli.py fit --config configs/fashion_mnist/resnet20.yaml "
+                                              "--ckpt_path last\n")
     command = f"python cli.py fit --config configs/fashion_mnist/resnet20.yaml --model.pretrained_file {first}"
     argv = ["ship_weights.py", str(second), "bam_inserted.resnet20_cycle2", "--out", str(tmp_path), "--command"]
     monkeypatch.setattr("sys.argv", [*argv, command])
@@ -172,6 +174,7 @@ def test_a_warm_restart_from_a_kept_run_ships_its_whole_lineage(tmp_path, monkey
     assert details["base_command"] == "python cli.py fit --config configs/fashion_mnist/resnet20.yaml"
     assert (details["base_train_time_s"], details["train_time_s"]) == (180, 120)
     assert details["total_train_time_s"] == base["train_time_s"] + 180 + 120
+    assert model_card.started_from(details) == "fine-tune of `resnet20.fmnist` after a kept fine-tune: "
     (first.parent / "command.txt").unlink()
     monkeypatch.setattr("sys.argv", [*argv[:2], "bam_inserted.resnet20_lost", *argv[3:], command])
     with pytest.raises(SystemExit, match="neither a shipped weight nor a kept run export"):
